@@ -1,0 +1,4 @@
+DROP TABLE webhook_deliveries;
+DROP TABLE images;
+DROP TABLE csv_rows;
+DROP TABLE processing_jobs;

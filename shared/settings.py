@@ -1,0 +1,68 @@
+"""Every setting of the three services, read from the environment (see the README's table)."""
+from functools import lru_cache
+from pathlib import Path
+from typing import Literal
+
+from pydantic import AliasChoices, Field, SecretStr
+from pydantic_settings import BaseSettings, SettingsConfigDict
+
+REPO_ROOT = Path(__file__).resolve().parent.parent
+
+
+def _env(name: str) -> AliasChoices:
+    """Accept both the conventional unprefixed name and the IMGPIPE_ one."""
+    return AliasChoices(name, f"IMGPIPE_{name}")
+
+
+class Settings(BaseSettings):
+    model_config = SettingsConfigDict(env_prefix="IMGPIPE_", extra="ignore")
+
+    # Infrastructure
+    kafka_bootstrap_servers: str = Field("127.0.0.1:9092", validation_alias=_env("KAFKA_BOOTSTRAP_SERVERS"))
+    database_url: str = Field(
+        "postgresql://postgres@127.0.0.1:55432/imgpipe", validation_alias=_env("DATABASE_URL")
+    )
+    topic_requested: str = "image.requested"
+    topic_processed: str = "image.processed"
+    topic_dead_letter: str = "image.requested.dlq"
+    topic_partitions: int = Field(12, ge=1)
+    create_topics: bool = True
+
+    # API
+    api_host: str = "127.0.0.1"
+    api_port: int = 8000
+    public_base_url: str = "http://127.0.0.1:8000"
+    max_csv_bytes: int = Field(5_000_000, ge=1)
+    max_images_per_job: int = Field(10_000, ge=1)
+    status_page_size: int = Field(100, ge=1)
+
+    # Processor
+    processor_group: str = "imgpipe-processor"
+    jpeg_quality: int = Field(50, ge=1, le=95)
+    jpeg_optimize: bool = False
+    png_optimize: bool = False
+    max_image_pixels: int = Field(100_000_000, ge=1)
+    max_download_bytes: int = Field(50_000_000, ge=1)
+    fetch_connect_timeout: float = Field(5.0, gt=0)
+    fetch_read_timeout: float = Field(15.0, gt=0)
+    fetch_max_redirects: int = Field(5, ge=0)
+    fetch_attempts: int = Field(3, ge=1)
+    storage: Literal["local", "cloudinary"] = "local"
+    storage_dir: Path = REPO_ROOT / ".local" / "images"
+    cloudinary_url: SecretStr | None = None
+    cloudinary_upload_prefix: str | None = None
+    cloudinary_folder: str = "imgpipe"
+
+    # Notifier
+    notifier_group: str = "imgpipe-notifier"
+    webhook_secret: SecretStr | None = None
+    webhook_timeout: float = Field(10.0, gt=0)
+    webhook_max_attempts: int = Field(8, ge=1)
+    webhook_backoff_seconds: float = Field(2.0, gt=0)
+
+    log_level: str = "INFO"
+
+
+@lru_cache
+def get_settings() -> Settings:
+    return Settings()
