@@ -1,5 +1,6 @@
 """Kafka producers, consumers and topics, configured the same way by every service."""
 import logging
+import time
 from collections.abc import Iterable
 
 from confluent_kafka import Consumer, KafkaError, KafkaException, Producer
@@ -27,27 +28,28 @@ def make_producer(settings: Settings, **overrides) -> Producer:
     return Producer(config)
 
 
-def produce_and_wait(producer: Producer, topic: str, messages: Iterable[tuple[str, bytes]], timeout: float = 60) -> int:
-    """Send (key, value) pairs and return once every one is acknowledged; raise DeliveryError otherwise."""
-    failures: list[str] = []
+def produce_and_wait(producer: Producer, topic: str, messages: Iterable[tuple], timeout: float = 60) -> int:
+    """Send (key, value) or (key, value, headers) tuples and return once every one is acknowledged;
+    raise DeliveryError otherwise. Waits for these messages only, so threads sharing one producer
+    do not wait for each other."""
+    reports: list = []  # one entry per delivery report: None or the error (append is thread-safe)
     sent = 0
-
-    def on_delivery(err, _msg):
-        if err is not None:
-            failures.append(str(err))
-
-    for key, value in messages:
+    for key, value, *headers in messages:
         while True:
             try:
-                producer.produce(topic, value=value, key=key, on_delivery=on_delivery)
+                producer.produce(topic, value=value, key=key, headers=headers[0] if headers else None,
+                                 on_delivery=lambda err, _msg: reports.append(err))
                 break
             except BufferError:  # local queue full: let deliveries drain, then retry
                 producer.poll(0.5)
         producer.poll(0)
         sent += 1
-    remaining = producer.flush(timeout)
-    if remaining:
-        raise DeliveryError(f"{remaining} of {sent} messages to {topic} not acknowledged within {timeout}s")
+    deadline = time.monotonic() + timeout
+    while len(reports) < sent and time.monotonic() < deadline:
+        producer.poll(0.1)
+    if len(reports) < sent:
+        raise DeliveryError(f"{sent - len(reports)} of {sent} messages to {topic} not acknowledged within {timeout}s")
+    failures = [str(err) for err in reports if err is not None]
     if failures:
         raise DeliveryError(f"{len(failures)} of {sent} messages to {topic} failed: {failures[0]}")
     return sent
