@@ -1,0 +1,89 @@
+"""Re-encode one image smaller in its own format and pixel size; never return more bytes than were given."""
+import io
+import struct
+import warnings
+import zlib
+from dataclasses import dataclass
+
+from PIL import Image, UnidentifiedImageError
+
+from services.processor.failures import ImageFailure
+from shared.settings import Settings
+
+# Pillow format name -> (file extension, content type). MPO is a JPEG with extra pictures appended
+# (many cameras write it); its first picture is kept and saved as a plain JPEG.
+SUPPORTED_FORMATS = {
+    "JPEG": (".jpg", "image/jpeg"),
+    "PNG": (".png", "image/png"),
+    "WEBP": (".webp", "image/webp"),
+    "GIF": (".gif", "image/gif"),
+}
+SAVED_AS = {"MPO": "JPEG"}
+# What Pillow's decoders raise on truncated or corrupt data.
+CORRUPT_DATA_ERRORS = (OSError, SyntaxError, ValueError, EOFError, IndexError, KeyError, TypeError, struct.error, zlib.error)
+
+
+@dataclass(frozen=True)
+class Compressed:
+    data: bytes
+    format: str  # Pillow format name, e.g. "JPEG"
+    extension: str  # e.g. ".jpg"
+    content_type: str  # e.g. "image/jpeg"
+
+
+def compress(data: bytes, settings: Settings) -> Compressed:
+    Image.MAX_IMAGE_PIXELS = settings.max_image_pixels
+    try:
+        with warnings.catch_warnings():
+            # Pillow only warns between 1x and 2x MAX_IMAGE_PIXELS; the limit is the limit.
+            warnings.simplefilter("error", Image.DecompressionBombWarning)
+            with Image.open(io.BytesIO(data)) as image:
+                image_format = SAVED_AS.get(image.format, image.format)
+                if image_format not in SUPPORTED_FORMATS:
+                    raise ImageFailure("unsupported_format", f"{image.format} images are not supported")
+                animated = image_format != "JPEG" and getattr(image, "n_frames", 1) > 1
+                if animated:
+                    _check_total_pixels(image, settings.max_image_pixels)
+                encoded = _encode(image, image_format, animated, settings)
+    except (Image.DecompressionBombError, Image.DecompressionBombWarning) as exc:
+        raise ImageFailure("too_large", str(exc)) from None
+    except UnidentifiedImageError:
+        raise ImageFailure("not_an_image", "the content is not an image Pillow recognises") from None
+    except MemoryError:
+        raise ImageFailure("too_large", "the image needs more memory than this processor has") from None
+    except CORRUPT_DATA_ERRORS as exc:
+        raise ImageFailure("decode_error", f"the image is corrupt or truncated: {exc}") from None
+    extension, content_type = SUPPORTED_FORMATS[image_format]
+    if len(encoded) >= len(data):
+        encoded = data  # already as small as we can make it (an MPO stays as it was; it is still a valid JPEG)
+    return Compressed(data=encoded, format=image_format, extension=extension, content_type=content_type)
+
+
+def _check_total_pixels(image: Image.Image, max_pixels: int) -> None:
+    """Pillow checks one frame; an animation of many large frames is decoded, and for GIF held, whole."""
+    frames = image.n_frames
+    width, height = image.size
+    if frames * width * height > max_pixels:
+        raise ImageFailure("too_large", f"{frames} frames of {width}x{height} exceed {max_pixels} pixels in total")
+
+
+def _encode(image: Image.Image, image_format: str, animated: bool, settings: Settings) -> bytes:
+    params: dict = {}
+    for kept in ("icc_profile", "exif", "dpi"):
+        if image.info.get(kept):
+            params[kept] = image.info[kept]
+    if image_format == "JPEG":
+        params.update(quality=settings.jpeg_quality, optimize=settings.jpeg_optimize)
+        if image.info.get("progressive"):
+            params["progressive"] = True
+    elif image_format == "WEBP":
+        params["quality"] = settings.jpeg_quality
+    elif image_format == "PNG":
+        params["optimize"] = settings.png_optimize  # lossless: quality does not apply
+    if animated:
+        params["save_all"] = True  # animated stays animated; frame timings come from each frame's info
+        if "loop" in image.info:
+            params["loop"] = image.info["loop"]
+    output = io.BytesIO()
+    image.save(output, image_format, **params)
+    return output.getvalue()

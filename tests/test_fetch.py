@@ -1,0 +1,181 @@
+"""fetch_image() against a real HTTP server on 127.0.0.1: limits, retries and the failure codes."""
+import socket
+import sys
+import threading
+import time
+from collections import Counter
+from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+
+import pytest
+
+from services.processor.failures import ImageFailure
+from services.processor.fetch import fetch_image, make_http_client
+from shared.settings import Settings
+
+BODY = b"\xff\xd8\xff\xe0 pretend image bytes"
+MAX_BYTES = 1000
+SLOW_SECONDS = 1.0
+
+
+class ImageServer(BaseHTTPRequestHandler):
+    """Each path is one behaviour; `attempts` counts the requests per path."""
+
+    attempts: Counter = Counter()
+
+    def do_GET(self):
+        self.attempts[self.path] += 1
+        name, _, argument = self.path.strip("/").partition("/")
+        if name == "ok":
+            self.reply(200, BODY)
+        elif name == "missing":
+            self.reply(404, b"not here")
+        elif name == "flaky":  # fails with the status in the path once, then works
+            self.reply(int(argument), b"busy") if self.attempts[self.path] == 1 else self.reply(200, BODY)
+        elif name == "down":
+            self.reply(503, b"down")
+        elif name == "slow":
+            time.sleep(SLOW_SECONDS)
+            self.reply(200, BODY)
+        elif name == "redirect":
+            hops = int(argument)
+            self.send_response(302)
+            self.send_header("Location", f"/redirect/{hops - 1}" if hops > 1 else "/ok")
+            self.send_header("Content-Length", "0")
+            self.end_headers()
+        elif name == "to-ftp":
+            self.send_response(301)
+            self.send_header("Location", "ftp://127.0.0.1/image.jpg")
+            self.send_header("Content-Length", "0")
+            self.end_headers()
+        elif name == "big-declared":
+            self.reply(200, b"x" * (MAX_BYTES + 1))
+        elif name == "big-undeclared":  # HTTP/1.0 body delimited by closing the connection
+            self.send_response(200)
+            self.end_headers()
+            self.wfile.write(b"x" * (MAX_BYTES + 1))
+        elif name == "exactly-max":
+            self.reply(200, b"x" * MAX_BYTES)
+        elif name == "empty":
+            self.reply(200, b"")
+        else:
+            self.reply(500, b"unknown test path")
+
+    def reply(self, status: int, body: bytes):
+        self.send_response(status)
+        self.send_header("Content-Type", "image/jpeg")
+        self.send_header("Content-Length", str(len(body)))
+        self.end_headers()
+        self.wfile.write(body)
+
+    def log_message(self, *args):
+        pass
+
+
+class QuietServer(ThreadingHTTPServer):
+    daemon_threads = True
+
+    def handle_error(self, request, client_address):
+        if not isinstance(sys.exc_info()[1], ConnectionError):  # the client hanging up early is what tests provoke
+            super().handle_error(request, client_address)
+
+
+@pytest.fixture(scope="module")
+def server():
+    httpd = QuietServer(("127.0.0.1", 0), ImageServer)
+    thread = threading.Thread(target=httpd.serve_forever, daemon=True)
+    thread.start()
+    yield f"http://127.0.0.1:{httpd.server_address[1]}"
+    httpd.shutdown()
+    httpd.server_close()
+
+
+@pytest.fixture
+def settings() -> Settings:
+    return Settings(
+        fetch_connect_timeout=0.5, fetch_read_timeout=0.3, fetch_max_redirects=3, fetch_attempts=3,
+        max_download_bytes=MAX_BYTES,
+    )
+
+
+@pytest.fixture
+def fetch(settings):
+    with make_http_client(settings) as client:
+        yield lambda url: fetch_image(client, url, settings)
+
+
+def failure(fetch, url: str) -> ImageFailure:
+    with pytest.raises(ImageFailure) as caught:
+        fetch(url)
+    return caught.value
+
+
+def test_ok(fetch, server):
+    assert fetch(f"{server}/ok") == BODY
+
+
+def test_not_found_fails_at_once(fetch, server):
+    assert failure(fetch, f"{server}/missing").code == "http_404"
+    assert ImageServer.attempts["/missing"] == 1
+
+
+@pytest.mark.parametrize("status", [503, 429])
+def test_transient_status_is_retried(fetch, server, status):
+    assert fetch(f"{server}/flaky/{status}") == BODY
+    assert ImageServer.attempts[f"/flaky/{status}"] == 2
+
+
+def test_server_down_fails_after_all_attempts(fetch, server):
+    started = time.monotonic()
+    caught = failure(fetch, f"{server}/down")
+    assert caught.code == "http_503" and "3 attempts" in caught.message
+    assert ImageServer.attempts["/down"] == 3
+    assert time.monotonic() - started >= 0.2 + 0.4  # backed off between attempts
+
+
+def test_slow_server_times_out(fetch, server):
+    started = time.monotonic()
+    assert failure(fetch, f"{server}/slow").code == "timeout"
+    assert ImageServer.attempts["/slow"] == 3
+    assert time.monotonic() - started < 3 * SLOW_SECONDS  # gave up on each attempt before the server answered
+
+
+def test_redirects_up_to_the_limit_are_followed(fetch, server):
+    assert fetch(f"{server}/redirect/3") == BODY
+
+
+def test_too_many_redirects(fetch, server):
+    assert failure(fetch, f"{server}/redirect/4").code == "too_many_redirects"
+    assert ImageServer.attempts["/redirect/4"] == 1
+
+
+def test_redirect_to_another_scheme_is_an_invalid_url(fetch, server):
+    assert failure(fetch, f"{server}/to-ftp").code == "invalid_url"
+
+
+def test_declared_length_above_the_limit_is_too_large(fetch, server):
+    assert failure(fetch, f"{server}/big-declared").code == "too_large"
+    assert ImageServer.attempts["/big-declared"] == 1
+
+
+def test_undeclared_body_above_the_limit_is_too_large(fetch, server):
+    assert failure(fetch, f"{server}/big-undeclared").code == "too_large"
+
+
+def test_body_at_the_limit_is_accepted(fetch, server):
+    assert len(fetch(f"{server}/exactly-max")) == MAX_BYTES
+
+
+def test_empty_body(fetch, server):
+    assert failure(fetch, f"{server}/empty").code == "empty_body"
+
+
+def test_refused_connection_is_a_connect_error(fetch):
+    with socket.socket() as probe:  # a port that was free a moment ago and has no listener
+        probe.bind(("127.0.0.1", 0))
+        port = probe.getsockname()[1]
+    assert failure(fetch, f"http://127.0.0.1:{port}/image.jpg").code == "connect_error"
+
+
+@pytest.mark.parametrize("url", ["ftp://127.0.0.1/image.jpg", "not a url", "http://", "/relative/image.jpg", "http://[::1"])
+def test_invalid_urls(fetch, url):
+    assert failure(fetch, url).code == "invalid_url"
