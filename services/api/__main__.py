@@ -1,0 +1,21 @@
+"""Run the API: python -m services.api (host and port from IMGPIPE_API_HOST / IMGPIPE_API_PORT)."""
+import logging
+
+import uvicorn
+
+from services.api.app import create_app
+from shared.runtime import setup_logging
+from shared.settings import get_settings
+
+
+def main() -> None:
+    settings = get_settings()
+    setup_logging(settings.log_level)
+    logging.getLogger(__name__).info("imgpipe API listening on http://%s:%d", settings.api_host, settings.api_port)
+    uvicorn.run(
+        create_app(settings), host=settings.api_host, port=settings.api_port, log_level=settings.log_level.lower()
+    )
+
+
+if __name__ == "__main__":
+    main()

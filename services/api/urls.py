@@ -1,0 +1,16 @@
+"""The one rule for URLs the API accepts (image URLs in the CSV, the webhook URL)."""
+from urllib.parse import urlsplit
+
+MAX_URL_LENGTH = 2048
+
+
+def is_http_url(url: str) -> bool:
+    """True for an absolute http(s) URL with a host, at most MAX_URL_LENGTH characters."""
+    if not url or len(url) > MAX_URL_LENGTH or any(ch.isspace() or ord(ch) < 32 for ch in url):
+        return False
+    try:
+        parts = urlsplit(url)
+        parts.port  # raises ValueError for a port that is not a number in range
+    except ValueError:  # e.g. an unclosed IPv6 bracket
+        return False
+    return parts.scheme.lower() in ("http", "https") and bool(parts.hostname)
