@@ -1,0 +1,14 @@
+"""python -m services.notifier: run the notifier until SIGTERM or SIGINT."""
+from services.notifier.consumer import run
+from shared.runtime import setup_logging, stop_on_signals
+from shared.settings import get_settings
+
+
+def main() -> None:
+    settings = get_settings()
+    setup_logging(settings.log_level)
+    run(settings, stop_on_signals())
+
+
+if __name__ == "__main__":
+    main()

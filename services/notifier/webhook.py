@@ -1,0 +1,131 @@
+"""Send each finished job's webhook (Standard Webhooks headers), retrying with exponential backoff."""
+import json
+import logging
+import threading
+import uuid
+from datetime import datetime, timezone
+
+import httpx
+from psycopg import Connection
+from psycopg_pool import ConnectionPool
+from standardwebhooks import Webhook
+
+from shared.settings import Settings
+
+log = logging.getLogger(__name__)
+
+MAX_BACKOFF_SECONDS = 600.0
+
+# The row lock is held while the POST is in flight, so no two notifiers ever send the same delivery at once.
+CLAIM_DUE = """
+SELECT job_id, url, attempts FROM webhook_deliveries
+WHERE status = 'pending' AND next_attempt_at <= now() AND job_id <> ALL(%s::uuid[])
+ORDER BY next_attempt_at
+FOR UPDATE SKIP LOCKED
+LIMIT 1
+"""
+
+MARK_DELIVERED = """
+UPDATE webhook_deliveries
+SET status = 'delivered', attempts = attempts + 1, last_error = NULL,
+    delivered_at = clock_timestamp(), updated_at = clock_timestamp()
+WHERE job_id = %s
+"""
+
+MARK_FAILED_ATTEMPT = """
+UPDATE webhook_deliveries
+SET status = %s, attempts = %s, last_error = %s,
+    next_attempt_at = clock_timestamp() + make_interval(secs => %s), updated_at = clock_timestamp()
+WHERE job_id = %s
+"""
+
+JOB = "SELECT job_id, total_images, processed_images, failed_images FROM processing_jobs WHERE job_id = %s"
+
+IMAGES = """
+SELECT row_number, position, input_url, output_url, status, error_code, error_message
+FROM images WHERE job_id = %s ORDER BY row_number, position
+"""
+
+
+def build_payload(conn: Connection, job_id: uuid.UUID, public_base_url: str) -> dict:
+    job = conn.execute(JOB, [job_id]).fetchone()
+    images = conn.execute(IMAGES, [job_id]).fetchall()
+    return {
+        "request_id": str(job["job_id"]),
+        "status": "completed",
+        "total_images": job["total_images"],
+        "processed_images": job["processed_images"],
+        "failed_images": job["failed_images"],
+        "output_csv_url": f"{public_base_url}/output_csv/{job['job_id']}",
+        "output_images": [
+            {
+                "row_number": image["row_number"],
+                "position": image["position"],
+                "input_url": image["input_url"],
+                "output_url": image["output_url"],
+                "status": image["status"],
+                "error": (
+                    {"code": image["error_code"], "message": image["error_message"]}
+                    if image["error_code"] is not None
+                    else None
+                ),
+            }
+            for image in images
+        ],
+    }
+
+
+def deliver_due(
+    pool: ConnectionPool, client: httpx.Client, settings: Settings, stop: threading.Event | None = None
+) -> int:
+    """Attempt every delivery that is due, each at most once per call, one per transaction;
+    return how many were attempted. Stops early once `stop` is set."""
+    attempted: list[uuid.UUID] = []
+    while stop is None or not stop.is_set():
+        with pool.connection() as conn, conn.transaction():
+            delivery = conn.execute(CLAIM_DUE, [attempted]).fetchone()
+            if delivery is None:
+                break
+            job_id = delivery["job_id"]
+            payload = build_payload(conn, job_id, settings.public_base_url)
+            error = _post(client, delivery["url"], job_id, payload, settings)
+            attempts = delivery["attempts"] + 1
+            if error is None:
+                conn.execute(MARK_DELIVERED, [job_id])
+                log.info("webhook for job %s delivered (attempt %d)", job_id, attempts)
+            else:
+                gave_up = attempts >= settings.webhook_max_attempts
+                delay = min(settings.webhook_backoff_seconds * 2 ** (attempts - 1), MAX_BACKOFF_SECONDS)
+                conn.execute(
+                    MARK_FAILED_ATTEMPT, ["failed" if gave_up else "pending", attempts, error, delay, job_id]
+                )
+                log.warning("webhook for job %s attempt %d failed: %s%s", job_id, attempts, error,
+                            "; giving up" if gave_up else f"; retrying in {delay:g}s")
+        attempted.append(job_id)
+    return len(attempted)
+
+
+def _post(client: httpx.Client, url: str, job_id: uuid.UUID, payload: dict, settings: Settings) -> str | None:
+    """POST the payload; return None on a 2xx answer, else what went wrong."""
+    body = json.dumps(payload, separators=(",", ":"))
+    sent_at = datetime.now(timezone.utc)
+    headers = {
+        "Content-Type": "application/json",
+        "webhook-id": str(job_id),  # the same on every retry, so receivers can de-duplicate
+        "webhook-timestamp": str(int(sent_at.timestamp())),
+    }
+    if settings.webhook_secret is not None:
+        signer = Webhook(settings.webhook_secret.get_secret_value())
+        headers["webhook-signature"] = signer.sign(str(job_id), sent_at, body)
+    try:
+        # Streamed so that the receiver's answer body is never read: only its status matters.
+        with client.stream(
+            "POST", url, content=body.encode(), headers=headers, timeout=settings.webhook_timeout,
+            follow_redirects=False,
+        ) as response:
+            status_code = response.status_code
+    except httpx.TimeoutException:
+        return "timeout"
+    except (httpx.HTTPError, httpx.InvalidURL) as exc:
+        return f"{type(exc).__name__}: {exc}"[:500]
+    return None if 200 <= status_code < 300 else f"HTTP {status_code}"
