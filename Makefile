@@ -1,0 +1,28 @@
+# The two commands a newcomer needs: `make run` (bring everything up) and `make test`.
+PYTHON ?= python3
+VENV := .venv
+PY := $(VENV)/bin/python
+
+.PHONY: install run test schemas clean
+
+install: $(VENV)/.installed
+
+$(VENV)/.installed: requirements.txt
+	$(PYTHON) -m venv $(VENV)
+	$(PY) -m pip install --quiet --upgrade pip
+	$(PY) -m pip install --quiet -r requirements.txt
+	touch $@
+
+# PostgreSQL (apt if missing), Kafka (jars from Maven Central), the three services; Ctrl-C stops all.
+run: install
+	$(PY) -m deploy.local.stack
+
+test: install
+	$(PY) -m pytest
+
+# Regenerate schemas/events/*.json from shared/events.py (a test fails while they differ).
+schemas: install
+	$(PY) -m shared.events
+
+clean:
+	rm -rf .local

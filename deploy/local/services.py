@@ -1,0 +1,54 @@
+"""Start, watch and stop the three imgpipe services as child processes (used by `make run` and the tests)."""
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+REPO_ROOT = Path(__file__).resolve().parents[2]
+MODULES = {"api": "services.api", "processor": "services.processor", "notifier": "services.notifier"}
+
+
+class ServiceGroup:
+    def __init__(self, env: dict[str, str], log_dir: Path, processors: int = 2):
+        self.env = {**os.environ, **env, "PYTHONUNBUFFERED": "1"}
+        self.log_dir = log_dir
+        self.names = ["api", "notifier"] + [f"processor-{n}" for n in range(1, processors + 1)]
+        self.processes: dict[str, subprocess.Popen] = {}
+
+    def start(self, name: str | None = None) -> None:
+        self.log_dir.mkdir(parents=True, exist_ok=True)
+        for service in [name] if name else self.names:
+            module = MODULES[service.split("-")[0]]
+            log = open(self.log_dir / f"{service}.log", "ab")
+            self.processes[service] = subprocess.Popen(
+                [sys.executable, "-m", module], cwd=REPO_ROOT, env=self.env, stdout=log, stderr=subprocess.STDOUT
+            )
+
+    def kill(self, name: str) -> None:
+        """SIGKILL, as a crash would: no clean shutdown, no final commit."""
+        self.processes[name].kill()
+        self.processes[name].wait()
+
+    def restart_exited(self) -> list[str]:
+        exited = [name for name, proc in self.processes.items() if proc.poll() is not None]
+        for name in exited:
+            self.start(name)
+        return exited
+
+    def stop(self, timeout: float = 20) -> None:
+        for proc in self.processes.values():
+            if proc.poll() is None:
+                proc.send_signal(signal.SIGTERM)
+        deadline = time.monotonic() + timeout
+        for proc in self.processes.values():
+            try:
+                proc.wait(max(0.1, deadline - time.monotonic()))
+            except subprocess.TimeoutExpired:
+                proc.kill()
+                proc.wait()
+
+    def log_tail(self, name: str, lines: int = 40) -> str:
+        path = self.log_dir / f"{name}.log"
+        return "\n".join(path.read_text(errors="replace").splitlines()[-lines:]) if path.exists() else ""

@@ -1,0 +1,40 @@
+"""The JSON Schemas under schemas/events/ are the contract for other producers and consumers:
+they must say exactly what the pydantic models in shared/events.py accept."""
+import json
+import uuid
+
+import jsonschema
+import pytest
+
+from shared.events import EVENT_MODELS, ImageError, ImageProcessed, ImageRequested, ImageStatus, json_schema, schema_path
+
+
+@pytest.mark.parametrize("event_type", sorted(EVENT_MODELS))
+def test_committed_schema_matches_the_model(event_type):
+    committed = json.loads(schema_path(event_type).read_text())
+    assert committed == json_schema(event_type), "run `make schemas` and commit schemas/events/"
+
+
+def sample_events():
+    ref = dict(request_id=uuid.uuid4(), image_id=uuid.uuid4(), row_number=3, position=2, input_url="http://h/x.jpg")
+    yield ImageRequested(**ref)
+    yield ImageProcessed(**ref, status=ImageStatus.processed, output_url="http://o/x.jpg", format="JPEG",
+                         bytes_in=1000, bytes_out=200)
+    yield ImageProcessed(**ref, status=ImageStatus.failed, error=ImageError(code="http_404", message="not found"))
+
+
+@pytest.mark.parametrize("event", list(sample_events()), ids=lambda e: f"{e.event_type}-{getattr(e, 'status', '')}")
+def test_events_the_services_emit_validate_against_the_schema(event):
+    document = json.loads(event.model_dump_json())
+    jsonschema.validate(document, json.loads(schema_path(event.event_type).read_text()))
+    assert type(event).model_validate(document) == event
+
+
+def test_schema_and_model_reject_the_same_broken_event():
+    schema = json.loads(schema_path("image.requested").read_text())
+    broken = json.loads(next(sample_events()).model_dump_json())
+    broken["row_number"] = 0
+    with pytest.raises(jsonschema.ValidationError):
+        jsonschema.validate(broken, schema)
+    with pytest.raises(ValueError):
+        ImageRequested.model_validate(broken)
