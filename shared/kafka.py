@@ -65,6 +65,9 @@ def make_consumer(settings: Settings, group_id: str, topics: list[str], **overri
         "enable.auto.offset.store": False,
         "auto.offset.reset": "earliest",
         "partition.assignment.strategy": "cooperative-sticky",
+        # A member that crashed holds its partitions until its session expires (45 s by default).
+        "session.timeout.ms": 10_000,
+        "heartbeat.interval.ms": 2_000,
     }
     config.update(overrides)
     consumer = Consumer(config)

@@ -32,20 +32,19 @@ class Compressed:
 
 
 def compress(data: bytes, settings: Settings) -> Compressed:
-    Image.MAX_IMAGE_PIXELS = settings.max_image_pixels
     try:
         with warnings.catch_warnings():
-            # Pillow only warns between 1x and 2x MAX_IMAGE_PIXELS; the limit is the limit.
-            warnings.simplefilter("error", Image.DecompressionBombWarning)
+            # The limit is ours (_check_total_pixels, before any decoding), per call and not
+            # process-wide; Pillow's own MAX_IMAGE_PIXELS stays a backstop (its error is caught below).
+            warnings.simplefilter("ignore", Image.DecompressionBombWarning)
             with Image.open(io.BytesIO(data)) as image:
                 image_format = SAVED_AS.get(image.format, image.format)
                 if image_format not in SUPPORTED_FORMATS:
                     raise ImageFailure("unsupported_format", f"{image.format} images are not supported")
+                _check_total_pixels(image, settings.max_image_pixels)
                 animated = image_format != "JPEG" and getattr(image, "n_frames", 1) > 1
-                if animated:
-                    _check_total_pixels(image, settings.max_image_pixels)
                 encoded = _encode(image, image_format, animated, settings)
-    except (Image.DecompressionBombError, Image.DecompressionBombWarning) as exc:
+    except Image.DecompressionBombError as exc:
         raise ImageFailure("too_large", str(exc)) from None
     except UnidentifiedImageError:
         raise ImageFailure("not_an_image", "the content is not an image Pillow recognises") from None
@@ -60,8 +59,8 @@ def compress(data: bytes, settings: Settings) -> Compressed:
 
 
 def _check_total_pixels(image: Image.Image, max_pixels: int) -> None:
-    """Pillow checks one frame; an animation of many large frames is decoded, and for GIF held, whole."""
-    frames = image.n_frames
+    """Every frame counts: an animation of many large frames is decoded, and for GIF held, whole."""
+    frames = getattr(image, "n_frames", 1)
     width, height = image.size
     if frames * width * height > max_pixels:
         raise ImageFailure("too_large", f"{frames} frames of {width}x{height} exceed {max_pixels} pixels in total")
