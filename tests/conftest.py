@@ -18,6 +18,7 @@ from deploy.local.stack import wait_for_api
 from shared.db import migrate
 from shared.kafka import ensure_topics
 from shared.settings import Settings
+from tests.support.http_servers import ImageHost
 
 
 def free_port() -> int:
@@ -126,3 +127,10 @@ def running_stack(make_settings, tmp_path):
         services.stop()
         for name in services.names:
             print(f"--- {name} log (tail) ---\n{services.log_tail(name)}")
+
+
+@pytest.fixture
+def image_host():
+    """An HTTP server on 127.0.0.1 serving the images a test adds to it."""
+    with ImageHost() as host:
+        yield host

@@ -8,16 +8,10 @@ import httpx
 import pytest
 from PIL import Image
 
-from tests.support.http_servers import ImageHost, WebhookReceiver
+from tests.support.http_servers import WebhookReceiver
 from tests.support.images import jpeg_bytes, png_bytes
 
 JOB_TIMEOUT = 120
-
-
-@pytest.fixture
-def image_host():
-    with ImageHost() as host:
-        yield host
 
 
 @pytest.fixture

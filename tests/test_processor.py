@@ -20,16 +20,9 @@ from shared.events import ImageProcessed, ImageRequested
 from shared.kafka import make_producer, produce_and_wait
 from shared.settings import REPO_ROOT, Settings
 from tests.cloudinary_contract import CloudinaryContractServer
-from tests.support.http_servers import ImageHost
 from tests.support.images import jpeg_bytes, png_bytes
 
 WAIT_SECONDS = 60
-
-
-@pytest.fixture
-def image_host():
-    with ImageHost() as host:
-        yield host
 
 
 @pytest.fixture

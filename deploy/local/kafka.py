@@ -24,12 +24,13 @@ import hashlib
 import os
 import shutil
 import signal
-import socket
 import subprocess
 import sys
 import time
 import uuid
 from pathlib import Path
+
+from deploy.local.probe import port_open, tail
 
 KAFKA_VERSION = "4.1.1"
 SLF4J_VERSION = "1.7.36"  # what kafka_2.13 4.1.1 depends on
@@ -115,11 +116,6 @@ def resolve_classpath(cache_dir: Path | None = None) -> str:
     return os.pathsep.join(str(p) for p in sorted(libs.glob("*.jar")))
 
 
-def _tail(path: Path, lines: int = 40) -> str:
-    try:
-        return "\n".join(path.read_text(errors="replace").splitlines()[-lines:])
-    except FileNotFoundError:
-        return "(no file)"
 
 
 def _new_cluster_id() -> str:
@@ -130,12 +126,6 @@ def _new_cluster_id() -> str:
             return cid
 
 
-def _port_open(port: int) -> bool:
-    try:
-        with socket.create_connection(("127.0.0.1", port), timeout=0.5):
-            return True
-    except OSError:
-        return False
 
 
 class KafkaBroker:
@@ -179,7 +169,7 @@ class KafkaBroker:
 
     def is_ready(self, timeout: float = 2.0) -> bool:
         """True if *this* broker answers (a foreign one on the same port does not count)."""
-        if not _port_open(self.port):  # avoids librdkafka's connect-refused log spam
+        if not port_open(self.port):  # avoids librdkafka's connect-refused log spam
             return False
         from confluent_kafka.admin import AdminClient
 
@@ -203,9 +193,9 @@ class KafkaBroker:
             if self._wait_ready(deadline):
                 return self
             raise RuntimeError(f"Kafka pid {self.pid()} from {self.data_dir} is running but not answering "
-                               f"on {self.bootstrap_servers}:\n{_tail(self.log_file)}")
+                               f"on {self.bootstrap_servers}:\n{tail(self.log_file)}")
         for port in (self.port, self.controller_port):
-            if _port_open(port):
+            if port_open(port):
                 raise RuntimeError(f"cannot start Kafka from {self.data_dir}: 127.0.0.1:{port} is already in use")
         classpath = resolve_classpath()
         self._write_config()
@@ -227,7 +217,7 @@ class KafkaBroker:
             alive = self._proc.poll() is None
             self.stop()
             raise RuntimeError(f"Kafka {'did not answer in time' if alive else 'exited'}; "
-                               f"{self.out_file}:\n{_tail(self.out_file)}\n{self.log_file}:\n{_tail(self.log_file)}")
+                               f"{self.out_file}:\n{tail(self.out_file)}\n{self.log_file}:\n{tail(self.log_file)}")
         return self
 
     def _configured_port(self) -> int | None:

@@ -34,11 +34,12 @@ import os
 import pwd
 import shlex
 import shutil
-import socket
 import subprocess
 import sys
 from functools import cached_property
 from pathlib import Path
+
+from deploy.local.probe import port_open, tail
 
 REPO = Path(__file__).resolve().parents[2]
 DEFAULT_DATA_DIR = REPO / ".local" / "postgres"
@@ -73,19 +74,8 @@ def ensure_installed() -> Path:
     return bin_dir
 
 
-def _port_open(port: int) -> bool:
-    try:
-        with socket.create_connection(("127.0.0.1", port), timeout=0.5):
-            return True
-    except OSError:
-        return False
 
 
-def _tail(path: Path, lines: int = 30) -> str:
-    try:
-        return "\n".join(path.read_text(errors="replace").splitlines()[-lines:])
-    except FileNotFoundError:
-        return "(no log)"
 
 
 def _pid_alive(pgdata: Path) -> bool:
@@ -134,7 +124,7 @@ class LocalPostgres:
         result = subprocess.run(cmd, capture_output=True, text=True, cwd="/")
         if check and result.returncode != 0:
             raise RuntimeError(f"{args[0]} failed ({result.returncode}):\n{result.stdout}{result.stderr}\n"
-                               f"{self.log_file}:\n{_tail(self.log_file)}")
+                               f"{self.log_file}:\n{tail(self.log_file)}")
         return result
 
     def running_port(self) -> int | None:
@@ -158,7 +148,7 @@ class LocalPostgres:
             if running != self.port:
                 raise RuntimeError(f"postgres from {self.data_dir} already runs on port {running}, not {self.port}")
             return self
-        if _port_open(self.port):
+        if port_open(self.port):
             raise RuntimeError(f"cannot start postgres from {self.data_dir}: 127.0.0.1:{self.port} is already in use")
         self._prepare_dirs()
         if not (self.pgdata / "PG_VERSION").exists():
