@@ -60,6 +60,10 @@ class Settings(BaseSettings):
     webhook_max_attempts: int = Field(8, ge=1)
     webhook_backoff_seconds: float = Field(2.0, gt=0)
 
+    # Image downloads and webhooks: refuse hosts that resolve to private, loopback or link-local
+    # addresses unless this is set (local development and the tests, where everything is on 127.0.0.1).
+    allow_private_addresses: bool = False
+
     log_level: str = "INFO"
 
 

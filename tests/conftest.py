@@ -21,6 +21,11 @@ from shared.settings import Settings
 from tests.support.http_servers import ImageHost
 
 
+# Every test server is on 127.0.0.1, which the services refuse to reach by default; the tests that
+# check that refusal say allow_private_addresses=False themselves.
+os.environ["IMGPIPE_ALLOW_PRIVATE_ADDRESSES"] = "true"
+
+
 def free_port() -> int:
     with socket.socket() as sock:
         sock.bind(("127.0.0.1", 0))

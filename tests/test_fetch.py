@@ -6,10 +6,12 @@ import time
 from collections import Counter
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 
+import httpx
 import pytest
 
 from services.processor.failures import ImageFailure
 from services.processor.fetch import fetch_image, make_http_client
+from shared.addresses import ForbiddenAddress, refuse_private_hosts
 from shared.settings import Settings
 
 BODY = b"\xff\xd8\xff\xe0 pretend image bytes"
@@ -179,3 +181,23 @@ def test_refused_connection_is_a_connect_error(fetch):
 @pytest.mark.parametrize("url", ["ftp://127.0.0.1/image.jpg", "not a url", "http://", "/relative/image.jpg", "http://[::1"])
 def test_invalid_urls(fetch, url):
     assert failure(fetch, url).code == "invalid_url"
+
+
+# Only loopback hosts here: were the refusal broken, these requests must still stay on this machine.
+@pytest.mark.parametrize("host", ["127.0.0.1", "localhost", "127.0.0.2", "[::1]"])
+def test_private_addresses_are_refused_before_any_connection(server, host):
+    settings = Settings(allow_private_addresses=False, fetch_attempts=1)
+    port = server.rsplit(":", 1)[1]
+    before = sum(ImageServer.attempts.values())
+    with make_http_client(settings) as client, pytest.raises(ImageFailure) as caught:
+        fetch_image(client, f"http://{host}:{port}/ok", settings)
+    assert caught.value.code == "forbidden_address"
+    assert sum(ImageServer.attempts.values()) == before
+
+
+@pytest.mark.parametrize("url", ["http://169.254.169.254/latest/meta-data", "http://10.1.2.3/a.jpg",
+                                 "https://192.168.0.1/a.jpg", "http://[fd00::1]/a.jpg"])
+def test_private_and_link_local_addresses_are_classified_as_forbidden(url):
+    # The hook alone, called on a request object: nothing is sent anywhere, whatever it decides.
+    with pytest.raises(ForbiddenAddress):
+        refuse_private_hosts(httpx.Request("GET", url))

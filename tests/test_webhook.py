@@ -14,7 +14,7 @@ from pydantic import SecretStr
 from standardwebhooks import Webhook, WebhookVerificationError
 
 from services.notifier.results import apply_results
-from services.notifier.webhook import MAX_BACKOFF_SECONDS, deliver_due
+from services.notifier.webhook import MAX_BACKOFF_SECONDS, deliver_due, make_webhook_client
 from shared.db import make_pool
 from shared.events import ImageError, ImageProcessed, ImageStatus
 from shared.settings import Settings
@@ -345,3 +345,17 @@ def test_concurrent_senders_send_a_delivery_once(pool, settings, jobs, receivers
     assert len(receiver.requests) == 1
     [delivery] = jobs.deliveries(job_id)
     assert (delivery["status"], delivery["attempts"]) == ("delivered", 1)
+
+
+def test_webhook_to_a_private_address_is_refused_without_sending(pool, settings, jobs, receivers):
+    settings = settings.model_copy(update={"allow_private_addresses": False, "webhook_max_attempts": 1})
+    receiver = receivers()
+    job_id, _images, _failed = completed_job(jobs, receiver.url)
+
+    with make_webhook_client(settings) as client:
+        assert deliver_due(pool, client, settings) >= 1
+
+    assert receiver.requests == []
+    [delivery] = jobs.deliveries(job_id)
+    assert delivery["status"] == "failed"
+    assert delivery["last_error"].startswith("ForbiddenAddress: 127.0.0.1 resolves to 127.0.0.1")

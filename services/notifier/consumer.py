@@ -2,13 +2,12 @@
 import logging
 import threading
 
-import httpx
 from confluent_kafka import Consumer, KafkaException, Message, TopicPartition
 from psycopg_pool import ConnectionPool
 from standardwebhooks import Webhook
 
 from services.notifier.results import apply_results
-from services.notifier.webhook import deliver_due
+from services.notifier.webhook import deliver_due, make_webhook_client
 from shared.db import make_pool, migrate
 from shared.events import ImageProcessed
 from shared.kafka import ensure_topics, make_consumer
@@ -108,7 +107,7 @@ def _send_webhooks(
     pool: ConnectionPool, settings: Settings, deliveries_due: threading.Event, stop: threading.Event
 ) -> None:
     """Deliver due webhooks every second, or at once when a job completes."""
-    with httpx.Client() as client:
+    with make_webhook_client(settings) as client:
         while not stop.is_set():
             deliveries_due.clear()
             try:

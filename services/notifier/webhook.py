@@ -10,6 +10,7 @@ from psycopg import Connection
 from psycopg_pool import ConnectionPool
 from standardwebhooks import Webhook
 
+from shared.addresses import outbound_hooks
 from shared.settings import Settings
 
 log = logging.getLogger(__name__)
@@ -103,6 +104,10 @@ def deliver_due(
                             "; giving up" if gave_up else f"; retrying in {delay:g}s")
         attempted.append(job_id)
     return len(attempted)
+
+
+def make_webhook_client(settings: Settings) -> httpx.Client:
+    return httpx.Client(event_hooks=outbound_hooks(settings.allow_private_addresses))
 
 
 def _post(client: httpx.Client, url: str, job_id: uuid.UUID, payload: dict, settings: Settings) -> str | None:

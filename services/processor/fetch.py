@@ -5,6 +5,7 @@ import time
 import httpx
 
 from services.processor.failures import ImageFailure
+from shared.addresses import ForbiddenAddress, outbound_hooks
 from shared.settings import Settings
 
 log = logging.getLogger(__name__)
@@ -24,6 +25,7 @@ def make_http_client(settings: Settings) -> httpx.Client:
         follow_redirects=True,
         max_redirects=settings.fetch_max_redirects,
         headers={"User-Agent": "imgpipe-processor/1", "Accept": "image/*"},
+        event_hooks=outbound_hooks(settings.allow_private_addresses),
     )
 
 
@@ -70,6 +72,8 @@ def _fetch_once(client: httpx.Client, url: str, max_bytes: int) -> bytes:
                 body += chunk
                 if len(body) > max_bytes:
                     raise ImageFailure("too_large", f"the body exceeds the limit of {max_bytes} bytes")
+    except ForbiddenAddress as exc:
+        raise ImageFailure("forbidden_address", str(exc)) from None
     except httpx.TimeoutException as exc:
         raise _Transient("timeout", f"timed out ({type(exc).__name__})") from None
     except httpx.TooManyRedirects:
