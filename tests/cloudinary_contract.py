@@ -9,9 +9,11 @@ import io
 import json
 import threading
 import time
-from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+from http.server import BaseHTTPRequestHandler
 
 from PIL import Image
+
+from tests.support.http_servers import LoopbackServer
 
 UNSIGNED_PARAMETERS = {"file", "cloud_name", "resource_type", "api_key", "signature"}
 SIGNATURE_LIFETIME_SECONDS = 3600
@@ -92,7 +94,7 @@ class _UploadHandler(BaseHTTPRequestHandler):
         self.wfile.write(body)
 
 
-class CloudinaryContractServer:
+class CloudinaryContractServer(LoopbackServer):
     """Use as a context manager; `uploads` maps public_id -> stored bytes, `received` the signed fields."""
 
     def __init__(self, cloud_name: str, api_key: str, api_secret: str):
@@ -101,22 +103,8 @@ class CloudinaryContractServer:
         self.received: list[dict[str, str]] = []
         self.fail_with_status = 0  # set to e.g. 500 to imitate an outage
         self.lock = threading.Lock()
-        self._httpd = ThreadingHTTPServer(("127.0.0.1", 0), _UploadHandler)
-        self._httpd.owner = self
-        self._thread = threading.Thread(target=self._httpd.serve_forever, daemon=True)
-
-    @property
-    def base_url(self) -> str:
-        host, port = self._httpd.server_address[:2]
-        return f"http://{host}:{port}"
+        super().__init__(_UploadHandler)
 
     def cloudinary_url(self, api_secret: str | None = None) -> str:
         return f"cloudinary://{self.api_key}:{api_secret or self.api_secret}@{self.cloud_name}"
 
-    def __enter__(self):
-        self._thread.start()
-        return self
-
-    def __exit__(self, *exc):
-        self._httpd.shutdown()
-        self._httpd.server_close()

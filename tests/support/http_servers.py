@@ -5,7 +5,9 @@ import time
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 
 
-class _Server:
+class LoopbackServer:
+    """A real HTTP server on 127.0.0.1 in a thread; use as a context manager."""
+
     def __init__(self, handler_class):
         self._httpd = ThreadingHTTPServer(("127.0.0.1", 0), handler_class)
         self._httpd.owner = self
@@ -44,7 +46,7 @@ class _ImageHandler(BaseHTTPRequestHandler):
         self.wfile.write(body)
 
 
-class ImageHost(_Server):
+class ImageHost(LoopbackServer):
     """Serves `files` (path -> bytes), each after `delay` seconds; any other path answers 404."""
 
     def __init__(self):
@@ -71,7 +73,7 @@ class _WebhookHandler(BaseHTTPRequestHandler):
         self.end_headers()
 
 
-class WebhookReceiver(_Server):
+class WebhookReceiver(LoopbackServer):
     """Records every POST and answers 200."""
 
     def __init__(self):
