@@ -6,7 +6,7 @@ from enum import Enum
 from pathlib import Path
 from typing import Literal
 
-from pydantic import BaseModel, ConfigDict, Field
+from pydantic import BaseModel, Field
 
 SCHEMA_DIR = Path(__file__).resolve().parent.parent / "schemas" / "events"
 
@@ -39,9 +39,7 @@ class ImageStatus(str, Enum):
 
 
 class ImageError(BaseModel):
-    model_config = ConfigDict(extra="forbid")
-
-    code: str = Field(description="Stable machine-readable reason, e.g. http_404, timeout, not_an_image")
+    code: str = Field(description="Stable machine-readable reason, e.g. http_404, timeout, not_an_image, internal_error")
     message: str = Field(description="Human-readable detail")
 
 

@@ -15,7 +15,9 @@ class DeliveryError(Exception):
     """At least one message was not acknowledged by the brokers."""
 
 
-def make_producer(settings: Settings, **overrides) -> Producer:
+def producer_config(settings: Settings, **overrides) -> dict:
+    """Every service's producer: acknowledged only once every in-sync replica has the message (acks=all),
+    idempotent, so retries inside librdkafka never duplicate or reorder."""
     config = {
         "bootstrap.servers": settings.kafka_bootstrap_servers,
         "acks": "all",
@@ -25,7 +27,11 @@ def make_producer(settings: Settings, **overrides) -> Producer:
         "compression.type": "zstd",
     }
     config.update(overrides)
-    return Producer(config)
+    return config
+
+
+def make_producer(settings: Settings, **overrides) -> Producer:
+    return Producer(producer_config(settings, **overrides))
 
 
 def produce_and_wait(producer: Producer, topic: str, messages: Iterable[tuple], timeout: float = 60) -> int:
@@ -64,23 +70,26 @@ def make_consumer(settings: Settings, group_id: str, topics: list[str], **overri
         "enable.auto.commit": True,
         "enable.auto.offset.store": False,
         "auto.offset.reset": "earliest",
+        "auto.commit.interval.ms": settings.kafka_auto_commit_interval_ms,
         "partition.assignment.strategy": "cooperative-sticky",
         # A member that crashed holds its partitions until its session expires (45 s by default).
-        "session.timeout.ms": 10_000,
-        "heartbeat.interval.ms": 2_000,
+        "session.timeout.ms": settings.kafka_session_timeout_ms,
+        "heartbeat.interval.ms": max(100, settings.kafka_session_timeout_ms // 5),
     }
     config.update(overrides)
     consumer = Consumer(config)
 
-    def on_revoke(c: Consumer, partitions):
-        try:
-            c.commit(asynchronous=False)
-        except KafkaException as exc:
-            if exc.args[0].code() != KafkaError._NO_OFFSET:
-                log.warning("commit on revoke failed: %s", exc)
-
-    consumer.subscribe(topics, on_revoke=on_revoke)
+    consumer.subscribe(topics, on_revoke=lambda c, _partitions: commit_stored(c))
     return consumer
+
+
+def commit_stored(consumer: Consumer) -> None:
+    """Commit the offsets stored so far, now (as on revoke), rather than at the next auto-commit."""
+    try:
+        consumer.commit(asynchronous=False)
+    except KafkaException as exc:
+        if exc.args[0].code() != KafkaError._NO_OFFSET:
+            log.warning("commit of stored offsets failed: %s", exc)
 
 
 def ensure_topics(settings: Settings, timeout: float = 30) -> None:

@@ -1,21 +1,22 @@
 """Every setting of the three services, read from the environment (see the README's table)."""
 from functools import lru_cache
 from pathlib import Path
-from typing import Literal
+from typing import Annotated, Literal
 
-from pydantic import AliasChoices, Field, SecretStr
-from pydantic_settings import BaseSettings, SettingsConfigDict
+from pydantic import AliasChoices, Field, SecretStr, field_validator
+from pydantic_settings import BaseSettings, NoDecode, SettingsConfigDict
 
 REPO_ROOT = Path(__file__).resolve().parent.parent
 
 
 def _env(name: str) -> AliasChoices:
-    """Accept both the conventional unprefixed name and the IMGPIPE_ one."""
-    return AliasChoices(name, f"IMGPIPE_{name}")
+    """Accept both the IMGPIPE_ name and the conventional unprefixed one; the IMGPIPE_ one wins."""
+    return AliasChoices(f"IMGPIPE_{name}", name)
 
 
 class Settings(BaseSettings):
-    model_config = SettingsConfigDict(env_prefix="IMGPIPE_", extra="ignore")
+    # validate_by_name: Settings(database_url=...) sets the field by its own name, not through an alias.
+    model_config = SettingsConfigDict(env_prefix="IMGPIPE_", extra="ignore", validate_by_name=True)
 
     # Infrastructure
     kafka_bootstrap_servers: str = Field("127.0.0.1:9092", validation_alias=_env("KAFKA_BOOTSTRAP_SERVERS"))
@@ -27,6 +28,8 @@ class Settings(BaseSettings):
     topic_dead_letter: str = "image.requested.dlq"
     topic_partitions: int = Field(12, ge=1)
     create_topics: bool = True
+    kafka_session_timeout_ms: int = Field(10_000, ge=1)  # a crashed member's partitions wait this long
+    kafka_auto_commit_interval_ms: int = Field(5_000, ge=1)
 
     # API
     api_host: str = "127.0.0.1"
@@ -35,6 +38,9 @@ class Settings(BaseSettings):
     max_csv_bytes: int = Field(5_000_000, ge=1)
     max_images_per_job: int = Field(10_000, ge=1)
     status_page_size: int = Field(100, ge=1)
+    # Jobs stored by an API that died before Kafka acknowledged their events are published again.
+    republish_interval_seconds: float = Field(30.0, gt=0)
+    republish_after_seconds: float = Field(60.0, gt=0)
 
     # Processor
     processor_group: str = "imgpipe-processor"
@@ -47,6 +53,7 @@ class Settings(BaseSettings):
     fetch_read_timeout: float = Field(15.0, gt=0)
     fetch_max_redirects: int = Field(5, ge=0)
     fetch_attempts: int = Field(3, ge=1)
+    image_max_attempts: int = Field(3, ge=1)  # tries after an unexpected error, then the image fails as internal_error
     storage: Literal["local", "cloudinary"] = "local"
     storage_dir: Path = REPO_ROOT / ".local" / "images"
     cloudinary_url: SecretStr | None = None
@@ -61,10 +68,21 @@ class Settings(BaseSettings):
     webhook_backoff_seconds: float = Field(2.0, gt=0)
 
     # Image downloads and webhooks: refuse hosts that resolve to private, loopback or link-local
-    # addresses unless this is set (local development and the tests, where everything is on 127.0.0.1).
+    # addresses unless this is set (local development and the tests, where everything is on 127.0.0.1),
+    # or the host is one of allowed_private_hosts (e.g. an internal image server: "images.internal,10.0.0.5").
     allow_private_addresses: bool = False
+    allowed_private_hosts: Annotated[list[str], NoDecode] = []
+
+    @field_validator("allowed_private_hosts", mode="before")
+    @classmethod
+    def _comma_separated(cls, value):
+        return [host.strip() for host in value.split(",") if host.strip()] if isinstance(value, str) else value
 
     log_level: str = "INFO"
+
+    # Fault injection for the crash tests: "<point>" or "<point>:<n>" makes the service SIGKILL itself the
+    # n-th time it reaches that point (shared/faults.py). Unset in production.
+    crash_at: str | None = None
 
 
 @lru_cache

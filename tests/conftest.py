@@ -4,26 +4,25 @@ import os
 import socket
 import uuid
 from concurrent.futures import ThreadPoolExecutor
+from contextlib import ExitStack, contextmanager
 from dataclasses import dataclass
 from urllib.parse import urlparse, urlunparse
 
 import httpx
 import psycopg
 import pytest
+from psycopg import sql
 
 from deploy.local.kafka import KafkaBroker
 from deploy.local.postgres import LocalPostgres, ensure_installed
 from deploy.local.services import ServiceGroup
 from deploy.local.stack import wait_for_api
-from shared.db import migrate
+from shared.db import make_pool, migrate
 from shared.kafka import ensure_topics
 from shared.settings import Settings
-from tests.support.http_servers import ImageHost
-
-
-# Every test server is on 127.0.0.1, which the services refuse to reach by default; the tests that
-# check that refusal say allow_private_addresses=False themselves.
-os.environ["IMGPIPE_ALLOW_PRIVATE_ADDRESSES"] = "true"
+from tests.support.http_servers import ImageHost, WebhookReceiver
+from tests.support.jobs import Jobs
+from tests.support.settings import make_test_settings, service_env
 
 
 def free_port() -> int:
@@ -32,16 +31,33 @@ def free_port() -> int:
         return sock.getsockname()[1]
 
 
+def database_url(server_url: str, name: str) -> str:
+    return urlunparse(urlparse(server_url)._replace(path=f"/{name}"))
+
+
 @dataclass
 class Infrastructure:
     kafka_bootstrap_servers: str
-    database_url: str
+    database_url: str  # the session's migrated database, shared by the tests that only read and write rows
+    server_url: str  # the PostgreSQL server's maintenance database
+    template: str  # a migrated database nobody connects to, copied by new_database()
+
+    def new_database(self) -> str:
+        """A migrated database of one's own (a copy of the template); drop it with drop_database()."""
+        name = f"imgpipe_test_{uuid.uuid4().hex[:12]}"
+        with psycopg.connect(self.server_url, autocommit=True) as conn:
+            conn.execute(sql.SQL("CREATE DATABASE {} TEMPLATE {}").format(sql.Identifier(name), sql.Identifier(self.template)))
+        return database_url(self.server_url, name)
+
+    def drop_database(self, url: str) -> None:
+        with psycopg.connect(self.server_url, autocommit=True) as conn:
+            conn.execute(sql.SQL("DROP DATABASE IF EXISTS {} WITH (FORCE)").format(sql.Identifier(urlparse(url).path.lstrip("/"))))
 
 
 @pytest.fixture(scope="session")
 def infra(tmp_path_factory):
     kafka_servers = os.environ.get("KAFKA_BOOTSTRAP_SERVERS")
-    database_url = os.environ.get("DATABASE_URL")
+    server_url = os.environ.get("DATABASE_URL")
     started = []
 
     def start_kafka():
@@ -55,24 +71,27 @@ def infra(tmp_path_factory):
         postgres = LocalPostgres(tmp_path_factory.mktemp("postgres"), port=free_port(), fast_unsafe=True)
         postgres.start()
         started.append(postgres)
-        postgres.create_database("imgpipe_test")
-        return postgres.url("imgpipe_test")
-
-    def fresh_database(server_url: str) -> str:
-        """A database of this session's own on a server named by DATABASE_URL, so that other
-        sessions' jobs and webhook deliveries on the same server never meet this one's."""
-        name = f"imgpipe_test_{uuid.uuid4().hex[:12]}"
-        with psycopg.connect(server_url, autocommit=True) as conn:
-            conn.execute(f'CREATE DATABASE "{name}"')
-        return urlunparse(urlparse(server_url)._replace(path=f"/{name}"))
+        return postgres.url("postgres")
 
     with ThreadPoolExecutor(2) as pool:
         kafka_future = None if kafka_servers else pool.submit(start_kafka)
-        database_future = None if database_url else pool.submit(start_postgres)
+        database_future = None if server_url else pool.submit(start_postgres)
         kafka_servers = kafka_future.result() if kafka_future else kafka_servers
-        database_url = database_future.result() if database_future else fresh_database(database_url)
-    migrate(database_url)
-    yield Infrastructure(kafka_servers, database_url)
+        server_url = database_future.result() if database_future else server_url
+
+    # Databases of this session's own, also on a server named by DATABASE_URL, so that other
+    # sessions' jobs and webhook deliveries on the same server never meet this one's.
+    suffix = uuid.uuid4().hex[:12]
+    template, shared_database = f"imgpipe_template_{suffix}", f"imgpipe_test_{suffix}"
+    with psycopg.connect(server_url, autocommit=True) as conn:
+        for name in (template, shared_database):
+            conn.execute(sql.SQL("CREATE DATABASE {}").format(sql.Identifier(name)))
+    for name in (template, shared_database):
+        migrate(database_url(server_url, name))
+    infrastructure = Infrastructure(kafka_servers, database_url(server_url, shared_database), server_url, template)
+    yield infrastructure
+    for name in (template, shared_database):
+        infrastructure.drop_database(database_url(server_url, name))
     for component in reversed(started):
         component.stop()
 
@@ -80,7 +99,9 @@ def infra(tmp_path_factory):
 @pytest.fixture
 def make_settings(infra, tmp_path):
     """Settings on the test infrastructure with topics and consumer groups of their own,
-    so that tests sharing the broker never consume each other's events."""
+    so that tests sharing the broker never consume each other's events. Every test server is on
+    127.0.0.1, which the services refuse to reach by default: tests that check that refusal pass
+    allow_private_addresses=False."""
 
     def make(**overrides) -> Settings:
         suffix = uuid.uuid4().hex[:8]
@@ -94,44 +115,89 @@ def make_settings(infra, tmp_path):
             processor_group=f"processor-{suffix}",
             notifier_group=f"notifier-{suffix}",
             storage_dir=tmp_path / "images",
+            allow_private_addresses=True,
+            kafka_auto_commit_interval_ms=200,  # the tests wait for committed offsets
         )
         values.update(overrides)
-        settings = Settings(**values)
+        settings = make_test_settings(**values)
         ensure_topics(settings)
         return settings
 
     return make
 
 
-def settings_env(settings: Settings) -> dict[str, str]:
-    """The environment that gives a service process these settings."""
-    env = {}
-    for name, value in settings.model_dump().items():
-        if value is None:
-            continue
-        if hasattr(value, "get_secret_value"):
-            value = value.get_secret_value()
-        env[f"IMGPIPE_{name.upper()}"] = str(value)
-    return env
+@pytest.fixture
+def own_database(infra):
+    """A migrated database for this test alone (for tests that run a notifier or the whole stack)."""
+    url = infra.new_database()
+    yield url
+    infra.drop_database(url)
+
+
+@dataclass
+class Stack:
+    settings: Settings
+    services: ServiceGroup
+    api: httpx.Client
 
 
 @pytest.fixture
-def running_stack(make_settings, tmp_path):
-    """The three services as real processes on the test infrastructure; yields (settings, services, api)."""
-    port = free_port()
-    settings = make_settings(
-        api_port=port, public_base_url=f"http://127.0.0.1:{port}", topic_partitions=12, fetch_attempts=2
-    )
-    services = ServiceGroup(settings_env(settings), tmp_path / "logs", processors=2)
+def start_stack(make_settings, own_database, tmp_path):
+    """start_stack(processors=2, env_overrides=None, **settings) runs the three services as real processes on the test
+    infrastructure and a database of the test's own; they are stopped after the test."""
+    with ExitStack() as cleanup:
+
+        def start(processors: int = 2, env_overrides: dict[str, dict[str, str]] | None = None, **overrides) -> Stack:
+            """env_overrides: service name -> extra variables for that service alone (e.g. IMGPIPE_CRASH_AT)."""
+            port = free_port()
+            settings = make_settings(**{
+                "api_port": port, "public_base_url": f"http://127.0.0.1:{port}", "topic_partitions": 12,
+                "fetch_attempts": 2, "database_url": own_database, **overrides,
+            })
+            services = ServiceGroup(service_env(settings), tmp_path / "logs", processors=processors)
+            services.env_overrides.update(env_overrides or {})
+            cleanup.enter_context(_running(services))
+            wait_for_api(settings.public_base_url)
+            api = cleanup.enter_context(httpx.Client(base_url=settings.public_base_url, timeout=30))
+            return Stack(settings, services, api)
+
+        yield start
+
+
+@contextmanager
+def _running(services: ServiceGroup):
     services.start()
     try:
-        wait_for_api(settings.public_base_url)
-        with httpx.Client(base_url=settings.public_base_url, timeout=30) as api:
-            yield settings, services, api
+        yield services
     finally:
         services.stop()
         for name in services.names:
             print(f"--- {name} log (tail) ---\n{services.log_tail(name)}")
+
+
+@pytest.fixture
+def running_stack(start_stack) -> Stack:
+    return start_stack()
+
+
+@pytest.fixture
+def pool(own_database):
+    """A connection pool on a database of this test's own: no other test's jobs or deliveries in it."""
+    pool = make_pool(own_database)
+    yield pool
+    pool.close()
+
+
+@pytest.fixture
+def jobs(pool) -> Jobs:
+    return Jobs(pool)
+
+
+@pytest.fixture
+def receivers():
+    """receivers(**options) starts a WebhookReceiver on 127.0.0.1; all are stopped after the test."""
+    with ExitStack() as running:
+        yield lambda **options: running.enter_context(WebhookReceiver(**options))
 
 
 @pytest.fixture

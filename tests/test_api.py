@@ -1,13 +1,11 @@
 """The API in-process (TestClient runs the real app and its lifespan) on real PostgreSQL and Kafka."""
 import json
 import socket
-import time
 import uuid
 
 import jsonschema
 import psycopg
 import pytest
-from confluent_kafka import OFFSET_BEGINNING, Consumer, TopicPartition
 from fastapi.testclient import TestClient
 from psycopg.rows import dict_row
 
@@ -17,17 +15,27 @@ from services.api.csv_input import parse_csv
 from shared.events import schema_path
 from shared.kafka import make_producer
 from shared.settings import Settings
+from tests.support.kafka import read_to_end
+from tests.support.settings import make_test_settings
 
 MAX_CSV_BYTES = 10_000
 MAX_IMAGES = 8
 
 
 @pytest.fixture(scope="module")
-def settings(infra, tmp_path_factory):
+def database(infra):
+    """A database of this module's own, dropped with every job the module stored."""
+    url = infra.new_database()
+    yield url
+    infra.drop_database(url)
+
+
+@pytest.fixture(scope="module")
+def settings(infra, database, tmp_path_factory):
     suffix = uuid.uuid4().hex[:8]
-    return Settings(
+    return make_test_settings(
         kafka_bootstrap_servers=infra.kafka_bootstrap_servers,
-        database_url=infra.database_url,
+        database_url=database,
         topic_requested=f"image.requested.api-{suffix}",
         topic_processed=f"image.processed.api-{suffix}",
         topic_dead_letter=f"image.requested.dlq.api-{suffix}",
@@ -51,34 +59,14 @@ def db(settings):
         yield conn
 
 
-def requested_events(settings: Settings, request_id: str, expected: int, timeout: float = 30) -> list[dict]:
-    """The image.requested events of one job, read from the start of the topic; waits for `expected`
-    of them, then a little longer so that any extra would be seen too."""
-    consumer = Consumer(
-        {
-            "bootstrap.servers": settings.kafka_bootstrap_servers,
-            "group.id": f"test-api-{uuid.uuid4()}",
-            "enable.auto.commit": False,
-        }
-    )
-    topic = settings.topic_requested
-    partitions = consumer.list_topics(topic, timeout=10).topics[topic].partitions
-    consumer.assign([TopicPartition(topic, partition, OFFSET_BEGINNING) for partition in partitions])
-    found: list[dict] = []
-    deadline = time.monotonic() + timeout
-    try:
-        while time.monotonic() < deadline:
-            message = consumer.poll(0.5)
-            if message is None or message.error():
-                continue
-            event = json.loads(message.value())
-            if event["request_id"] == request_id:
-                assert message.key().decode() == event["image_id"]
-                found.append(event)
-                if len(found) == expected:
-                    deadline = min(deadline, time.monotonic() + 2)
-    finally:
-        consumer.close()
+def requested_events(settings: Settings, request_id: str) -> list[dict]:
+    """The image.requested events of one job: the whole topic as acknowledged so far, filtered."""
+    found = []
+    for message in read_to_end(settings.kafka_bootstrap_servers, settings.topic_requested):
+        event = json.loads(message.value())
+        if event["request_id"] == request_id:
+            assert message.key().decode() == event["image_id"]
+            found.append(event)
     return found
 
 
@@ -153,7 +141,7 @@ def test_upload_stores_the_job_and_produces_one_event_per_image(client, settings
         (3, 1, f"{base}/a.jpg", "pending"),
     ]
 
-    events = requested_events(settings, request_id, expected=4)
+    events = requested_events(settings, request_id)
     assert len(events) == 4
     validator = jsonschema.Draft202012Validator(
         json.loads(schema_path("image.requested").read_text()),
@@ -354,18 +342,15 @@ def closed_port() -> int:
 
 def test_upload_answers_503_and_stores_nothing_when_kafka_is_unreachable(client, settings, db):
     unreachable = make_producer(
-        Settings(kafka_bootstrap_servers=f"127.0.0.1:{closed_port()}"), **{"message.timeout.ms": 1500}
+        make_test_settings(kafka_bootstrap_servers=f"127.0.0.1:{closed_port()}"), **{"message.timeout.ms": 1500}
     )
     working, client.app.state.producer = client.app.state.producer, unreachable
     token = uuid.uuid4().hex
     try:
-        started = time.monotonic()
         response = post_csv(client, url_csv(token, 3), webhook_url=f"http://127.0.0.1:9/hook/{token}")
-        elapsed = time.monotonic() - started
     finally:
         client.app.state.producer = working
     assert_error(response, 503, "events_unavailable")
-    assert elapsed < 15
     assert job_rows_with_token(db, token) == 0
 
 
@@ -383,7 +368,7 @@ def test_republish_produces_the_events_of_a_job_left_unpublished(client, setting
     try:
         assert jobs.republish_unpublished(pool, producer, settings, older_than_seconds=10) >= 1
 
-        events = requested_events(settings, str(stale_id), expected=3)
+        events = requested_events(settings, str(stale_id))
         assert sorted((e["image_id"], e["row_number"], e["input_url"]) for e in events) == sorted(
             (str(i["id"]), i["row_number"], i["input_url"]) for i in stale_images
         )
@@ -393,6 +378,6 @@ def test_republish_produces_the_events_of_a_job_left_unpublished(client, setting
         published_at = {row["job_id"]: row["published_at"] for row in published}
         assert published_at[stale_id] is not None
         assert published_at[in_flight_id] is None
-        assert requested_events(settings, str(in_flight_id), expected=0, timeout=3) == []
+        assert requested_events(settings, str(in_flight_id)) == []
     finally:
         jobs.delete_job(pool, in_flight_id)

@@ -7,6 +7,7 @@ from PIL import Image, ImageCms
 from services.processor.compress import compress
 from services.processor.failures import ImageFailure
 from shared.settings import Settings
+from tests.support.settings import make_test_settings
 from tests.support.images import encode, photo_like
 
 ORIENTATION = 0x0112
@@ -14,7 +15,7 @@ ORIENTATION = 0x0112
 
 @pytest.fixture
 def settings() -> Settings:
-    return Settings()
+    return make_test_settings()
 
 
 def photo(size=(800, 600), mode="RGB") -> Image.Image:
@@ -40,6 +41,20 @@ def test_jpeg_photo_is_recompressed_smaller_at_the_same_size(settings):
     assert len(result.data) < 0.7 * len(source)
     output = decode(result.data)
     assert output.format == "JPEG" and output.size == (800, 600) and output.mode == "RGB"
+
+
+def quantization(data: bytes) -> dict:
+    with Image.open(io.BytesIO(data)) as image:
+        return image.quantization
+
+
+def test_jpeg_is_saved_at_quality_50(settings):
+    """The quantization tables in the output are the ones libjpeg derives for quality 50, not 49 or 51."""
+    result = compress(encode(photo(), "JPEG", quality=90), settings)
+    reference = photo((64, 64))
+    assert quantization(result.data) == quantization(encode(reference, "JPEG", quality=50))
+    assert quantization(result.data) != quantization(encode(reference, "JPEG", quality=49))
+    assert quantization(result.data) != quantization(encode(reference, "JPEG", quality=51))
 
 
 def test_jpeg_keeps_exif_orientation_icc_profile_and_progressive(settings):
@@ -162,11 +177,11 @@ def test_other_formats_are_unsupported(settings):
 @pytest.mark.parametrize("size", [(120, 100), (400, 300)])  # between 1x and 2x the limit, and far above it
 def test_decompression_bomb_is_too_large(size):
     source = encode(Image.new("RGB", size), "PNG")
-    assert failure_code(source, Settings(max_image_pixels=10_000)) == "too_large"
+    assert failure_code(source, make_test_settings(max_image_pixels=10_000)) == "too_large"
 
 
 def test_many_frames_count_against_the_pixel_limit():
     frames = [Image.new("RGB", (50, 50), (i, 0, 0)) for i in range(10)]  # 2,500 pixels each, 25,000 together
     source = encode(frames[0], "GIF", save_all=True, append_images=frames[1:])
-    assert failure_code(source, Settings(max_image_pixels=10_000)) == "too_large"
-    assert compress(source, Settings(max_image_pixels=30_000)).format == "GIF"
+    assert failure_code(source, make_test_settings(max_image_pixels=10_000)) == "too_large"
+    assert compress(source, make_test_settings(max_image_pixels=30_000)).format == "GIF"

@@ -1,23 +1,26 @@
 """Real jobs through the real stack: the three services as processes, Kafka, PostgreSQL,
-an image host and a webhook receiver on 127.0.0.1."""
+an image host and a webhook receiver on 127.0.0.1; and what survives each service's crash."""
 import csv
 import io
+import json
+import signal
 import time
 
 import httpx
+import psycopg
 import pytest
+from confluent_kafka.admin import AdminClient
 from PIL import Image
 
+from deploy.local.stack import wait_for_api
+from tests.conftest import Stack
 from tests.support.http_servers import WebhookReceiver
 from tests.support.images import jpeg_bytes, png_bytes
+from tests.support.kafka import committed_offsets, end_offsets, read_to_end, wait_until_consumed
 
 JOB_TIMEOUT = 120
-
-
-@pytest.fixture
-def webhooks():
-    with WebhookReceiver() as receiver:
-        yield receiver
+KILLED = -signal.SIGKILL
+CRASH_TEST_SETTINGS = dict(kafka_auto_commit_interval_ms=100, kafka_session_timeout_ms=2000)
 
 
 def upload(api: httpx.Client, csv_text: str, webhook_url: str | None) -> str:
@@ -36,6 +39,29 @@ def all_images(api: httpx.Client, request_id: str) -> tuple[dict, list[dict]]:
     return page, images
 
 
+def url_csv(urls: list[str]) -> str:
+    return "url\n" + "\n".join(urls) + "\n"
+
+
+def wait_for_status(api: httpx.Client, request_id: str, done, timeout: float = JOB_TIMEOUT) -> dict:
+    deadline = time.monotonic() + timeout
+    while not done(status := api.get(f"/status/{request_id}").json()):
+        assert time.monotonic() < deadline, f"job {request_id} never reached the expected state: {status}"
+        time.sleep(0.1)
+    return status
+
+
+def assert_settled_with_one_webhook(stack: Stack, request_id: str, receiver: WebhookReceiver) -> None:
+    """Wait until every request is processed and every result applied (committed offsets at the ends of
+    the topics: the services commit only finished work), then check the webhook was sent exactly once."""
+    settings = stack.settings
+    wait_until_consumed(settings.kafka_bootstrap_servers, settings.processor_group, [settings.topic_requested])
+    wait_until_consumed(settings.kafka_bootstrap_servers, settings.notifier_group, [settings.topic_processed])
+    webhook = wait_for_status(stack.api, request_id, lambda s: s["webhook"]["status"] != "pending")["webhook"]
+    assert (webhook["status"], webhook["attempts"]) == ("delivered", 1)
+    assert len(receiver.posts_to()) == 1
+
+
 def product_csv(rows: list[tuple[str, list[str]]]) -> str:
     out = io.StringIO()
     writer = csv.writer(out)
@@ -45,8 +71,8 @@ def product_csv(rows: list[tuple[str, list[str]]]) -> str:
     return out.getvalue()
 
 
-def test_a_job_of_jpegs_and_pngs_is_compressed_and_reported(running_stack, image_host, webhooks):
-    settings, _services, api = running_stack
+def test_a_job_of_jpegs_and_pngs_is_compressed_and_reported(running_stack, image_host, receivers):
+    api, webhooks = running_stack.api, receivers()
     sources: dict[str, bytes] = {}
     rows = []
     for row in range(6):
@@ -62,8 +88,8 @@ def test_a_job_of_jpegs_and_pngs_is_compressed_and_reported(running_stack, image
         rows.append((f"Product {row}", urls))
     assert len(sources) >= 20
 
-    request_id = upload(api, product_csv(rows), webhooks.url("/done"))
-    hook = webhooks.wait_for("/done", JOB_TIMEOUT)
+    request_id = upload(api, product_csv(rows), webhooks.url)
+    hook = webhooks.wait_for(1, JOB_TIMEOUT)[0].json()
 
     status, images = all_images(api, request_id)
     assert status["status"] == "completed"
@@ -94,19 +120,18 @@ def test_a_job_of_jpegs_and_pngs_is_compressed_and_reported(running_stack, image
     assert hook["request_id"] == request_id and hook["status"] == "completed"
     assert hook["failed_images"] == 0
     assert [i["output_url"] for i in hook["output_images"]] == [i["output_url"] for i in images]
-    time.sleep(2)  # a second webhook would be a bug; give one the time to show up
-    assert len(webhooks.posts_to("/done")) == 1
+    assert_settled_with_one_webhook(running_stack, request_id, webhooks)
 
 
-def test_a_job_with_broken_urls_still_completes_and_names_each_failure(running_stack, image_host, webhooks):
-    _settings, _services, api = running_stack
+def test_a_job_with_broken_urls_still_completes_and_names_each_failure(running_stack, image_host, receivers):
+    api, webhooks = running_stack.api, receivers()
     good = [image_host.add(f"/ok{n}.jpg", jpeg_bytes(400, 300, n)) for n in range(3)]
     missing = image_host.base_url + "/nowhere.jpg"
     not_an_image = image_host.add("/fake.jpg", b"<html>this is not an image</html>")
     csv_text = "url\n" + "\n".join([good[0], missing, good[1], not_an_image, good[2]]) + "\n"
 
-    request_id = upload(api, csv_text, webhooks.url("/broken"))
-    hook = webhooks.wait_for("/broken", JOB_TIMEOUT)
+    request_id = upload(api, csv_text, webhooks.url)
+    hook = webhooks.wait_for(1, JOB_TIMEOUT)[0].json()
 
     status, images = all_images(api, request_id)
     assert status["status"] == "completed"
@@ -124,25 +149,92 @@ def test_a_job_with_broken_urls_still_completes_and_names_each_failure(running_s
     assert hook["failed_images"] == 2 and hook["processed_images"] == 3
 
 
-def test_killed_processor_and_notifier_lose_no_image_and_send_one_webhook(running_stack, image_host, webhooks):
-    _settings, services, api = running_stack
-    image_host.delay = 0.15  # keep images in flight while the services are killed
-    urls = [image_host.add(f"/slow{n}.jpg", jpeg_bytes(300, 200, n)) for n in range(40)]
-    request_id = upload(api, "url\n" + "\n".join(urls) + "\n", webhooks.url("/crash"))
+def test_private_addresses_are_refused_by_default(start_stack, image_host, receivers):
+    stack = start_stack(allow_private_addresses=False, webhook_max_attempts=1)
+    receiver = receivers()
+    url = image_host.add("/local.jpg", jpeg_bytes(300, 200, 1))
 
-    deadline = time.monotonic() + JOB_TIMEOUT
-    while api.get(f"/status/{request_id}").json()["counts"]["processed"] < 5:
-        assert time.monotonic() < deadline, "no progress before the crash"
-        time.sleep(0.1)
-    for name in ("processor-1", "notifier"):
-        services.kill(name)
-    time.sleep(1)
-    services.restart_exited()
+    request_id = upload(stack.api, url_csv([url]), receiver.url)
+    status = wait_for_status(stack.api, request_id, lambda s: s["webhook"]["status"] == "failed")
 
-    hook = webhooks.wait_for("/crash", JOB_TIMEOUT)
-    status, images = all_images(api, request_id)
-    assert status["counts"] == {"total": 40, "processed": 40, "failed": 0, "pending": 0}
+    assert status["counts"] == {"total": 1, "processed": 0, "failed": 1, "pending": 0}
+    assert status["images"][0]["error"]["code"] == "forbidden_address"
+    assert status["webhook"]["last_error"].startswith("ForbiddenAddress")
+    assert image_host.requests == {} and receiver.posts_to() == []
+
+
+def test_a_processor_killed_after_processing_and_before_acknowledging_loses_no_image(start_stack, image_host, receivers):
+    stack = start_stack(processors=1, **CRASH_TEST_SETTINGS,
+                        env_overrides={"processor-1": {"IMGPIPE_CRASH_AT": "processor.after_process:5"}})
+    receiver = receivers()
+    urls = [image_host.add(f"/p{n}.jpg", jpeg_bytes(300, 200, n)) for n in range(30)]
+
+    request_id = upload(stack.api, url_csv(urls), receiver.url)
+    assert stack.services.wait_exit("processor-1", JOB_TIMEOUT) == KILLED
+    stack.services.env_overrides.pop("processor-1")
+    stack.services.restart_exited()
+    receiver.wait_for(1, JOB_TIMEOUT)
+
+    assert_settled_with_one_webhook(stack, request_id, receiver)
+    status, images = all_images(stack.api, request_id)
+    assert status["counts"] == {"total": 30, "processed": 30, "failed": 0, "pending": 0}
     assert {i["input_url"] for i in images} == set(urls)
-    assert hook["processed_images"] == 40
-    time.sleep(2)
-    assert len(webhooks.posts_to("/crash")) == 1
+    # Work the killed processor had done but not acknowledged was not committed: it was done again.
+    assert sum(image_host.requests.values()) > len(urls)
+
+
+def test_a_notifier_killed_after_completing_a_job_and_before_storing_offsets_sends_one_webhook(
+    start_stack, image_host, receivers
+):
+    stack = start_stack(**CRASH_TEST_SETTINGS,
+                        env_overrides={"notifier": {"IMGPIPE_CRASH_AT": "notifier.after_completing_commit"}})
+    settings, receiver = stack.settings, receivers()
+    urls = [image_host.add(f"/n{n}.jpg", jpeg_bytes(300, 200, n)) for n in range(10)]
+
+    request_id = upload(stack.api, url_csv(urls), receiver.url)
+    assert stack.services.wait_exit("notifier", JOB_TIMEOUT) == KILLED
+    status = stack.api.get(f"/status/{request_id}").json()
+    assert status["status"] == "completed"  # committed to PostgreSQL ...
+    assert (status["webhook"]["status"], status["webhook"]["attempts"]) == ("pending", 0)  # ... not yet sent
+    # The result that completed the job is the last image's first result; the offsets of its batch
+    # were not stored, so the group's committed offset on that partition is not past it.
+    first_results: dict[str, object] = {}
+    for message in read_to_end(settings.kafka_bootstrap_servers, settings.topic_processed):
+        first_results.setdefault(json.loads(message.value())["image_id"], message)
+    completing = max(first_results.values(), key=lambda m: m.offset())
+    admin = AdminClient({"bootstrap.servers": settings.kafka_bootstrap_servers})
+    assert committed_offsets(admin, settings.notifier_group, settings.topic_processed)[completing.partition()] <= completing.offset()
+
+    stack.services.env_overrides.pop("notifier")
+    stack.services.restart_exited()
+    receiver.wait_for(1, JOB_TIMEOUT)
+
+    assert_settled_with_one_webhook(stack, request_id, receiver)
+    assert all_images(stack.api, request_id)[0]["counts"] == {"total": 10, "processed": 10, "failed": 0, "pending": 0}
+
+
+def test_a_job_whose_api_was_killed_before_producing_is_published_by_the_republisher(
+    start_stack, image_host, receivers
+):
+    stack = start_stack(republish_interval_seconds=0.5, republish_after_seconds=2,
+                        env_overrides={"api": {"IMGPIPE_CRASH_AT": "api.after_job_commit"}})
+    settings, receiver = stack.settings, receivers()
+    urls = [image_host.add(f"/a{n}.jpg", jpeg_bytes(300, 200, n)) for n in range(5)]
+
+    with pytest.raises(httpx.TransportError):  # the API died without answering
+        stack.api.post("/upload", files={"file": ("job.csv", url_csv(urls), "text/csv")},
+                       data={"webhook_url": receiver.url})
+    assert stack.services.wait_exit("api", JOB_TIMEOUT) == KILLED
+    with psycopg.connect(settings.database_url) as conn:
+        [(request_id, published_at)] = conn.execute("SELECT job_id, published_at FROM processing_jobs").fetchall()
+    assert published_at is None
+    admin = AdminClient({"bootstrap.servers": settings.kafka_bootstrap_servers})
+    assert sum(end_offsets(admin, settings.topic_requested).values()) == 0  # no event was produced
+
+    stack.services.env_overrides.pop("api")
+    stack.services.restart_exited()
+    wait_for_api(settings.public_base_url)
+    receiver.wait_for(1, JOB_TIMEOUT)
+
+    assert_settled_with_one_webhook(stack, str(request_id), receiver)
+    assert all_images(stack.api, str(request_id))[0]["counts"] == {"total": 5, "processed": 5, "failed": 0, "pending": 0}

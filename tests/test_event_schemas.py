@@ -38,3 +38,19 @@ def test_schema_and_model_reject_the_same_broken_event():
         jsonschema.validate(broken, schema)
     with pytest.raises(ValueError):
         ImageRequested.model_validate(broken)
+
+
+def with_unknown_fields(document):
+    """The document with one more, unknown field in every JSON object, nested ones included."""
+    if isinstance(document, dict):
+        return {**{key: with_unknown_fields(value) for key, value in document.items()}, "added_by_a_newer_producer": 1}
+    if isinstance(document, list):
+        return [with_unknown_fields(item) for item in document]
+    return document
+
+
+@pytest.mark.parametrize("event", list(sample_events()), ids=lambda e: f"{e.event_type}-{getattr(e, 'status', '')}")
+def test_consumers_ignore_unknown_fields_at_every_level(event):
+    document = with_unknown_fields(json.loads(event.model_dump_json()))
+    assert type(event).model_validate_json(json.dumps(document)) == event
+    jsonschema.validate(document, json.loads(schema_path(event.event_type).read_text()))

@@ -1,21 +1,21 @@
 """The notifier: results applied exactly once in PostgreSQL, and end to end through a real Kafka."""
 import base64
+import json
 import logging
 import os
 import threading
-import time
 import uuid
 
 import pytest
-from confluent_kafka import ConsumerGroupTopicPartitions, TopicPartition
-from confluent_kafka.admin import AdminClient, OffsetSpec
 from pydantic import SecretStr
 from standardwebhooks import Webhook
 
 from services.notifier.consumer import run
 from services.notifier.results import apply_results
 from shared.kafka import make_producer, produce_and_wait
-from tests.test_webhook import Jobs, expected_payload, jobs, pool, receivers, result  # noqa: F401
+from tests.support.jobs import Jobs, expected_payload, result
+from tests.support.kafka import wait_until_consumed
+from tests.support.threads import ServiceThread
 
 # --- apply_results ------------------------------------------------------------------------------
 
@@ -148,81 +148,52 @@ def test_concurrent_writers_complete_each_job_once(pool, jobs):
 
 
 @pytest.fixture
-def notifier_settings(make_settings):
-    """A results topic and consumer group of the test's own, so that no other test's results reach it."""
+def notifier_settings(make_settings, own_database):
+    """A results topic, consumer group and database of the test's own, so that no other test's
+    results or deliveries reach its notifier."""
     return make_settings(
+        database_url=own_database,
         public_base_url="http://imgpipe.test",
         webhook_secret=SecretStr("whsec_" + base64.b64encode(os.urandom(24)).decode()),
         webhook_backoff_seconds=0.2,
     )
 
 
-class NotifierThread:
-    def __init__(self, settings):
-        self.stop_event = threading.Event()
-        self.error: BaseException | None = None
-        self.thread = threading.Thread(target=self._run, args=(settings,), daemon=True)
-        self.thread.start()
-
-    def _run(self, settings):
-        try:
-            run(settings, self.stop_event)
-        except BaseException as exc:
-            self.error = exc
-
-    def stop(self):
-        self.stop_event.set()
-        self.thread.join(30)
-        assert not self.thread.is_alive(), "the notifier did not stop within 30s"
-        assert self.error is None, f"the notifier crashed: {self.error!r}"
-
-
 @pytest.fixture
 def notifiers():
-    started: list[NotifierThread] = []
+    """notifiers(settings) runs a notifier in a thread; all are stopped after the test, and a
+    notifier that crashed fails the test."""
+    started: list[ServiceThread] = []
 
-    def start(settings) -> NotifierThread:
-        started.append(NotifierThread(settings))
+    def start(settings) -> ServiceThread:
+        started.append(ServiceThread(run, settings))
         return started[-1]
 
     yield start
+    errors = []
     for notifier in started:
-        if notifier.thread.is_alive():
+        try:
             notifier.stop()
+        except AssertionError as exc:
+            errors.append(exc)
+    assert not errors, errors
 
 
 def produce(settings, messages) -> None:
-    """Send events (or raw bytes) keyed by request id to the results topic, as the processor does."""
+    """Send events (or raw (key, bytes) pairs) keyed by request id to the results topic, as the processor does."""
     producer = make_producer(settings)
     produce_and_wait(producer, settings.topic_processed, [
         (str(m.request_id), m.model_dump_json().encode()) if not isinstance(m, tuple) else m for m in messages
     ])
 
 
-def wait_until_consumed(settings, timeout: float = 30) -> None:
-    """Wait until the group's committed offsets reach the end of every partition of the topic: every
-    result was applied (offsets are stored only after the database commit)."""
-    admin = AdminClient({"bootstrap.servers": settings.kafka_bootstrap_servers})
-    partitions = admin.list_topics(settings.topic_processed, timeout=10).topics[settings.topic_processed].partitions
-    latest = admin.list_offsets({TopicPartition(settings.topic_processed, p): OffsetSpec.latest() for p in partitions})
-    ends = {tp.partition: future.result(10).offset for tp, future in latest.items()}
-    partitions = [p for p in partitions if ends[p] > 0]  # nothing to commit on an empty partition
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        request = ConsumerGroupTopicPartitions(settings.notifier_group,
-                                               [TopicPartition(settings.topic_processed, p) for p in partitions])
-        committed = admin.list_consumer_group_offsets([request])[settings.notifier_group].result(10)
-        if all(tp.offset >= ends[tp.partition] for tp in committed.topic_partitions):
-            return
-        time.sleep(0.2)
-    pytest.fail(f"group {settings.notifier_group} did not consume {settings.topic_processed} within {timeout}s")
-
-
-def wait_for_results(jobs: Jobs, job_id, count: int, timeout: float = 30) -> None:
-    deadline = time.monotonic() + timeout
-    while (job := jobs.job(job_id))["processed_images"] + job["failed_images"] < count:
-        assert time.monotonic() < deadline, f"job {job_id} did not reach {count} results within {timeout}s"
-        time.sleep(0.05)
+def wait_until_settled(settings, jobs: Jobs, job_id) -> dict:
+    """Every result on the topic applied and the job's webhook delivered: nothing more can be sent
+    for it (a delivery is posted only while pending). Returns the delivery row."""
+    wait_until_consumed(settings.kafka_bootstrap_servers, settings.notifier_group, [settings.topic_processed])
+    [delivery] = jobs.deliveries(job_id)
+    assert delivery["status"] == "delivered", delivery
+    return delivery
 
 
 def twice_interleaved(job_id, images, failed_ids=()):
@@ -243,18 +214,16 @@ def test_duplicated_results_through_kafka_send_one_webhook(notifier_settings, jo
     notifiers(notifier_settings)
 
     produce(notifier_settings, [(str(job_id), b"this is not an event")] + twice_interleaved(job_id, images, failed_ids))
-    [request] = receiver.wait_for(1, timeout=30)
+    [request] = receiver.wait_for(1)
     secret = notifier_settings.webhook_secret.get_secret_value()
     assert Webhook(secret).verify(request.body, request.headers) == expected_payload(job_id, images, failed_ids)
     assert request.headers["webhook-id"] == str(job_id)
 
     produce(notifier_settings, [result(job_id, image) for image in images])  # late repeats
-    wait_until_consumed(notifier_settings)
-    time.sleep(1.5)  # longer than the sender's one-second round
-    assert len(receiver.requests) == 1
+    delivery = wait_until_settled(notifier_settings, jobs, job_id)
+    assert delivery["attempts"] == 1 and len(receiver.requests) == 1
     job = jobs.job(job_id)
     assert (job["status"], job["processed_images"], job["failed_images"]) == ("completed", 3, 1)
-    assert jobs.deliveries(job_id)[0]["status"] == "delivered"
 
 
 def test_restarted_notifier_loses_no_result(notifier_settings, jobs, receivers, notifiers):
@@ -263,18 +232,36 @@ def test_restarted_notifier_loses_no_result(notifier_settings, jobs, receivers, 
 
     first = notifiers(notifier_settings)
     produce(notifier_settings, twice_interleaved(job_id, images[:2]))
-    wait_for_results(jobs, job_id, count=2)
+    wait_until_consumed(notifier_settings.kafka_bootstrap_servers, notifier_settings.notifier_group,
+                        [notifier_settings.topic_processed])
     first.stop()
-    assert jobs.job(job_id)["status"] == "processing"
+    job = jobs.job(job_id)
+    assert (job["status"], job["processed_images"]) == ("processing", 2)
 
-    produce(notifier_settings, twice_interleaved(job_id, images[2:]))
-    time.sleep(0.5)
-    assert jobs.job(job_id)["processed_images"] == 2  # nobody consumes while the notifier is down
+    produce(notifier_settings, twice_interleaved(job_id, images[2:]))  # while no notifier runs
     notifiers(notifier_settings)
-    [request] = receiver.wait_for(1, timeout=30)
+    [request] = receiver.wait_for(1)
     assert request.headers["webhook-id"] == str(job_id)
-    wait_until_consumed(notifier_settings)
-    time.sleep(1.5)
-    assert len(receiver.requests) == 1
+    delivery = wait_until_settled(notifier_settings, jobs, job_id)
+    assert delivery["attempts"] == 1 and len(receiver.requests) == 1
     job = jobs.job(job_id)
     assert (job["status"], job["processed_images"], job["failed_images"]) == ("completed", 4, 0)
+
+
+def test_results_with_fields_it_does_not_know_are_applied(notifier_settings, jobs, receivers, notifiers):
+    """A newer processor may add fields anywhere, nested ones included; this notifier must still count them."""
+    receiver = receivers()
+    job_id, images = jobs.create(2, webhook_url=receiver.url)
+    newer = []
+    for event in (result(job_id, images[0]), result(job_id, images[1], failed=True)):
+        document = json.loads(event.model_dump_json())
+        document["trace_id"] = "abc"
+        if document["error"]:
+            document["error"]["retryable"] = False
+        newer.append((str(job_id), json.dumps(document).encode()))
+    notifiers(notifier_settings)
+
+    produce(notifier_settings, newer)
+    wait_until_settled(notifier_settings, jobs, job_id)
+    assert [(i["status"], i["error_code"]) for i in jobs.images(job_id)] == [("processed", None), ("failed", "http_404")]
+    assert len(receiver.requests) == 1

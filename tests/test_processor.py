@@ -1,19 +1,17 @@
-"""The processor's worker against real Kafka, a real HTTP image host and local storage."""
-import io
+"""The processor's worker against real Kafka, a real HTTP image host and local or Cloudinary storage."""
+import logging
 import os
 import subprocess
 import sys
-import threading
 import time
 import uuid
-from contextlib import contextmanager
 
 import cloudinary.exceptions
 import pytest
-from confluent_kafka import OFFSET_BEGINNING, Consumer, TopicPartition
+from confluent_kafka.admin import AdminClient, AlterConfigOpType, ConfigEntry, ConfigResource, ResourceType
 from PIL import Image
 
-from services.processor.failures import ImageFailure
+from services.processor.failures import ImageFailure, StorageUnavailable
 from services.processor.storage import CloudinaryStorage, LocalStorage, make_storage
 from services.processor.worker import run
 from shared.events import ImageProcessed, ImageRequested
@@ -21,6 +19,9 @@ from shared.kafka import make_producer, produce_and_wait
 from shared.settings import REPO_ROOT, Settings
 from tests.cloudinary_contract import CloudinaryContractServer
 from tests.support.images import jpeg_bytes, png_bytes
+from tests.support.kafka import TopicReader, committed_offsets, end_offsets, wait_until_consumed
+from tests.support.settings import make_test_settings
+from tests.support.threads import ServiceThread
 
 WAIT_SECONDS = 60
 
@@ -30,38 +31,19 @@ def settings(make_settings) -> Settings:
     return make_settings(fetch_attempts=2, fetch_read_timeout=2.0, public_base_url="http://files.test")
 
 
-@contextmanager
-def running_worker(settings: Settings):
-    stop = threading.Event()
-    thread = threading.Thread(target=run, args=(settings, stop), name="processor", daemon=True)
-    thread.start()
-    try:
-        yield thread
-    finally:
-        stop.set()
-        thread.join(30)
-    assert not thread.is_alive(), "the worker did not stop within 30 s of the stop event"
+@pytest.fixture
+def workers():
+    """workers(settings, storage=None) runs the processor in a thread; all are stopped (and their
+    crashes reported) after the test."""
+    started: list[ServiceThread] = []
 
+    def start(settings: Settings, **kwargs) -> ServiceThread:
+        started.append(ServiceThread(run, settings, **kwargs))
+        return started[-1]
 
-class TopicReader:
-    """Reads a whole topic from the beginning, without a consumer group."""
-
-    def __init__(self, settings: Settings, topic: str):
-        self.messages = []
-        self.consumer = Consumer({"bootstrap.servers": settings.kafka_bootstrap_servers, "group.id": "unused"})
-        self.consumer.assign([TopicPartition(topic, p, OFFSET_BEGINNING) for p in range(settings.topic_partitions)])
-
-    def wait_for(self, done, timeout: float = WAIT_SECONDS) -> list:
-        deadline = time.monotonic() + timeout
-        while not done(self.messages):
-            assert time.monotonic() < deadline, f"timed out; read so far: {[m.value() for m in self.messages]}"
-            message = self.consumer.poll(0.2)
-            if message is not None and not message.error():
-                self.messages.append(message)
-        return self.messages
-
-    def close(self):
-        self.consumer.close()
+    yield start
+    for worker in started:
+        worker.stop()
 
 
 @pytest.fixture
@@ -69,7 +51,7 @@ def read_topic():
     readers = []
 
     def make(settings: Settings, topic: str) -> TopicReader:
-        readers.append(TopicReader(settings, topic))
+        readers.append(TopicReader(settings.kafka_bootstrap_servers, topic))
         return readers[-1]
 
     yield make
@@ -87,6 +69,7 @@ def send(settings: Settings, messages: list[tuple[str, bytes]]) -> None:
 
 
 def send_events(settings: Settings, events: list[ImageRequested]) -> None:
+    """Keyed by request id: one partition, in this order."""
     send(settings, [(str(e.request_id), e.model_dump_json().encode()) for e in events])
 
 
@@ -95,7 +78,7 @@ def results_for(messages, request_id: uuid.UUID) -> list[ImageProcessed]:
     return [r for r in results if r.request_id == request_id]
 
 
-def test_images_get_results_and_garbage_goes_to_the_dead_letter_topic(settings, image_host, read_topic):
+def test_images_get_results_and_garbage_goes_to_the_dead_letter_topic(settings, image_host, read_topic, workers):
     request_id = uuid.uuid4()
     jpeg = jpeg_bytes(640, 480, seed=1)
     png = png_bytes(320, 240, seed=2, mode="RGBA")
@@ -113,9 +96,9 @@ def test_images_get_results_and_garbage_goes_to_the_dead_letter_topic(settings, 
     processed = read_topic(settings, settings.topic_processed)
     dead_letters = read_topic(settings, settings.topic_dead_letter)
 
-    with running_worker(settings):
-        messages = processed.wait_for(lambda got: len(results_for(got, request_id)) >= 3)
-        dead = dead_letters.wait_for(lambda got: len(got) >= 2)
+    workers(settings)
+    messages = processed.wait_for(lambda got: len(results_for(got, request_id)) >= 3)
+    dead = dead_letters.wait_for(lambda got: len(got) >= 2)
 
     assert {m.key() for m in messages} == {str(request_id).encode()}
     results = {r.image_id: r for r in results_for(messages, request_id)}
@@ -149,6 +132,23 @@ def test_images_get_results_and_garbage_goes_to_the_dead_letter_topic(settings, 
         assert headers["source_topic"] == settings.topic_requested.encode()
 
 
+def test_the_format_comes_from_the_bytes_not_the_url(settings, image_host, read_topic, workers):
+    request_id = uuid.uuid4()
+    jpeg = jpeg_bytes(400, 300, seed=11)
+    event = requested(request_id, 1, image_host.add("/really-a-jpeg.png", jpeg))
+    send_events(settings, [event])
+    processed = read_topic(settings, settings.topic_processed)
+
+    workers(settings)
+    [result] = results_for(processed.wait_for(lambda got: len(results_for(got, request_id)) == 1), request_id)
+
+    assert result.status == "processed" and result.format == "JPEG"
+    assert result.output_url.endswith(f"/{event.image_id}.jpg")
+    with Image.open(settings.storage_dir / f"{request_id}/{event.image_id}.jpg") as stored:
+        assert stored.format == "JPEG"
+    assert not (settings.storage_dir / f"{request_id}/{event.image_id}.png").exists()
+
+
 def test_a_restarted_worker_continues_after_what_it_acknowledged(settings, image_host, read_topic):
     request_id = uuid.uuid4()
     url = image_host.add("/a.jpg", jpeg_bytes(320, 240, seed=3))
@@ -156,17 +156,27 @@ def test_a_restarted_worker_continues_after_what_it_acknowledged(settings, image
     processed = read_topic(settings, settings.topic_processed)
 
     send_events(settings, [first])
-    with running_worker(settings):
-        processed.wait_for(lambda got: len(results_for(got, request_id)) == 1)
+    worker = ServiceThread(run, settings)
+    processed.wait_for(lambda got: len(results_for(got, request_id)) == 1)
+    worker.stop()
     send_events(settings, [second])
-    with running_worker(settings):
-        messages = processed.wait_for(lambda got: any(r.image_id == second.image_id for r in results_for(got, request_id)))
+    worker = ServiceThread(run, settings)
+    messages = processed.wait_for(lambda got: any(r.image_id == second.image_id for r in results_for(got, request_id)))
+    worker.stop()
 
     # Had the first worker not committed, the second would have processed `first` again before `second`.
     assert [r.image_id for r in results_for(messages, request_id)] == [first.image_id, second.image_id]
 
 
-def test_a_storage_outage_delays_images_without_losing_or_reordering_them(settings, image_host, read_topic):
+def wait_for_log(caplog, text: str, count: int, timeout: float = WAIT_SECONDS) -> None:
+    deadline = time.monotonic() + timeout
+    while sum(text in record.getMessage() for record in caplog.records) < count:
+        assert time.monotonic() < deadline, f"fewer than {count} log records with {text!r} within {timeout}s"
+        time.sleep(0.05)
+
+
+def test_a_storage_outage_delays_images_without_losing_them(make_settings, image_host, read_topic, workers, caplog):
+    settings = make_settings(image_max_attempts=1)
     settings.storage_dir.parent.mkdir(parents=True, exist_ok=True)
     settings.storage_dir.write_text("a file where the storage directory should be")  # every save fails
     request_id = uuid.uuid4()
@@ -175,16 +185,114 @@ def test_a_storage_outage_delays_images_without_losing_or_reordering_them(settin
     processed = read_topic(settings, settings.topic_processed)
     send_events(settings, events)
 
-    with running_worker(settings):
-        with pytest.raises(AssertionError, match="timed out"):
-            processed.wait_for(lambda got: len(results_for(got, request_id)) > 0, timeout=6)
+    with caplog.at_level(logging.WARNING, logger="services.processor"):
+        workers(settings)
+        # More tries than image_max_attempts: an outage is not the image's fault, so there is no limit.
+        wait_for_log(caplog, "waits for the storage", count=settings.image_max_attempts + 1)
+        assert sum(end_offsets(admin(settings), settings.topic_processed).values()) == 0  # no result yet
         settings.storage_dir.unlink()  # storage is back
         messages = processed.wait_for(lambda got: len(results_for(got, request_id)) >= 2)
 
     results = results_for(messages, request_id)
-    assert [r.image_id for r in results] == [e.image_id for e in events]
+    assert sorted(r.image_id for r in results) == sorted(e.image_id for e in events)
     assert all(r.status == "processed" for r in results)
     assert all((settings.storage_dir / f"{request_id}/{e.image_id}.jpg").is_file() for e in events)
+
+
+class BuggyStorage(LocalStorage):
+    """Local storage with a bug that shows for one image only: its save raises KeyError."""
+
+    def __init__(self, settings: Settings, broken_image_id: uuid.UUID):
+        super().__init__(settings.storage_dir, settings.public_base_url)
+        self.broken_image_id = str(broken_image_id)
+        self.broken_saves = 0
+
+    def save(self, key: str, data: bytes, content_type: str) -> str:
+        if self.broken_image_id in key:
+            self.broken_saves += 1
+            raise KeyError("a bug that only this image triggers")
+        return super().save(key, data, content_type)
+
+
+def test_an_unexpected_error_fails_its_image_after_bounded_tries_and_the_partition_moves_on(
+    settings, image_host, read_topic, workers
+):
+    request_id = uuid.uuid4()
+    url = image_host.add("/c.jpg", jpeg_bytes(320, 240, seed=5))
+    bad, *good = [requested(request_id, row, url) for row in range(1, 5)]  # one partition: the bad one first
+    storage = BuggyStorage(settings, bad.image_id)
+    processed = read_topic(settings, settings.topic_processed)
+    send_events(settings, [bad, *good])
+
+    workers(settings, storage=storage)
+    results = {r.image_id: r for r in results_for(processed.wait_for(
+        lambda got: len({r.image_id for r in results_for(got, request_id)}) == 4), request_id)}
+
+    assert results[bad.image_id].status == "failed"
+    assert results[bad.image_id].error.code == "internal_error"
+    assert "KeyError" in results[bad.image_id].error.message
+    assert storage.broken_saves == settings.image_max_attempts == 3
+    assert [results[e.image_id].status for e in good] == ["processed"] * 3
+
+
+def admin(settings: Settings) -> AdminClient:
+    return AdminClient({"bootstrap.servers": settings.kafka_bootstrap_servers})
+
+
+def set_topic_config(settings: Settings, topic: str, name: str, value: str) -> None:
+    resource = ConfigResource(ResourceType.TOPIC, topic, incremental_configs=[
+        ConfigEntry(name, value, incremental_operation=AlterConfigOpType.SET)])
+    client = admin(settings)  # kept referenced until the futures resolve
+    for future in client.incremental_alter_configs([resource]).values():
+        future.result(10)
+
+
+def test_results_kafka_refuses_keep_their_offsets_uncommitted_until_accepted(
+    make_settings, image_host, read_topic, workers, caplog
+):
+    settings = make_settings(kafka_auto_commit_interval_ms=100, public_base_url="http://files.test")
+    set_topic_config(settings, settings.topic_processed, "max.message.bytes", "64")  # smaller than any result
+    request_id = uuid.uuid4()
+    url = image_host.add("/d.jpg", jpeg_bytes(320, 240, seed=6))
+    events = [requested(request_id, row, url) for row in range(1, 4)]
+    send_events(settings, events)
+    processed = read_topic(settings, settings.topic_processed)
+
+    with caplog.at_level(logging.WARNING):
+        workers(settings)
+        # The broker refused the results twice; auto-commit ran every 100 ms meanwhile.
+        wait_for_log(caplog, "too large", count=2)
+        committed = committed_offsets(admin(settings), settings.processor_group, settings.topic_requested)
+        assert all(offset < 0 for offset in committed.values()), committed
+        assert sum(end_offsets(admin(settings), settings.topic_processed).values()) == 0
+
+        set_topic_config(settings, settings.topic_processed, "max.message.bytes", "1048588")  # Kafka accepts again
+        messages = processed.wait_for(lambda got: len(results_for(got, request_id)) >= 3)
+        wait_until_consumed(settings.kafka_bootstrap_servers, settings.processor_group, [settings.topic_requested])
+
+    results = results_for(messages, request_id)
+    assert sorted(r.image_id for r in results) == sorted(e.image_id for e in events)  # each once
+    assert all(r.status == "processed" for r in results)
+
+
+def test_images_stored_on_cloudinary_through_the_running_worker(make_settings, image_host, read_topic, workers):
+    with CloudinaryContractServer("demo-cloud", "123456789012345", "right-secret") as server:
+        settings = make_settings(**cloudinary_fields(server))
+        request_id = uuid.uuid4()
+        jpeg = jpeg_bytes(500, 400, seed=7)
+        events = [requested(request_id, row, image_host.add(f"/cl{row}.jpg", jpeg)) for row in (1, 2)]
+        send_events(settings, events)
+        processed = read_topic(settings, settings.topic_processed)
+
+        workers(settings)
+        results = results_for(processed.wait_for(lambda got: len(results_for(got, request_id)) == 2), request_id)
+
+    assert sorted(server.uploads) == sorted(f"imgpipe-test/{request_id}/{e.image_id}" for e in events)
+    for result in results:
+        stored = server.uploads[f"imgpipe-test/{request_id}/{result.image_id}"]
+        assert result.status == "processed" and result.bytes_out == len(stored) < len(jpeg)
+        assert result.output_url.startswith(f"{server.base_url}/demo-cloud/image/upload/v")
+        assert result.output_url.endswith(f"/imgpipe-test/{request_id}/{result.image_id}.jpg")
 
 
 def test_the_service_entry_point_tunes_pillow_before_importing_it():
@@ -213,23 +321,28 @@ def test_local_storage_refuses_keys_outside_its_directory(tmp_path):
     assert not (tmp_path / "escaped.jpg").exists()
 
 
+def test_local_storage_that_cannot_write_is_unavailable(tmp_path):
+    (tmp_path / "images").write_text("a file where the directory should be")
+    with pytest.raises(StorageUnavailable):
+        LocalStorage(tmp_path / "images", "http://127.0.0.1:8000").save("job/image.jpg", b"x", "image/jpeg")
+
+
 @pytest.fixture
 def cloudinary_server():
     with CloudinaryContractServer("demo-cloud", "123456789012345", "right-secret") as server:
         yield server
 
 
-def cloudinary_settings(server: CloudinaryContractServer, **overrides) -> Settings:
-    values = dict(
+def cloudinary_fields(server: CloudinaryContractServer, **overrides) -> dict:
+    fields = dict(
         storage="cloudinary", cloudinary_url=server.cloudinary_url(), cloudinary_upload_prefix=server.base_url,
         cloudinary_folder="imgpipe-test",
     )
-    values.update(overrides)
-    return Settings(**values)
+    return {**fields, **overrides}
 
 
 def test_cloudinary_storage_uploads_with_a_valid_signature(cloudinary_server):
-    storage = make_storage(cloudinary_settings(cloudinary_server))
+    storage = make_storage(make_test_settings(**cloudinary_fields(cloudinary_server)))
     assert isinstance(storage, CloudinaryStorage)
     jpeg = jpeg_bytes(64, 48, seed=5)
     url = storage.save("job-1/image-1.jpg", jpeg, "image/jpeg")
@@ -242,24 +355,24 @@ def test_cloudinary_storage_uploads_with_a_valid_signature(cloudinary_server):
 
 
 def test_cloudinary_wrong_secret_is_a_storage_failure(cloudinary_server):
-    storage = CloudinaryStorage(cloudinary_settings(cloudinary_server, cloudinary_url=cloudinary_server.cloudinary_url("wrong")))
+    settings = make_test_settings(**cloudinary_fields(cloudinary_server, cloudinary_url=cloudinary_server.cloudinary_url("wrong")))
     with pytest.raises(ImageFailure) as caught:
-        storage.save("job-1/image-1.jpg", jpeg_bytes(64, 48, seed=5), "image/jpeg")
+        CloudinaryStorage(settings).save("job-1/image-1.jpg", jpeg_bytes(64, 48, seed=5), "image/jpeg")
     assert caught.value.code == "storage_error"
     assert "Invalid Signature" in caught.value.message
     assert cloudinary_server.uploads == {}
 
 
-def test_cloudinary_outage_is_raised_for_a_retry_not_a_failed_image(cloudinary_server):
-    storage = CloudinaryStorage(cloudinary_settings(cloudinary_server))
+def test_cloudinary_outage_makes_the_storage_unavailable_not_the_image_failed(cloudinary_server):
+    storage = CloudinaryStorage(make_test_settings(**cloudinary_fields(cloudinary_server)))
     cloudinary_server.fail_with_status = 500
-    with pytest.raises(cloudinary.exceptions.Error) as caught:
+    with pytest.raises(StorageUnavailable) as caught:
         storage.save("job-1/image-1.jpg", jpeg_bytes(64, 48, seed=5), "image/jpeg")
-    assert not isinstance(caught.value, ImageFailure)
+    assert isinstance(caught.value.__cause__, cloudinary.exceptions.Error)
 
 
 def test_cloudinary_settings_are_checked_at_start():
     with pytest.raises(ValueError, match="CLOUDINARY_URL"):
-        CloudinaryStorage(Settings(storage="cloudinary"))
+        CloudinaryStorage(make_test_settings(storage="cloudinary"))
     with pytest.raises(ValueError, match="CLOUDINARY_URL"):
-        CloudinaryStorage(Settings(storage="cloudinary", cloudinary_url="https://key:secret@demo"))
+        CloudinaryStorage(make_test_settings(storage="cloudinary", cloudinary_url="https://key:secret@demo"))

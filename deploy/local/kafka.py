@@ -257,6 +257,8 @@ transaction.state.log.min.isr=1
 share.coordinator.state.topic.replication.factor=1
 share.coordinator.state.topic.min.isr=1
 group.initial.rebalance.delay.ms=0
+# lets the tests shorten the consumers' session (the broker's default minimum is 6 s)
+group.min.session.timeout.ms=1000
 """)
 
     def stop(self, timeout: float = 30) -> None:

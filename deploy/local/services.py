@@ -1,5 +1,4 @@
 """Start, watch and stop the three imgpipe services as child processes (used by `make run` and the tests)."""
-import os
 import signal
 import subprocess
 import sys
@@ -12,19 +11,26 @@ MODULES = {"api": "services.api", "processor": "services.processor", "notifier":
 
 class ServiceGroup:
     def __init__(self, env: dict[str, str], log_dir: Path, processors: int = 2):
-        self.env = {**os.environ, **env, "PYTHONUNBUFFERED": "1"}
+        """env: the services' whole environment (pass dict(os.environ) to inherit this one's)."""
+        self.env = {**env, "PYTHONUNBUFFERED": "1"}
         self.log_dir = log_dir
         self.names = ["api", "notifier"] + [f"processor-{n}" for n in range(1, processors + 1)]
         self.processes: dict[str, subprocess.Popen] = {}
+        self.env_overrides: dict[str, dict[str, str]] = {}  # service name -> variables for that one only
 
     def start(self, name: str | None = None) -> None:
         self.log_dir.mkdir(parents=True, exist_ok=True)
         for service in [name] if name else self.names:
             module = MODULES[service.split("-")[0]]
-            log = open(self.log_dir / f"{service}.log", "ab")
-            self.processes[service] = subprocess.Popen(
-                [sys.executable, "-m", module], cwd=REPO_ROOT, env=self.env, stdout=log, stderr=subprocess.STDOUT
-            )
+            env = {**self.env, **self.env_overrides.get(service, {})}
+            with open(self.log_dir / f"{service}.log", "ab") as log:
+                self.processes[service] = subprocess.Popen(
+                    [sys.executable, "-m", module], cwd=REPO_ROOT, env=env, stdout=log, stderr=subprocess.STDOUT
+                )
+
+    def wait_exit(self, name: str, timeout: float) -> int:
+        """The exit status of the service once it has ended (negative: the signal that ended it)."""
+        return self.processes[name].wait(timeout)
 
     def kill(self, name: str) -> None:
         """SIGKILL, as a crash would: no clean shutdown, no final commit."""

@@ -3,6 +3,7 @@
 Everything it keeps lives under .local/ (data, logs, stored images); a second run reuses it.
 Settings come from the environment like the services' own (see the README)."""
 import logging
+import os
 import time
 from urllib.parse import urlparse
 
@@ -43,7 +44,7 @@ def main() -> None:
     postgres = LocalPostgres(LOCAL_DIR / "postgres", port=database.port)
     kafka = KafkaBroker(LOCAL_DIR / "kafka", port=kafka_port, controller_port=kafka_port + 1,
                         partitions=settings.topic_partitions)
-    services = ServiceGroup({}, LOCAL_DIR / "logs")
+    services = ServiceGroup(dict(os.environ), LOCAL_DIR / "logs")
     try:
         postgres.start()
         postgres.create_database(database.path.lstrip("/"))

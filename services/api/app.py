@@ -26,7 +26,6 @@ from shared.settings import Settings, get_settings
 
 log = logging.getLogger(__name__)
 
-REPUBLISH_EVERY_SECONDS = 30
 MAX_STATUS_PAGE = 1000
 HTTP_ERROR_CODES = {400: "invalid_request", 404: "not_found", 405: "method_not_allowed"}
 
@@ -188,11 +187,13 @@ def _install_error_handlers(app: FastAPI) -> None:
 
 
 def _republish_loop(app: FastAPI, settings: Settings, stop: threading.Event) -> None:
-    """Every REPUBLISH_EVERY_SECONDS, produce the events of jobs an API crash left unpublished."""
-    while not stop.wait(REPUBLISH_EVERY_SECONDS):
+    """Every republish_interval_seconds, produce the events of jobs an API crash left unpublished."""
+    while not stop.wait(settings.republish_interval_seconds):
         try:
-            count = jobs.republish_unpublished(app.state.pool, app.state.producer, settings)
+            count = jobs.republish_unpublished(
+                app.state.pool, app.state.producer, settings, settings.republish_after_seconds
+            )
             if count:
                 log.warning("republished the events of %d job(s) left unpublished", count)
         except Exception:
-            log.exception("republishing unpublished jobs failed; retrying in %ds", REPUBLISH_EVERY_SECONDS)
+            log.exception("republishing unpublished jobs failed; retrying in %gs", settings.republish_interval_seconds)

@@ -14,6 +14,7 @@ from psycopg_pool import ConnectionPool
 
 from services.api.csv_input import ParsedCsv
 from shared.events import ImageRequested
+from shared.faults import crash_point
 from shared.kafka import DeliveryError, produce_and_wait
 from shared.settings import Settings
 
@@ -26,6 +27,7 @@ def create_job(
     """Store the job and produce one ImageRequested per image; raise DeliveryError (and keep nothing)
     when Kafka does not acknowledge them."""
     job_id, images = insert_job(pool, parsed, webhook_url)
+    crash_point(settings, "api.after_job_commit")
     try:
         publish_images(producer, settings, job_id, images)
     except Exception:  # the client is told the upload failed, so the republisher must not resurrect it
@@ -92,9 +94,7 @@ def delete_job(pool: ConnectionPool, job_id: uuid.UUID) -> None:
         conn.execute("DELETE FROM processing_jobs WHERE job_id = %s", (job_id,))  # rows and images cascade
 
 
-def republish_unpublished(
-    pool: ConnectionPool, producer: Producer, settings: Settings, older_than_seconds: float = 60
-) -> int:
+def republish_unpublished(pool: ConnectionPool, producer: Producer, settings: Settings, older_than_seconds: float) -> int:
     """Produce again the events of jobs an API crash left unpublished; return how many jobs.
 
     Only jobs older than the threshold are taken, so uploads still producing are left alone; the

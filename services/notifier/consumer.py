@@ -10,7 +10,8 @@ from services.notifier.results import apply_results
 from services.notifier.webhook import deliver_due, make_webhook_client
 from shared.db import make_pool, migrate
 from shared.events import ImageProcessed
-from shared.kafka import ensure_topics, make_consumer
+from shared.faults import crash_point
+from shared.kafka import commit_stored, ensure_topics, make_consumer
 from shared.settings import Settings
 
 log = logging.getLogger(__name__)
@@ -42,8 +43,13 @@ def run(settings: Settings, stop: threading.Event) -> None:
             if not messages:
                 continue
             results = _parse(messages)
-            if not _apply_until_committed(pool, results, deliveries_due, stop):
+            completed = _apply_until_committed(pool, results, stop)
+            if completed is None:
                 break  # stopping before the batch was committed: its offsets stay unstored
+            if completed:
+                log.info("jobs completed: %s", ", ".join(map(str, completed)))
+                crash_point(settings, "notifier.after_completing_commit", lambda: commit_stored(consumer))
+                deliveries_due.set()
             _store_offsets(consumer, messages)
     finally:
         consumer.close()
@@ -69,23 +75,18 @@ def _parse(messages: list[Message]) -> list[ImageProcessed]:
     return results
 
 
-def _apply_until_committed(
-    pool: ConnectionPool, results: list[ImageProcessed], deliveries_due: threading.Event, stop: threading.Event
-) -> bool:
-    """Apply the batch, retrying while the database fails; False if stopped before it was committed."""
+def _apply_until_committed(pool: ConnectionPool, results: list[ImageProcessed], stop: threading.Event) -> list | None:
+    """Apply the batch, retrying while the database fails; return the jobs it completed, or None if
+    stopped before it was committed."""
     delay = 0.5
     while True:
         try:
             with pool.connection() as conn:
-                completed = apply_results(conn, results)
-            if completed:
-                log.info("jobs completed: %s", ", ".join(map(str, completed)))
-                deliveries_due.set()
-            return True
+                return apply_results(conn, results)
         except Exception:
             log.exception("applying %d results failed; retrying in %gs", len(results), delay)
             if stop.wait(delay):
-                return False
+                return None
             delay = min(delay * 2, MAX_RETRY_DELAY_SECONDS)
 
 

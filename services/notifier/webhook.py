@@ -107,7 +107,7 @@ def deliver_due(
 
 
 def make_webhook_client(settings: Settings) -> httpx.Client:
-    return httpx.Client(event_hooks=outbound_hooks(settings.allow_private_addresses))
+    return httpx.Client(event_hooks=outbound_hooks(settings.allow_private_addresses, settings.allowed_private_hosts))
 
 
 def _post(client: httpx.Client, url: str, job_id: uuid.UUID, payload: dict, settings: Settings) -> str | None:

@@ -7,6 +7,7 @@ from dataclasses import dataclass
 
 from PIL import Image, UnidentifiedImageError
 
+from services.processor import failures
 from services.processor.failures import ImageFailure
 from shared.settings import Settings
 
@@ -40,18 +41,18 @@ def compress(data: bytes, settings: Settings) -> Compressed:
             with Image.open(io.BytesIO(data)) as image:
                 image_format = SAVED_AS.get(image.format, image.format)
                 if image_format not in SUPPORTED_FORMATS:
-                    raise ImageFailure("unsupported_format", f"{image.format} images are not supported")
+                    raise ImageFailure(failures.UNSUPPORTED_FORMAT, f"{image.format} images are not supported")
                 _check_total_pixels(image, settings.max_image_pixels)
                 animated = image_format != "JPEG" and getattr(image, "n_frames", 1) > 1
                 encoded = _encode(image, image_format, animated, settings)
     except Image.DecompressionBombError as exc:
-        raise ImageFailure("too_large", str(exc)) from None
+        raise ImageFailure(failures.TOO_LARGE, str(exc)) from None
     except UnidentifiedImageError:
-        raise ImageFailure("not_an_image", "the content is not an image Pillow recognises") from None
+        raise ImageFailure(failures.NOT_AN_IMAGE, "the content is not an image Pillow recognises") from None
     except MemoryError:
-        raise ImageFailure("too_large", "the image needs more memory than this processor has") from None
+        raise ImageFailure(failures.TOO_LARGE, "the image needs more memory than this processor has") from None
     except CORRUPT_DATA_ERRORS as exc:
-        raise ImageFailure("decode_error", f"the image is corrupt or truncated: {exc}") from None
+        raise ImageFailure(failures.DECODE_ERROR, f"the image is corrupt or truncated: {exc}") from None
     extension, content_type = SUPPORTED_FORMATS[image_format]
     if len(encoded) >= len(data):
         encoded = data  # already as small as we can make it (an MPO stays as it was; it is still a valid JPEG)
@@ -63,7 +64,7 @@ def _check_total_pixels(image: Image.Image, max_pixels: int) -> None:
     frames = getattr(image, "n_frames", 1)
     width, height = image.size
     if frames * width * height > max_pixels:
-        raise ImageFailure("too_large", f"{frames} frames of {width}x{height} exceed {max_pixels} pixels in total")
+        raise ImageFailure(failures.TOO_LARGE, f"{frames} frames of {width}x{height} exceed {max_pixels} pixels in total")
 
 
 def _encode(image: Image.Image, image_format: str, animated: bool, settings: Settings) -> bytes:

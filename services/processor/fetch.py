@@ -4,6 +4,7 @@ import time
 
 import httpx
 
+from services.processor import failures
 from services.processor.failures import ImageFailure
 from shared.addresses import ForbiddenAddress, outbound_hooks
 from shared.settings import Settings
@@ -25,7 +26,7 @@ def make_http_client(settings: Settings) -> httpx.Client:
         follow_redirects=True,
         max_redirects=settings.fetch_max_redirects,
         headers={"User-Agent": "imgpipe-processor/1", "Accept": "image/*"},
-        event_hooks=outbound_hooks(settings.allow_private_addresses),
+        event_hooks=outbound_hooks(settings.allow_private_addresses, settings.allowed_private_hosts),
     )
 
 
@@ -51,9 +52,9 @@ def _check_url(url: str) -> None:
     try:
         parsed = httpx.URL(url)
     except httpx.InvalidURL as exc:
-        raise ImageFailure("invalid_url", f"not a valid URL: {exc}") from None
+        raise ImageFailure(failures.INVALID_URL, f"not a valid URL: {exc}") from None
     if parsed.scheme not in ("http", "https") or not parsed.host:
-        raise ImageFailure("invalid_url", "only absolute http:// and https:// URLs can be fetched")
+        raise ImageFailure(failures.INVALID_URL, "only absolute http:// and https:// URLs can be fetched")
 
 
 def _fetch_once(client: httpx.Client, url: str, max_bytes: int) -> bytes:
@@ -61,27 +62,27 @@ def _fetch_once(client: httpx.Client, url: str, max_bytes: int) -> bytes:
         with client.stream("GET", url) as response:
             status = response.status_code
             if status == 429 or status >= 500:
-                raise _Transient(f"http_{status}", f"the server answered {status} {response.reason_phrase}")
+                raise _Transient(failures.http_status(status), f"the server answered {status} {response.reason_phrase}")
             if not 200 <= status < 300:
-                raise ImageFailure(f"http_{status}", f"the server answered {status} {response.reason_phrase}")
+                raise ImageFailure(failures.http_status(status), f"the server answered {status} {response.reason_phrase}")
             declared = response.headers.get("Content-Length", "")
             if declared.isdigit() and int(declared) > max_bytes:
-                raise ImageFailure("too_large", f"the server declares {declared} bytes; the limit is {max_bytes}")
+                raise ImageFailure(failures.TOO_LARGE, f"the server declares {declared} bytes; the limit is {max_bytes}")
             body = bytearray()
             for chunk in response.iter_bytes():
                 body += chunk
                 if len(body) > max_bytes:
-                    raise ImageFailure("too_large", f"the body exceeds the limit of {max_bytes} bytes")
+                    raise ImageFailure(failures.TOO_LARGE, f"the body exceeds the limit of {max_bytes} bytes")
     except ForbiddenAddress as exc:
-        raise ImageFailure("forbidden_address", str(exc)) from None
+        raise ImageFailure(failures.FORBIDDEN_ADDRESS, str(exc)) from None
     except httpx.TimeoutException as exc:
-        raise _Transient("timeout", f"timed out ({type(exc).__name__})") from None
+        raise _Transient(failures.TIMEOUT, f"timed out ({type(exc).__name__})") from None
     except httpx.TooManyRedirects:
-        raise ImageFailure("too_many_redirects", "the redirect limit was reached") from None
+        raise ImageFailure(failures.TOO_MANY_REDIRECTS, "the redirect limit was reached") from None
     except (httpx.UnsupportedProtocol, httpx.InvalidURL) as exc:  # e.g. a redirect to ftp://
-        raise ImageFailure("invalid_url", f"cannot follow: {exc}") from None
+        raise ImageFailure(failures.INVALID_URL, f"cannot follow: {exc}") from None
     except httpx.TransportError as exc:  # refused, reset, DNS failure, broken HTTP framing
-        raise _Transient("connect_error", f"{type(exc).__name__}: {exc}") from None
+        raise _Transient(failures.CONNECT_ERROR, f"{type(exc).__name__}: {exc}") from None
     if not body:
-        raise ImageFailure("empty_body", "the server answered with an empty body")
+        raise ImageFailure(failures.EMPTY_BODY, "the server answered with an empty body")
     return bytes(body)

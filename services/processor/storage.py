@@ -9,14 +9,15 @@ from urllib.parse import unquote, urlparse
 import cloudinary.exceptions
 import cloudinary.uploader
 
-from services.processor.failures import ImageFailure
+from services.processor import failures
+from services.processor.failures import ImageFailure, StorageUnavailable
 from shared.settings import Settings
 
 log = logging.getLogger(__name__)
 
 CLOUDINARY_UPLOAD_TIMEOUT_SECONDS = 60
-# Answers that will be the same next time (bad request, bad credentials, forbidden, ...). Anything else
-# (rate limits, 5xx, network errors, unparseable answers) is raised as it is, so the event is retried.
+# Answers that will be the same next time (bad request, bad credentials, forbidden, ...). Any other
+# Cloudinary error (rate limits, 5xx, network errors, unparseable answers) means the storage is unavailable.
 CLOUDINARY_PERMANENT_ERRORS = (
     cloudinary.exceptions.BadRequest,
     cloudinary.exceptions.AuthorizationRequired,
@@ -28,7 +29,8 @@ CLOUDINARY_PERMANENT_ERRORS = (
 
 class Storage(Protocol):
     def save(self, key: str, data: bytes, content_type: str) -> str:
-        """Store `data` under `key` (overwriting), and return the public URL of the stored object."""
+        """Store `data` under `key` (overwriting), and return the public URL of the stored object.
+        Raise ImageFailure when this image can never be stored, StorageUnavailable when no image can now."""
 
 
 class LocalStorage:
@@ -41,6 +43,14 @@ class LocalStorage:
         path = (self.directory / key).resolve()
         if not path.is_relative_to(self.directory) or path == self.directory:
             raise ValueError(f"storage key {key!r} points outside {self.directory}")
+        try:
+            self._write(path, data)
+        except OSError as exc:  # a full disk, a missing mount, permissions: the disk's fault, not the image's
+            raise StorageUnavailable(f"cannot write {path}: {exc}") from exc
+        return f"{self.public_base_url}/files/{key}"
+
+    @staticmethod
+    def _write(path: Path, data: bytes) -> None:
         path.parent.mkdir(parents=True, exist_ok=True)
         # Write to a temporary file beside the target, then rename over it: readers never see half a file.
         fd, temporary = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
@@ -54,7 +64,6 @@ class LocalStorage:
         except BaseException:
             Path(temporary).unlink(missing_ok=True)
             raise
-        return f"{self.public_base_url}/files/{key}"
 
 
 class CloudinaryStorage:
@@ -80,7 +89,9 @@ class CloudinaryStorage:
                 **self.options,
             )
         except CLOUDINARY_PERMANENT_ERRORS as exc:
-            raise ImageFailure("storage_error", f"Cloudinary refused the upload: {type(exc).__name__}: {exc}") from None
+            raise ImageFailure(failures.STORAGE_ERROR, f"Cloudinary refused the upload: {type(exc).__name__}: {exc}") from None
+        except cloudinary.exceptions.Error as exc:
+            raise StorageUnavailable(f"Cloudinary is unavailable: {type(exc).__name__}: {exc}") from exc
         return result["secure_url"]
 
 

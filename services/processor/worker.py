@@ -6,12 +6,14 @@ import httpx
 from confluent_kafka import Consumer, KafkaException, Message, Producer, TopicPartition
 from pydantic import ValidationError
 
+from services.processor import failures
 from services.processor.compress import compress
-from services.processor.failures import ImageFailure
+from services.processor.failures import ImageFailure, StorageUnavailable
 from services.processor.fetch import fetch_image, make_http_client
 from services.processor.storage import Storage, make_storage
 from shared.events import ImageError, ImageProcessed, ImageRequested, ImageStatus
-from shared.kafka import DeliveryError, ensure_topics, make_consumer, make_producer, produce_and_wait
+from shared.faults import crash_point
+from shared.kafka import DeliveryError, commit_stored, ensure_topics, make_consumer, make_producer, produce_and_wait
 from shared.settings import Settings
 
 log = logging.getLogger(__name__)
@@ -24,8 +26,7 @@ Partition = tuple[str, int]  # (topic, partition)
 
 def process(event: ImageRequested, client: httpx.Client, storage: Storage, settings: Settings) -> ImageProcessed:
     """Fetch, compress and store one image. Failures of the image itself become a failed result;
-    anything else (storage or Kafka unavailable, a bug) is raised so the event is processed again."""
-    same_image = event.model_dump(include={"request_id", "image_id", "row_number", "position", "input_url"})
+    anything else (storage unavailable, a bug) is raised so the event is processed again."""
     try:
         original = fetch_image(client, event.input_url, settings)
         compressed = compress(original, settings)
@@ -34,15 +35,13 @@ def process(event: ImageRequested, client: httpx.Client, storage: Storage, setti
         output_url = storage.save(key, compressed.data, compressed.content_type)
     except ImageFailure as failure:
         log.info("image %s of request %s failed: %s", event.image_id, event.request_id, failure)
-        return ImageProcessed(
-            **same_image, status=ImageStatus.failed, error=ImageError(code=failure.code, message=failure.message)
-        )
+        return failed_result(event, failure)
     log.info(
         "image %s of request %s: %s %d -> %d bytes",
         event.image_id, event.request_id, compressed.format, len(original), len(compressed.data),
     )
     return ImageProcessed(
-        **same_image,
+        **_same_image(event),
         status=ImageStatus.processed,
         output_url=output_url,
         format=compressed.format,
@@ -51,11 +50,21 @@ def process(event: ImageRequested, client: httpx.Client, storage: Storage, setti
     )
 
 
-def run(settings: Settings, stop: threading.Event) -> None:
+def failed_result(event: ImageRequested, failure: ImageFailure) -> ImageProcessed:
+    return ImageProcessed(
+        **_same_image(event), status=ImageStatus.failed, error=ImageError(code=failure.code, message=failure.message)
+    )
+
+
+def _same_image(event: ImageRequested) -> dict:
+    return event.model_dump(include={"request_id", "image_id", "row_number", "position", "input_url"})
+
+
+def run(settings: Settings, stop: threading.Event, storage: Storage | None = None) -> None:
     """Consume until `stop` is set; then finish the current batch, commit and return."""
     if settings.create_topics:
         ensure_topics(settings)
-    storage = make_storage(settings)
+    storage = storage or make_storage(settings)
     client = make_http_client(settings)
     producer = make_producer(settings)
     consumer = make_consumer(
@@ -64,12 +73,13 @@ def run(settings: Settings, stop: threading.Event) -> None:
     )
     log.info("processor consuming %s as group %s", settings.topic_requested, settings.processor_group)
     failed_batches = 0
+    attempts: dict[tuple[str, int, int], int] = {}  # (topic, partition, offset) -> tries that raised unexpectedly
     try:
         while not stop.is_set():
             messages = consumer.consume(num_messages=BATCH_SIZE, timeout=1.0)
             if not messages:
                 continue
-            if _handle_batch(messages, consumer, producer, client, storage, settings):
+            if _handle_batch(messages, consumer, producer, client, storage, settings, attempts):
                 failed_batches = 0
             else:
                 failed_batches += 1
@@ -90,7 +100,7 @@ def _max_batch_milliseconds(settings: Settings) -> int:
 
 def _handle_batch(
     messages: list[Message], consumer: Consumer, producer: Producer, client: httpx.Client, storage: Storage,
-    settings: Settings,
+    settings: Settings, attempts: dict[tuple[str, int, int], int],
 ) -> bool:
     """Process a batch, send its results, then store its offsets. Return False if some of it must be
     processed again (the consumer is then rewound to it)."""
@@ -115,10 +125,21 @@ def _handle_batch(
             continue
         try:
             result = process(event, client, storage, settings)
-        except Exception:
-            log.exception("image %s of request %s will be retried", event.image_id, event.request_id)
+        except StorageUnavailable as exc:
+            log.warning("image %s of request %s waits for the storage: %s", event.image_id, event.request_id, exc)
             retry_from[partition] = message.offset()
             continue
+        except Exception as exc:
+            tries = attempts[(*partition, message.offset())] = attempts.get((*partition, message.offset()), 0) + 1
+            if tries < settings.image_max_attempts:
+                log.exception("image %s of request %s raised (try %d); retrying", event.image_id, event.request_id, tries)
+                retry_from[partition] = message.offset()
+                continue
+            log.exception("image %s of request %s failed after %d tries", event.image_id, event.request_id, tries)
+            result = failed_result(event, ImageFailure(
+                failures.INTERNAL_ERROR, f"unexpected {type(exc).__name__} in {tries} tries: {exc}"[:1000]))
+            del attempts[(*partition, message.offset())]
+        crash_point(settings, "processor.after_process", lambda: commit_stored(consumer))
         results.append((str(result.request_id), result.model_dump_json().encode()))
         done.append(message)
 

@@ -2,6 +2,8 @@
 import json
 import threading
 import time
+from collections import Counter
+from dataclasses import dataclass
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 
 
@@ -10,8 +12,9 @@ class LoopbackServer:
 
     def __init__(self, handler_class):
         self._httpd = ThreadingHTTPServer(("127.0.0.1", 0), handler_class)
+        self._httpd.daemon_threads = True
         self._httpd.owner = self
-        self._thread = threading.Thread(target=self._httpd.serve_forever, daemon=True)
+        self._thread = threading.Thread(target=self._httpd.serve_forever, kwargs={"poll_interval": 0.05}, daemon=True)
 
     @property
     def base_url(self) -> str:
@@ -32,8 +35,11 @@ class _ImageHandler(BaseHTTPRequestHandler):
         pass
 
     def do_GET(self):
-        time.sleep(self.server.owner.delay)
-        body = self.server.owner.files.get(self.path)
+        owner = self.server.owner
+        with owner.lock:
+            owner.requests[self.path] += 1
+        time.sleep(owner.delay)
+        body = owner.files.get(self.path)
         if body is None:
             self.send_response(404)
             self.send_header("Content-Length", "0")
@@ -47,16 +53,29 @@ class _ImageHandler(BaseHTTPRequestHandler):
 
 
 class ImageHost(LoopbackServer):
-    """Serves `files` (path -> bytes), each after `delay` seconds; any other path answers 404."""
+    """Serves `files` (path -> bytes), each after `delay` seconds; any other path answers 404.
+    `requests` counts the GETs per path."""
 
     def __init__(self):
         super().__init__(_ImageHandler)
         self.files: dict[str, bytes] = {}
         self.delay = 0.0
+        self.requests: Counter = Counter()
+        self.lock = threading.Lock()
 
     def add(self, path: str, body: bytes) -> str:
         self.files[path] = body
         return self.base_url + path
+
+
+@dataclass
+class Received:
+    path: str
+    headers: dict[str, str]
+    body: bytes
+
+    def json(self):
+        return json.loads(self.body)
 
 
 class _WebhookHandler(BaseHTTPRequestHandler):
@@ -67,32 +86,44 @@ class _WebhookHandler(BaseHTTPRequestHandler):
         body = self.rfile.read(int(self.headers.get("Content-Length", 0)))
         owner = self.server.owner
         with owner.lock:
-            owner.requests.append({"path": self.path, "headers": dict(self.headers), "body": body})
-        self.send_response(200)
-        self.send_header("Content-Length", "0")
-        self.end_headers()
+            owner.requests.append(Received(self.path, dict(self.headers), body))
+            status = owner.statuses.pop(0) if owner.statuses else owner.default_status
+        time.sleep(owner.delay)
+        try:
+            self.send_response(status)
+            if owner.location:
+                self.send_header("Location", owner.location)
+            self.send_header("Content-Length", "0")
+            self.end_headers()
+        except OSError:  # the sender gave up waiting (timeout tests)
+            pass
 
 
 class WebhookReceiver(LoopbackServer):
-    """Records every POST and answers 200."""
+    """Records every POST; answers with `statuses` in turn, then `default_status`, each after `delay`
+    seconds, with a Location header when `location` is set."""
 
-    def __init__(self):
+    def __init__(self, statuses=(), default_status: int = 200, delay: float = 0.0, location: str | None = None):
         super().__init__(_WebhookHandler)
-        self.requests: list[dict] = []
+        self.requests: list[Received] = []
+        self.statuses = list(statuses)
+        self.default_status, self.delay, self.location = default_status, delay, location
         self.lock = threading.Lock()
 
-    def url(self, path: str = "/hook") -> str:
+    @property
+    def url(self) -> str:
+        return self.url_for("/hook")
+
+    def url_for(self, path: str) -> str:
         return self.base_url + path
 
-    def posts_to(self, path: str) -> list[dict]:
+    def posts_to(self, path: str | None = None) -> list[Received]:
         with self.lock:
-            return [r for r in self.requests if r["path"] == path]
+            return [r for r in self.requests if path is None or r.path == path]
 
-    def wait_for(self, path: str, timeout: float) -> dict:
+    def wait_for(self, count: int = 1, timeout: float = 60, path: str | None = None) -> list[Received]:
         deadline = time.monotonic() + timeout
-        while time.monotonic() < deadline:
-            posts = self.posts_to(path)
-            if posts:
-                return json.loads(posts[0]["body"])
-            time.sleep(0.1)
-        raise AssertionError(f"no webhook POST to {path} within {timeout}s")
+        while len(posts := self.posts_to(path)) < count:
+            assert time.monotonic() < deadline, f"expected {count} POSTs to {path or 'any path'} within {timeout}s, got {len(posts)}"
+            time.sleep(0.05)
+        return posts

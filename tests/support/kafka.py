@@ -1,0 +1,78 @@
+"""Positions on the real broker that tests wait for, instead of sleeping."""
+import time
+
+from confluent_kafka import OFFSET_BEGINNING, Consumer, ConsumerGroupTopicPartitions, TopicPartition
+from confluent_kafka.admin import AdminClient, OffsetSpec
+
+
+def end_offsets(admin: AdminClient, topic: str) -> dict[int, int]:
+    partitions = admin.list_topics(topic, timeout=10).topics[topic].partitions
+    latest = admin.list_offsets({TopicPartition(topic, p): OffsetSpec.latest() for p in partitions})
+    return {tp.partition: future.result(10).offset for tp, future in latest.items()}
+
+
+def committed_offsets(admin: AdminClient, group: str, topic: str) -> dict[int, int]:
+    """The group's committed offset per partition of the topic (negative where none is committed)."""
+    partitions = admin.list_topics(topic, timeout=10).topics[topic].partitions
+    request = ConsumerGroupTopicPartitions(group, [TopicPartition(topic, p) for p in partitions])
+    committed = admin.list_consumer_group_offsets([request])[group].result(10)
+    return {tp.partition: tp.offset for tp in committed.topic_partitions}
+
+
+def wait_until_consumed(bootstrap_servers: str, group: str, topics: list[str], timeout: float = 60) -> None:
+    """Wait until the group's committed offsets reach the end of every partition of the topics, as
+    they are now. The services commit only what they finished, so then every message was handled."""
+    admin = AdminClient({"bootstrap.servers": bootstrap_servers})
+    ends = {topic: {p: end for p, end in end_offsets(admin, topic).items() if end > 0} for topic in topics}
+    deadline = time.monotonic() + timeout
+    while True:
+        behind = {
+            topic: {p: end for p, end in topic_ends.items() if committed_offsets(admin, group, topic)[p] < end}
+            for topic, topic_ends in ends.items()
+        }
+        if not any(behind.values()):
+            return
+        assert time.monotonic() < deadline, f"group {group} did not consume {behind} within {timeout}s"
+        time.sleep(0.1)
+
+
+class TopicReader:
+    """Reads a whole topic from the beginning, without a consumer group."""
+
+    def __init__(self, bootstrap_servers: str, topic: str):
+        self.messages = []
+        self.consumer = Consumer({"bootstrap.servers": bootstrap_servers, "group.id": "unused"})
+        partitions = self.consumer.list_topics(topic, timeout=10).topics[topic].partitions
+        self.consumer.assign([TopicPartition(topic, p, OFFSET_BEGINNING) for p in partitions])
+
+    def wait_for(self, done, timeout: float = 60) -> list:
+        deadline = time.monotonic() + timeout
+        while not done(self.messages):
+            assert time.monotonic() < deadline, f"timed out; read so far: {[m.value() for m in self.messages]}"
+            message = self.consumer.poll(0.2)
+            if message is not None and not message.error():
+                self.messages.append(message)
+        return self.messages
+
+    def close(self):
+        self.consumer.close()
+
+
+def read_to_end(bootstrap_servers: str, topic: str, timeout: float = 30) -> list:
+    """Every message of the topic up to its end offsets as they are now (what was acknowledged before)."""
+    admin = AdminClient({"bootstrap.servers": bootstrap_servers})
+    ends = {p: end for p, end in end_offsets(admin, topic).items() if end > 0}
+    consumer = Consumer({"bootstrap.servers": bootstrap_servers, "group.id": "unused", "enable.auto.commit": False})
+    consumer.assign([TopicPartition(topic, p, OFFSET_BEGINNING) for p in ends])
+    messages, next_offsets = [], {p: 0 for p in ends}
+    deadline = time.monotonic() + timeout
+    try:
+        while any(next_offsets[p] < end for p, end in ends.items()):
+            assert time.monotonic() < deadline, f"could not read {topic} to its end within {timeout}s"
+            message = consumer.poll(0.2)
+            if message is not None and not message.error() and message.offset() < ends[message.partition()]:
+                messages.append(message)
+                next_offsets[message.partition()] = message.offset() + 1
+    finally:
+        consumer.close()
+    return messages

@@ -1,0 +1,33 @@
+"""The one way tests build Settings: from explicit field names only, never from the environment of
+whoever runs the tests (a DATABASE_URL or IMGPIPE_STORAGE there must not change what a test checks)."""
+import os
+
+from shared.settings import Settings
+
+# Inherited variables that would otherwise reach a service process started by a test.
+_SETTINGS_VARIABLES = ("DATABASE_URL", "KAFKA_BOOTSTRAP_SERVERS")
+
+
+class _ExplicitSettings(Settings):
+    @classmethod
+    def settings_customise_sources(cls, settings_cls, init_settings, **_other_sources):
+        return (init_settings,)
+
+
+def make_test_settings(**fields) -> Settings:
+    return _ExplicitSettings(**fields)
+
+
+def service_env(settings: Settings, **extra: str) -> dict[str, str]:
+    """The whole environment that gives a service process exactly these settings: this process's
+    environment without any imgpipe setting, plus one IMGPIPE_ variable per field."""
+    env = {k: v for k, v in os.environ.items() if not k.startswith("IMGPIPE_") and k not in _SETTINGS_VARIABLES}
+    for name, value in settings.model_dump().items():
+        if value is None:
+            continue
+        if hasattr(value, "get_secret_value"):
+            value = value.get_secret_value()
+        if isinstance(value, list):
+            value = ",".join(value)
+        env[f"IMGPIPE_{name.upper()}"] = str(value)
+    return {**env, **extra}
