@@ -3,9 +3,10 @@ import logging
 import time
 from collections.abc import Iterable
 
-from confluent_kafka import Consumer, KafkaError, KafkaException, Producer
+from confluent_kafka import Consumer, KafkaError, KafkaException, Producer, TopicPartition
 from confluent_kafka.admin import AdminClient, NewTopic
 
+from shared.offsets import OffsetTracker
 from shared.settings import Settings
 
 log = logging.getLogger(__name__)
@@ -61,9 +62,11 @@ def produce_and_wait(producer: Producer, topic: str, messages: Iterable[tuple], 
     return sent
 
 
-def make_consumer(settings: Settings, group_id: str, topics: list[str], **overrides) -> Consumer:
-    """An at-least-once consumer: offsets are stored by the caller after its work is done
-    (store_offsets) and committed in the background; stored offsets are committed on revoke."""
+def make_consumer(
+    settings: Settings, group_id: str, topics: list[str], tracker: OffsetTracker, on_assign=None, **overrides
+) -> Consumer:
+    """An at-least-once consumer: the caller marks messages started and finished in `tracker`, and
+    calls store_offsets(); stored offsets are committed in the background, on revoke and on close."""
     config = {
         "bootstrap.servers": settings.kafka_bootstrap_servers,
         "group.id": group_id,
@@ -71,6 +74,9 @@ def make_consumer(settings: Settings, group_id: str, topics: list[str], **overri
         "enable.auto.offset.store": False,
         "auto.offset.reset": "earliest",
         "auto.commit.interval.ms": settings.kafka_auto_commit_interval_ms,
+        # Moves only the partitions that must move; a consumer of several topics passes "roundrobin",
+        # which splits every topic's partitions evenly (sticky balances the total, so one member
+        # could get all of one topic).
         "partition.assignment.strategy": "cooperative-sticky",
         # A member that crashed holds its partitions until its session expires (45 s by default).
         "session.timeout.ms": settings.kafka_session_timeout_ms,
@@ -79,8 +85,31 @@ def make_consumer(settings: Settings, group_id: str, topics: list[str], **overri
     config.update(overrides)
     consumer = Consumer(config)
 
-    consumer.subscribe(topics, on_revoke=lambda c, _partitions: commit_stored(c))
+    def on_revoke(c: Consumer, partitions: list[TopicPartition]) -> None:
+        revoked = [(tp.topic, tp.partition) for tp in partitions]
+        store_offsets(c, tracker, revoked)  # finished work is committed; the rest is the next owner's
+        commit_stored(c)
+        tracker.forget(revoked)
+
+    def on_lost(_c: Consumer, partitions: list[TopicPartition]) -> None:
+        tracker.forget([(tp.topic, tp.partition) for tp in partitions])  # already someone else's: commit nothing
+
+    callbacks = {"on_revoke": on_revoke, "on_lost": on_lost}
+    if on_assign is not None:
+        callbacks["on_assign"] = on_assign
+    consumer.subscribe(topics, **callbacks)
     return consumer
+
+
+def store_offsets(consumer: Consumer, tracker: OffsetTracker, partitions: list | None = None) -> None:
+    """Hand the offsets the tracker allows to the consumer, which commits them in the background."""
+    offsets = tracker.committable(partitions)
+    if not offsets:
+        return
+    try:
+        consumer.store_offsets(offsets=offsets)
+    except KafkaException as exc:  # a partition revoked meanwhile: its new owner processes its messages again
+        log.warning("could not store offsets: %s", exc)
 
 
 def commit_stored(consumer: Consumer) -> None:
@@ -95,7 +124,8 @@ def commit_stored(consumer: Consumer) -> None:
 def ensure_topics(settings: Settings, timeout: float = 30) -> None:
     """Create the service's topics if they are missing (the brokers do not auto-create them)."""
     admin = AdminClient({"bootstrap.servers": settings.kafka_bootstrap_servers})
-    wanted = [settings.topic_requested, settings.topic_processed, settings.topic_dead_letter]
+    wanted = [settings.topic_requested, settings.topic_requested_bulk, settings.topic_processed,
+              settings.topic_dead_letter]
     existing = admin.list_topics(timeout=timeout).topics
     missing = [NewTopic(t, num_partitions=settings.topic_partitions) for t in wanted if t not in existing]
     if not missing:

@@ -24,6 +24,10 @@ class Settings(BaseSettings):
         "postgresql://postgres@127.0.0.1:55432/imgpipe", validation_alias=_env("DATABASE_URL")
     )
     topic_requested: str = "image.requested"
+    # The bulk lane: images of jobs with at least bulk_job_min_images images. Processors take the
+    # normal lane first, so a small job never waits behind a large job's backlog.
+    topic_requested_bulk: str = "image.requested.bulk"
+    bulk_job_min_images: int = Field(100, ge=1)
     topic_processed: str = "image.processed"
     topic_dead_letter: str = "image.requested.dlq"
     topic_partitions: int = Field(12, ge=1)
@@ -44,6 +48,10 @@ class Settings(BaseSettings):
 
     # Processor
     processor_group: str = "imgpipe-processor"
+    processor_max_in_flight: int = Field(32, ge=1)  # images consumed and not yet finished, per process
+    processor_max_in_flight_bytes: int = Field(64_000_000, ge=1)  # downloads wait while more is held
+    compress_processes: int | None = Field(None, ge=0)  # None: one per core; 0: compress in threads
+    processor_drain_seconds: float = Field(20.0, ge=0)  # on SIGTERM, finish in-flight work this long
     jpeg_quality: int = Field(50, ge=1, le=95)
     jpeg_optimize: bool = False
     png_optimize: bool = False
@@ -53,6 +61,11 @@ class Settings(BaseSettings):
     fetch_read_timeout: float = Field(15.0, gt=0)
     fetch_max_redirects: int = Field(5, ge=0)
     fetch_attempts: int = Field(3, ge=1)
+    fetch_per_host_limit: int = Field(8, ge=1)  # concurrent downloads from one host, per process
+    # Circuit breaker: after this many consecutive connection failures or timeouts on one host, its
+    # images fail at once as host_unavailable for host_cooldown_seconds; then the host is tried again.
+    host_failure_threshold: int = Field(5, ge=1)
+    host_cooldown_seconds: float = Field(30.0, gt=0)
     image_max_attempts: int = Field(3, ge=1)  # tries after an unexpected error, then the image fails as internal_error
     storage: Literal["local", "cloudinary"] = "local"
     storage_dir: Path = REPO_ROOT / ".local" / "images"

@@ -109,6 +109,7 @@ def make_settings(infra, tmp_path):
             kafka_bootstrap_servers=infra.kafka_bootstrap_servers,
             database_url=infra.database_url,
             topic_requested=f"image.requested.{suffix}",
+            topic_requested_bulk=f"image.requested.bulk.{suffix}",
             topic_processed=f"image.processed.{suffix}",
             topic_dead_letter=f"image.requested.dlq.{suffix}",
             topic_partitions=4,

@@ -44,6 +44,7 @@ def settings(infra, database, tmp_path_factory):
         max_csv_bytes=MAX_CSV_BYTES,
         max_images_per_job=MAX_IMAGES,
         status_page_size=2,
+        bulk_job_min_images=5,
     )
 
 
@@ -59,10 +60,10 @@ def db(settings):
         yield conn
 
 
-def requested_events(settings: Settings, request_id: str) -> list[dict]:
+def requested_events(settings: Settings, request_id: str, topic: str | None = None) -> list[dict]:
     """The image.requested events of one job: the whole topic as acknowledged so far, filtered."""
     found = []
-    for message in read_to_end(settings.kafka_bootstrap_servers, settings.topic_requested):
+    for message in read_to_end(settings.kafka_bootstrap_servers, topic or settings.topic_requested):
         event = json.loads(message.value())
         if event["request_id"] == request_id:
             assert message.key().decode() == event["image_id"]
@@ -381,3 +382,14 @@ def test_republish_produces_the_events_of_a_job_left_unpublished(client, setting
         assert requested_events(settings, str(in_flight_id)) == []
     finally:
         jobs.delete_job(pool, in_flight_id)
+
+
+def test_large_jobs_go_to_the_bulk_lane(client, settings):
+    """Jobs of at least bulk_job_min_images images (5 here) are produced to the bulk topic, so that
+    processors can take small jobs first."""
+    small = post_csv(client, url_csv(uuid.uuid4().hex, 4)).json()["request_id"]
+    large = post_csv(client, url_csv(uuid.uuid4().hex, 5)).json()["request_id"]
+    assert len(requested_events(settings, small)) == 4
+    assert requested_events(settings, small, settings.topic_requested_bulk) == []
+    assert len(requested_events(settings, large, settings.topic_requested_bulk)) == 5
+    assert requested_events(settings, large) == []

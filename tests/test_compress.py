@@ -4,9 +4,8 @@ import io
 import pytest
 from PIL import Image, ImageCms
 
-from services.processor.compress import compress
+from services.processor.compress import CompressOptions, compress
 from services.processor.failures import ImageFailure
-from shared.settings import Settings
 from tests.support.settings import make_test_settings
 from tests.support.images import encode, photo_like
 
@@ -14,8 +13,9 @@ ORIENTATION = 0x0112
 
 
 @pytest.fixture
-def settings() -> Settings:
-    return make_test_settings()
+def options() -> CompressOptions:
+    """What the processor passes with the default settings."""
+    return CompressOptions.from_settings(make_test_settings())
 
 
 def photo(size=(800, 600), mode="RGB") -> Image.Image:
@@ -28,15 +28,15 @@ def decode(data: bytes) -> Image.Image:
     return image
 
 
-def failure_code(data: bytes, settings: Settings) -> str:
+def failure_code(data: bytes, options: CompressOptions) -> str:
     with pytest.raises(ImageFailure) as caught:
-        compress(data, settings)
+        compress(data, options)
     return caught.value.code
 
 
-def test_jpeg_photo_is_recompressed_smaller_at_the_same_size(settings):
+def test_jpeg_photo_is_recompressed_smaller_at_the_same_size(options):
     source = encode(photo(), "JPEG", quality=90)
-    result = compress(source, settings)
+    result = compress(source, options)
     assert (result.format, result.extension, result.content_type) == ("JPEG", ".jpg", "image/jpeg")
     assert len(result.data) < 0.7 * len(source)
     output = decode(result.data)
@@ -48,21 +48,21 @@ def quantization(data: bytes) -> dict:
         return image.quantization
 
 
-def test_jpeg_is_saved_at_quality_50(settings):
+def test_jpeg_is_saved_at_quality_50(options):
     """The quantization tables in the output are the ones libjpeg derives for quality 50, not 49 or 51."""
-    result = compress(encode(photo(), "JPEG", quality=90), settings)
+    result = compress(encode(photo(), "JPEG", quality=90), options)
     reference = photo((64, 64))
     assert quantization(result.data) == quantization(encode(reference, "JPEG", quality=50))
     assert quantization(result.data) != quantization(encode(reference, "JPEG", quality=49))
     assert quantization(result.data) != quantization(encode(reference, "JPEG", quality=51))
 
 
-def test_jpeg_keeps_exif_orientation_icc_profile_and_progressive(settings):
+def test_jpeg_keeps_exif_orientation_icc_profile_and_progressive(options):
     exif = Image.Exif()
     exif[ORIENTATION] = 6  # rotate 90° clockwise when displayed
     icc = ImageCms.ImageCmsProfile(ImageCms.createProfile("sRGB")).tobytes()
     source = encode(photo(), "JPEG", quality=90, exif=exif.tobytes(), icc_profile=icc, progressive=True)
-    result = compress(source, settings)
+    result = compress(source, options)
     assert len(result.data) < len(source)
     output = decode(result.data)
     assert output.getexif()[ORIENTATION] == 6
@@ -70,26 +70,26 @@ def test_jpeg_keeps_exif_orientation_icc_profile_and_progressive(settings):
     assert output.info.get("progressive")
 
 
-def test_baseline_jpeg_stays_baseline(settings):
-    result = compress(encode(photo(), "JPEG", quality=90), settings)
+def test_baseline_jpeg_stays_baseline(options):
+    result = compress(encode(photo(), "JPEG", quality=90), options)
     assert not decode(result.data).info.get("progressive")
 
 
-def test_low_quality_jpeg_is_never_made_larger(settings):
+def test_low_quality_jpeg_is_never_made_larger(options):
     source = encode(photo(), "JPEG", quality=20)
-    result = compress(source, settings)
+    result = compress(source, options)
     assert len(result.data) <= len(source)
     assert decode(result.data).size == (800, 600)
 
 
 @pytest.mark.parametrize("mode", ["RGB", "RGBA", "P"])
-def test_png_is_recompressed_losslessly(settings, mode):
+def test_png_is_recompressed_losslessly(options, mode):
     image = photo((400, 300), mode="RGBA" if mode == "RGBA" else "RGB")
     if mode == "P":
         image = image.quantize(64)
     params = {"transparency": 0} if mode == "P" else {}
     source = encode(image, "PNG", compress_level=1, **params)  # a fast encoder's output
-    result = compress(source, settings)
+    result = compress(source, options)
     assert (result.format, result.extension, result.content_type) == ("PNG", ".png", "image/png")
     assert len(result.data) < len(source)
     output = decode(result.data)
@@ -100,14 +100,14 @@ def test_png_is_recompressed_losslessly(settings, mode):
 
 
 @pytest.mark.parametrize("mode", ["RGB", "RGBA"])
-def test_well_compressed_png_is_returned_unchanged(settings, mode):
+def test_well_compressed_png_is_returned_unchanged(options, mode):
     source = encode(photo((400, 300), mode=mode), "PNG", compress_level=9)
-    assert compress(source, settings).data == source
+    assert compress(source, options).data == source
 
 
-def test_webp_is_recompressed_smaller(settings):
+def test_webp_is_recompressed_smaller(options):
     source = encode(photo(), "WEBP", quality=90)
-    result = compress(source, settings)
+    result = compress(source, options)
     assert (result.format, result.extension, result.content_type) == ("WEBP", ".webp", "image/webp")
     assert len(result.data) < 0.7 * len(source)
     assert decode(result.data).size == (800, 600)
@@ -123,7 +123,7 @@ def with_xmp_extension(gif: bytes, size: int) -> bytes:
     return gif[:table_end] + extension + gif[table_end:]
 
 
-def test_animated_gif_stays_animated(settings):
+def test_animated_gif_stays_animated(options):
     frames = []
     for i in range(5):
         frame = Image.new("RGB", (200, 150), (i * 40, 255 - i * 40, 100))
@@ -133,7 +133,7 @@ def test_animated_gif_stays_animated(settings):
     plain = encode(frames[0], "GIF", save_all=True, append_images=frames[1:], duration=durations, loop=0)
     source = with_xmp_extension(plain, 20_000)
     assert decode(source).n_frames == 5
-    result = compress(source, settings)
+    result = compress(source, options)
     assert (result.format, result.extension, result.content_type) == ("GIF", ".gif", "image/gif")
     assert len(result.data) < len(source)  # really re-encoded, not handed back
     output = Image.open(io.BytesIO(result.data))
@@ -145,43 +145,43 @@ def test_animated_gif_stays_animated(settings):
     assert timings == durations
 
 
-def test_mpo_from_a_camera_is_saved_as_jpeg(settings):
+def test_mpo_from_a_camera_is_saved_as_jpeg(options):
     first, second = photo(), photo().rotate(180)
     source = encode(first, "MPO", save_all=True, append_images=[second], quality=90)
     assert Image.open(io.BytesIO(source)).format == "MPO"
-    result = compress(source, settings)
+    result = compress(source, options)
     assert (result.format, result.extension) == ("JPEG", ".jpg")
     assert len(result.data) < 0.7 * len(source)
     assert decode(result.data).size == (800, 600)
 
 
-def test_garbage_is_not_an_image(settings):
-    assert failure_code(b"<html><body>Not found</body></html>", settings) == "not_an_image"
+def test_garbage_is_not_an_image(options):
+    assert failure_code(b"<html><body>Not found</body></html>", options) == "not_an_image"
 
 
-def test_truncated_jpeg_is_a_decode_error(settings):
+def test_truncated_jpeg_is_a_decode_error(options):
     source = encode(photo(), "JPEG", quality=90)
-    assert failure_code(source[: len(source) // 2], settings) in ("decode_error", "not_an_image")
+    assert failure_code(source[: len(source) // 2], options) in ("decode_error", "not_an_image")
 
 
-def test_truncated_png_is_a_decode_error(settings):
+def test_truncated_png_is_a_decode_error(options):
     source = encode(photo((400, 300)), "PNG")
-    assert failure_code(source[: len(source) // 2], settings) == "decode_error"
+    assert failure_code(source[: len(source) // 2], options) == "decode_error"
 
 
-def test_other_formats_are_unsupported(settings):
-    assert failure_code(encode(photo((64, 48)), "BMP"), settings) == "unsupported_format"
-    assert failure_code(encode(photo((64, 48)), "TIFF"), settings) == "unsupported_format"
+def test_other_formats_are_unsupported(options):
+    assert failure_code(encode(photo((64, 48)), "BMP"), options) == "unsupported_format"
+    assert failure_code(encode(photo((64, 48)), "TIFF"), options) == "unsupported_format"
 
 
 @pytest.mark.parametrize("size", [(120, 100), (400, 300)])  # between 1x and 2x the limit, and far above it
 def test_decompression_bomb_is_too_large(size):
     source = encode(Image.new("RGB", size), "PNG")
-    assert failure_code(source, make_test_settings(max_image_pixels=10_000)) == "too_large"
+    assert failure_code(source, CompressOptions(max_image_pixels=10_000)) == "too_large"
 
 
 def test_many_frames_count_against_the_pixel_limit():
     frames = [Image.new("RGB", (50, 50), (i, 0, 0)) for i in range(10)]  # 2,500 pixels each, 25,000 together
     source = encode(frames[0], "GIF", save_all=True, append_images=frames[1:])
-    assert failure_code(source, make_test_settings(max_image_pixels=10_000)) == "too_large"
-    assert compress(source, make_test_settings(max_image_pixels=30_000)).format == "GIF"
+    assert failure_code(source, CompressOptions(max_image_pixels=10_000)) == "too_large"
+    assert compress(source, CompressOptions(max_image_pixels=30_000)).format == "GIF"

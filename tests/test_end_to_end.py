@@ -55,7 +55,8 @@ def assert_settled_with_one_webhook(stack: Stack, request_id: str, receiver: Web
     """Wait until every request is processed and every result applied (committed offsets at the ends of
     the topics: the services commit only finished work), then check the webhook was sent exactly once."""
     settings = stack.settings
-    wait_until_consumed(settings.kafka_bootstrap_servers, settings.processor_group, [settings.topic_requested])
+    wait_until_consumed(settings.kafka_bootstrap_servers, settings.processor_group,
+                        [settings.topic_requested, settings.topic_requested_bulk])
     wait_until_consumed(settings.kafka_bootstrap_servers, settings.notifier_group, [settings.topic_processed])
     webhook = wait_for_status(stack.api, request_id, lambda s: s["webhook"]["status"] != "pending")["webhook"]
     assert (webhook["status"], webhook["attempts"]) == ("delivered", 1)
@@ -167,6 +168,7 @@ def test_a_processor_killed_after_processing_and_before_acknowledging_loses_no_i
     stack = start_stack(processors=1, **CRASH_TEST_SETTINGS,
                         env_overrides={"processor-1": {"IMGPIPE_CRASH_AT": "processor.after_process:5"}})
     receiver = receivers()
+    image_host.delay = 0.05  # many images in flight when it dies
     urls = [image_host.add(f"/p{n}.jpg", jpeg_bytes(300, 200, n)) for n in range(30)]
 
     request_id = upload(stack.api, url_csv(urls), receiver.url)

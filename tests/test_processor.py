@@ -1,13 +1,16 @@
 """The processor's worker against real Kafka, a real HTTP image host and local or Cloudinary storage."""
 import logging
 import os
+import socket
 import subprocess
 import sys
+import threading
 import time
 import uuid
 
 import cloudinary.exceptions
 import pytest
+from confluent_kafka import KafkaException
 from confluent_kafka.admin import AdminClient, AlterConfigOpType, ConfigEntry, ConfigResource, ResourceType
 from PIL import Image
 
@@ -18,6 +21,7 @@ from shared.events import ImageProcessed, ImageRequested
 from shared.kafka import make_producer, produce_and_wait
 from shared.settings import REPO_ROOT, Settings
 from tests.cloudinary_contract import CloudinaryContractServer
+from tests.support.http_servers import ImageHost
 from tests.support.images import jpeg_bytes, png_bytes
 from tests.support.kafka import TopicReader, committed_offsets, end_offsets, wait_until_consumed
 from tests.support.settings import make_test_settings
@@ -263,7 +267,7 @@ def test_results_kafka_refuses_keep_their_offsets_uncommitted_until_accepted(
         # The broker refused the results twice; auto-commit ran every 100 ms meanwhile.
         wait_for_log(caplog, "too large", count=2)
         committed = committed_offsets(admin(settings), settings.processor_group, settings.topic_requested)
-        assert all(offset < 0 for offset in committed.values()), committed
+        assert all(offset <= 0 for offset in committed.values()), committed  # none past the first image
         assert sum(end_offsets(admin(settings), settings.topic_processed).values()) == 0
 
         set_topic_config(settings, settings.topic_processed, "max.message.bytes", "1048588")  # Kafka accepts again
@@ -376,3 +380,188 @@ def test_cloudinary_settings_are_checked_at_start():
         CloudinaryStorage(make_test_settings(storage="cloudinary"))
     with pytest.raises(ValueError, match="CLOUDINARY_URL"):
         CloudinaryStorage(make_test_settings(storage="cloudinary", cloudinary_url="https://key:secret@demo"))
+
+
+# Many images at a time
+
+
+def send_to(settings: Settings, topic: str, partition: int, events: list[ImageRequested]) -> None:
+    producer = make_producer(settings)
+    for event in events:
+        producer.produce(topic, key=str(event.image_id), value=event.model_dump_json().encode(), partition=partition)
+    assert producer.flush(30) == 0
+
+
+def test_out_of_order_completion_commits_only_up_to_the_lowest_unfinished_image(
+    settings, image_host, read_topic, workers
+):
+    request_id = uuid.uuid4()
+    slow_url = image_host.add("/slow.jpg", jpeg_bytes(200, 150, seed=20))
+    image_host.delays["/slow.jpg"] = 3.0
+    fast_url = image_host.add("/fast.jpg", jpeg_bytes(200, 150, seed=21))
+    slow, *fast = [requested(request_id, row, url) for row, url in enumerate([slow_url] + [fast_url] * 5, start=1)]
+    send_to(settings, settings.topic_requested, 0, [slow, *fast])  # offsets 0 (slow) to 5
+    processed = read_topic(settings, settings.topic_processed)
+    kafka = admin(settings)
+
+    workers(settings)
+    processed.wait_for(lambda got: {r.image_id for r in results_for(got, request_id)} >= {e.image_id for e in fast})
+    # Images on another partition, taken after those results: once they are committed, a commit
+    # cycle has run since the fast images finished.
+    later = [requested(request_id, 10 + n, fast_url) for n in range(2)]
+    send_to(settings, settings.topic_requested, 1, later)
+    wait_until_consumed(settings.kafka_bootstrap_servers, settings.processor_group, [settings.topic_requested],
+                        partitions=[1])
+    assert committed_offsets(kafka, settings.processor_group, settings.topic_requested)[0] <= 0  # the slow one is open
+    assert slow.image_id not in {r.image_id for r in results_for(processed.messages, request_id)}
+
+    processed.wait_for(lambda got: slow.image_id in {r.image_id for r in results_for(got, request_id)})
+    wait_until_consumed(settings.kafka_bootstrap_servers, settings.processor_group, [settings.topic_requested])
+    assert committed_offsets(kafka, settings.processor_group, settings.topic_requested)[0] == 6
+
+
+def test_a_retry_waits_while_the_images_behind_it_proceed(make_settings, image_host, read_topic, workers):
+    settings = make_settings(fetch_attempts=3)
+    request_id = uuid.uuid4()
+    flaky_url = image_host.add("/flaky.jpg", jpeg_bytes(200, 150, seed=22))
+    image_host.first_statuses["/flaky.jpg"] = [503, 503]  # retried after 0.2 s, then 0.4 s
+    flaky, *others = [requested(request_id, row, image_host.add(f"/o{row}.jpg", jpeg_bytes(200, 150, seed=row)))
+                      for row in range(1, 5)]
+    flaky.input_url = flaky_url
+    send_events(settings, [flaky, *others])  # one partition, the flaky image first
+    processed = read_topic(settings, settings.topic_processed)
+
+    workers(settings)
+    results = results_for(processed.wait_for(lambda got: len(results_for(got, request_id)) == 4), request_id)
+
+    assert [r.image_id for r in results][-1] == flaky.image_id  # the others did not wait for its retries
+    assert {r.status for r in results} == {"processed"}
+    assert image_host.requests["/flaky.jpg"] == 3
+
+
+def test_the_in_flight_bound_holds_and_paused_partitions_resume(make_settings, image_host, read_topic, workers, caplog):
+    settings = make_settings(processor_max_in_flight=3)
+    request_id = uuid.uuid4()
+    image_host.delay = 0.1
+    events = [requested(request_id, row, image_host.add(f"/b{row}.jpg", jpeg_bytes(200, 150, seed=row)))
+              for row in range(1, 13)]
+    send(settings, [(str(e.image_id), e.model_dump_json().encode()) for e in events])  # spread over partitions
+    processed = read_topic(settings, settings.topic_processed)
+
+    with caplog.at_level(logging.DEBUG, logger="services.processor.worker"):
+        workers(settings)
+        results = results_for(processed.wait_for(lambda got: len(results_for(got, request_id)) == 12), request_id)
+
+    assert {r.image_id for r in results} == {e.image_id for e in events}
+    assert image_host.most_active <= 3
+    assert any("pausing" in r.getMessage() for r in caplog.records)
+    assert any("resuming" in r.getMessage() for r in caplog.records)
+
+
+class HangUpServer:
+    """Accepts connections and closes them at once (a host that does not serve): counts the accepts."""
+
+    def __init__(self):
+        self.listener = socket.create_server(("127.0.0.1", 0))
+        self.accepted = 0
+        self.thread = threading.Thread(target=self._serve, daemon=True)
+        self.thread.start()
+
+    @property
+    def base_url(self) -> str:
+        return f"http://127.0.0.1:{self.listener.getsockname()[1]}"
+
+    def _serve(self):
+        while True:
+            try:
+                connection, _ = self.listener.accept()
+            except OSError:
+                return
+            self.accepted += 1
+            connection.close()
+
+    def close(self):
+        self.listener.close()
+
+
+def test_the_circuit_breaker_fails_a_dead_hosts_images_fast_and_tries_it_again_later(
+    make_settings, read_topic, workers
+):
+    settings = make_settings(fetch_attempts=1, fetch_per_host_limit=1, host_failure_threshold=3,
+                             host_cooldown_seconds=1.0)
+    dead = HangUpServer()
+    request_id = uuid.uuid4()
+    events = [requested(request_id, row, f"{dead.base_url}/{row}.jpg") for row in range(1, 9)]
+    send_events(settings, events)
+    processed = read_topic(settings, settings.topic_processed)
+    try:
+        workers(settings)
+        results = results_for(processed.wait_for(lambda got: len(results_for(got, request_id)) == 8), request_id)
+        codes = sorted(r.error.code for r in results)
+        assert codes == ["connect_error"] * 3 + ["host_unavailable"] * 5
+        assert dead.accepted == 3
+
+        time.sleep(1.0)  # the cooldown: then the host is tried again
+        again = requested(request_id, 9, f"{dead.base_url}/9.jpg")
+        send_events(settings, [again])
+        [result] = [r for r in results_for(processed.wait_for(
+            lambda got: len(results_for(got, request_id)) == 9), request_id) if r.image_id == again.image_id]
+        assert result.error.code == "connect_error" and dead.accepted == 4
+    finally:
+        dead.close()
+
+
+def test_two_processors_share_the_partitions_and_both_work(make_settings, image_host, read_topic, workers, tmp_path):
+    settings = make_settings()
+    first = workers(settings.model_copy(update={"storage_dir": tmp_path / "first"}))
+    second = workers(settings.model_copy(update={"storage_dir": tmp_path / "second"}))
+    wait_for_group_members(settings, 2)
+    request_id = uuid.uuid4()
+    events = [requested(request_id, row, image_host.add(f"/s{row}.jpg", jpeg_bytes(200, 150, seed=row)))
+              for row in range(1, 25)]
+    send(settings, [(str(e.image_id), e.model_dump_json().encode()) for e in events])  # spread over partitions
+    processed = read_topic(settings, settings.topic_processed)
+
+    results = results_for(processed.wait_for(
+        lambda got: {r.image_id for r in results_for(got, request_id)} == {e.image_id for e in events}), request_id)
+
+    assert {r.status for r in results} == {"processed"}
+    stored = {name: {p.stem for p in (tmp_path / name / str(request_id)).glob("*.jpg")} for name in ("first", "second")}
+    assert stored["first"] and stored["second"]
+    assert stored["first"] | stored["second"] == {str(e.image_id) for e in events}
+    assert first and second
+
+
+def wait_for_group_members(settings: Settings, count: int, timeout: float = WAIT_SECONDS) -> None:
+    """Until the processor group has `count` members, each with partitions assigned."""
+    kafka = admin(settings)
+    deadline = time.monotonic() + timeout
+    while True:
+        try:
+            group = kafka.describe_consumer_groups([settings.processor_group])[settings.processor_group].result(10)
+            if len(group.members) == count and all(m.assignment.topic_partitions for m in group.members):
+                return
+        except KafkaException:  # the group's coordinator is still being found
+            pass
+        assert time.monotonic() < deadline, f"the group has {len(group.members)} members, not {count}"
+        time.sleep(0.1)
+
+
+def test_a_small_job_is_completed_ahead_of_a_large_backlog(make_settings, image_host, read_topic, workers):
+    settings = make_settings(processor_max_in_flight=8)
+    image_host.delay = 0.05
+    backlog_id, small_id = uuid.uuid4(), uuid.uuid4()
+    backlog_image = image_host.add("/backlog.jpg", jpeg_bytes(200, 150, seed=30))
+    backlog = [requested(backlog_id, row, backlog_image) for row in range(1, 301)]
+    send_to(settings, settings.topic_requested_bulk, 0, backlog[:150])
+    send_to(settings, settings.topic_requested_bulk, 1, backlog[150:])
+    with ImageHost() as other_host:  # another customer's images
+        small = requested(small_id, 1, other_host.add("/small.jpg", jpeg_bytes(200, 150, seed=31)))
+        processed = read_topic(settings, settings.topic_processed)
+        workers(settings)
+        processed.wait_for(lambda got: len(results_for(got, backlog_id)) >= 10)  # the backlog is being worked on
+        send_events(settings, [small])  # the normal lane
+
+        messages = processed.wait_for(lambda got: len(results_for(got, small_id)) == 1)
+    assert results_for(messages, small_id)[0].status == "processed"
+    assert len(results_for(messages, backlog_id)) < 150  # far from done when the small job was

@@ -6,7 +6,7 @@ event; republish_unpublished() covers an API crash between the commit and that a
 """
 import logging
 import uuid
-from collections.abc import Iterable, Mapping
+from collections.abc import Mapping, Sequence
 
 from confluent_kafka import KafkaException, Producer
 from psycopg.types.json import Jsonb
@@ -60,9 +60,10 @@ def insert_job(pool: ConnectionPool, parsed: ParsedCsv, webhook_url: str | None)
     return job_id, images
 
 
-def publish_images(producer: Producer, settings: Settings, job_id: uuid.UUID, images: Iterable[Mapping]) -> int:
-    """Produce one ImageRequested per image, keyed by image id so a job spreads over all partitions;
-    return once all are acknowledged, raise DeliveryError otherwise."""
+def publish_images(producer: Producer, settings: Settings, job_id: uuid.UUID, images: Sequence[Mapping]) -> int:
+    """Produce one ImageRequested per image, keyed by image id so a job spreads over all partitions,
+    on the bulk lane when the job is large; return once all are acknowledged, raise DeliveryError otherwise."""
+    topic = settings.topic_requested_bulk if len(images) >= settings.bulk_job_min_images else settings.topic_requested
     messages = (
         (
             str(image["id"]),
@@ -79,7 +80,7 @@ def publish_images(producer: Producer, settings: Settings, job_id: uuid.UUID, im
         for image in images
     )
     try:
-        return produce_and_wait(producer, settings.topic_requested, messages)
+        return produce_and_wait(producer, topic, messages)
     except KafkaException as exc:  # produce() itself refused, e.g. on a fatal producer error
         raise DeliveryError(str(exc)) from exc
 

@@ -2,7 +2,7 @@
 import logging
 import threading
 
-from confluent_kafka import Consumer, KafkaException, Message, TopicPartition
+from confluent_kafka import Consumer, KafkaException, Message
 from psycopg_pool import ConnectionPool
 from standardwebhooks import Webhook
 
@@ -11,7 +11,8 @@ from services.notifier.webhook import deliver_due, make_webhook_client
 from shared.db import make_pool, migrate
 from shared.events import ImageProcessed
 from shared.faults import crash_point
-from shared.kafka import commit_stored, ensure_topics, make_consumer
+from shared.kafka import commit_stored, ensure_topics, make_consumer, store_offsets
+from shared.offsets import OffsetTracker
 from shared.settings import Settings
 
 log = logging.getLogger(__name__)
@@ -19,6 +20,7 @@ log = logging.getLogger(__name__)
 BATCH_SIZE = 500
 DELIVERY_INTERVAL_SECONDS = 1.0
 MAX_RETRY_DELAY_SECONDS = 30.0
+POLL_SECONDS = 0.5
 
 
 def run(settings: Settings, stop: threading.Event) -> None:
@@ -30,7 +32,8 @@ def run(settings: Settings, stop: threading.Event) -> None:
     if settings.create_topics:
         ensure_topics(settings)
     pool = make_pool(settings.database_url)
-    consumer = make_consumer(settings, settings.notifier_group, [settings.topic_processed])
+    tracker = OffsetTracker()
+    consumer = make_consumer(settings, settings.notifier_group, [settings.topic_processed], tracker)
     deliveries_due = threading.Event()
     stop_sender = threading.Event()
     sender = threading.Thread(
@@ -39,9 +42,10 @@ def run(settings: Settings, stop: threading.Event) -> None:
     sender.start()
     try:
         while not stop.is_set():
-            messages = consumer.consume(num_messages=BATCH_SIZE, timeout=0.5)
+            messages = _take(consumer)
             if not messages:
                 continue
+            started = [(m, tracker.start((m.topic(), m.partition()), m.offset())) for m in messages if m.error() is None]
             results = _parse(messages)
             completed = _apply_until_committed(pool, results, stop)
             if completed is None:
@@ -50,13 +54,21 @@ def run(settings: Settings, stop: threading.Event) -> None:
                 log.info("jobs completed: %s", ", ".join(map(str, completed)))
                 crash_point(settings, "notifier.after_completing_commit", lambda: commit_stored(consumer))
                 deliveries_due.set()
-            _store_offsets(consumer, messages)
+            for message, epoch in started:
+                tracker.finish((message.topic(), message.partition()), message.offset(), epoch)
+            store_offsets(consumer, tracker)
     finally:
         consumer.close()
         stop_sender.set()
         deliveries_due.set()
         sender.join()
         pool.close()
+
+
+def _take(consumer: Consumer) -> list[Message]:
+    """A batch: the first message as soon as it arrives, then whatever else is already fetched."""
+    first = consumer.poll(POLL_SECONDS)
+    return [] if first is None else [first] + consumer.consume(num_messages=BATCH_SIZE - 1, timeout=0)
 
 
 def _parse(messages: list[Message]) -> list[ImageProcessed]:
@@ -88,20 +100,6 @@ def _apply_until_committed(pool: ConnectionPool, results: list[ImageProcessed], 
             if stop.wait(delay):
                 return None
             delay = min(delay * 2, MAX_RETRY_DELAY_SECONDS)
-
-
-def _store_offsets(consumer: Consumer, messages: list[Message]) -> None:
-    next_offsets: dict[tuple[str, int], int] = {}
-    for message in messages:
-        if message.error() is None:
-            next_offsets[(message.topic(), message.partition())] = message.offset() + 1
-    if not next_offsets:
-        return
-    try:
-        consumer.store_offsets(offsets=[TopicPartition(t, p, o) for (t, p), o in next_offsets.items()])
-    except KafkaException as exc:
-        # A partition revoked meanwhile: its new owner re-reads these results, which is harmless.
-        log.warning("could not store offsets: %s", exc)
 
 
 def _send_webhooks(

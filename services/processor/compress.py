@@ -25,6 +25,19 @@ CORRUPT_DATA_ERRORS = (OSError, SyntaxError, ValueError, EOFError, IndexError, K
 
 
 @dataclass(frozen=True)
+class CompressOptions:
+    """What compress() needs of the settings: small, so it crosses to a worker process cheaply."""
+    quality: int = 50  # JPEG and WEBP
+    jpeg_optimize: bool = False
+    png_optimize: bool = False
+    max_image_pixels: int = 100_000_000
+
+    @classmethod
+    def from_settings(cls, settings: Settings) -> "CompressOptions":
+        return cls(settings.jpeg_quality, settings.jpeg_optimize, settings.png_optimize, settings.max_image_pixels)
+
+
+@dataclass(frozen=True)
 class Compressed:
     data: bytes
     format: str  # Pillow format name, e.g. "JPEG"
@@ -32,7 +45,7 @@ class Compressed:
     content_type: str  # e.g. "image/jpeg"
 
 
-def compress(data: bytes, settings: Settings) -> Compressed:
+def compress(data: bytes, options: CompressOptions) -> Compressed:
     try:
         with warnings.catch_warnings():
             # The limit is ours (_check_total_pixels, before any decoding), per call and not
@@ -42,9 +55,9 @@ def compress(data: bytes, settings: Settings) -> Compressed:
                 image_format = SAVED_AS.get(image.format, image.format)
                 if image_format not in SUPPORTED_FORMATS:
                     raise ImageFailure(failures.UNSUPPORTED_FORMAT, f"{image.format} images are not supported")
-                _check_total_pixels(image, settings.max_image_pixels)
+                _check_total_pixels(image, options.max_image_pixels)
                 animated = image_format != "JPEG" and getattr(image, "n_frames", 1) > 1
-                encoded = _encode(image, image_format, animated, settings)
+                encoded = _encode(image, image_format, animated, options)
     except Image.DecompressionBombError as exc:
         raise ImageFailure(failures.TOO_LARGE, str(exc)) from None
     except UnidentifiedImageError:
@@ -67,19 +80,19 @@ def _check_total_pixels(image: Image.Image, max_pixels: int) -> None:
         raise ImageFailure(failures.TOO_LARGE, f"{frames} frames of {width}x{height} exceed {max_pixels} pixels in total")
 
 
-def _encode(image: Image.Image, image_format: str, animated: bool, settings: Settings) -> bytes:
+def _encode(image: Image.Image, image_format: str, animated: bool, options: CompressOptions) -> bytes:
     params: dict = {}
     for kept in ("icc_profile", "exif", "dpi"):
         if image.info.get(kept):
             params[kept] = image.info[kept]
     if image_format == "JPEG":
-        params.update(quality=settings.jpeg_quality, optimize=settings.jpeg_optimize)
+        params.update(quality=options.quality, optimize=options.jpeg_optimize)
         if image.info.get("progressive"):
             params["progressive"] = True
     elif image_format == "WEBP":
-        params["quality"] = settings.jpeg_quality
+        params["quality"] = options.quality
     elif image_format == "PNG":
-        params["optimize"] = settings.png_optimize  # lossless: quality does not apply
+        params["optimize"] = options.png_optimize  # lossless: quality does not apply
     if animated:
         params["save_all"] = True  # animated stays animated; frame timings come from each frame's info
         if "loop" in image.info:

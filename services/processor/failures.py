@@ -13,6 +13,7 @@ EMPTY_BODY = "empty_body"
 NOT_AN_IMAGE = "not_an_image"
 UNSUPPORTED_FORMAT = "unsupported_format"
 DECODE_ERROR = "decode_error"  # corrupt or truncated image data
+HOST_UNAVAILABLE = "host_unavailable"  # the host's circuit breaker is open after repeated connection failures
 STORAGE_ERROR = "storage_error"  # the storage refused this image for good (e.g. bad credentials)
 INTERNAL_ERROR = "internal_error"  # an unexpected error, still there after image_max_attempts tries
 
@@ -29,6 +30,21 @@ class ImageFailure(Exception):
         super().__init__(f"{code}: {message}")
         self.code = code
         self.message = message
+
+    def __reduce__(self):  # crosses back from a compression worker process intact
+        return type(self), (self.code, self.message)
+
+
+class TransientFailure(ImageFailure):
+    """A failure that another attempt may not have: timeouts, connection problems, 5xx and 429.
+    host_unreachable: the host itself did not answer (a timeout or a connection failure)."""
+
+    def __init__(self, code: str, message: str, host_unreachable: bool = False):
+        super().__init__(code, message)
+        self.host_unreachable = host_unreachable
+
+    def __reduce__(self):
+        return type(self), (self.code, self.message, self.host_unreachable)
 
 
 class StorageUnavailable(Exception):

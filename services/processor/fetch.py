@@ -1,21 +1,16 @@
-"""Download one image over HTTP(S), with limits on time, redirects and size, and retries of transient failures."""
-import logging
-import time
-
+"""Download one image over HTTP(S) in one attempt, with limits on time, redirects and size.
+Whether and when to try again is the caller's decision (TransientFailure says it may help)."""
 import httpx
 
 from services.processor import failures
-from services.processor.failures import ImageFailure
+from services.processor.failures import ImageFailure, TransientFailure
 from shared.addresses import ForbiddenAddress, outbound_hooks
 from shared.settings import Settings
 
-log = logging.getLogger(__name__)
-
-RETRY_BACKOFF_SECONDS = 0.2  # doubled after each failed attempt: 0.2 s, 0.4 s, ...
-
 
 def make_http_client(settings: Settings) -> httpx.Client:
-    """The client fetch_image expects: its timeouts and redirect limit come from the settings."""
+    """The client fetch_image expects: its timeouts and redirect limit come from the settings.
+    One client is shared by every download thread of a process (httpx.Client is thread-safe)."""
     return httpx.Client(
         timeout=httpx.Timeout(
             connect=settings.fetch_connect_timeout,
@@ -23,6 +18,7 @@ def make_http_client(settings: Settings) -> httpx.Client:
             write=settings.fetch_read_timeout,
             pool=settings.fetch_connect_timeout,
         ),
+        limits=httpx.Limits(max_connections=None, max_keepalive_connections=settings.processor_max_in_flight),
         follow_redirects=True,
         max_redirects=settings.fetch_max_redirects,
         headers={"User-Agent": "imgpipe-processor/1", "Accept": "image/*"},
@@ -30,39 +26,24 @@ def make_http_client(settings: Settings) -> httpx.Client:
     )
 
 
-def fetch_image(client: httpx.Client, url: str, settings: Settings) -> bytes:
-    """Return the body of `url`, or raise ImageFailure once it is clear no further attempt would help."""
-    _check_url(url)
-    for attempt in range(1, settings.fetch_attempts + 1):
-        try:
-            return _fetch_once(client, url, settings.max_download_bytes)
-        except _Transient as failure:
-            if attempt == settings.fetch_attempts:
-                raise ImageFailure(failure.code, f"{failure.message} (after {attempt} attempts)") from None
-            log.info("fetch attempt %d of %s failed (%s), retrying", attempt, url, failure.code)
-            time.sleep(RETRY_BACKOFF_SECONDS * 2 ** (attempt - 1))
-    raise AssertionError("unreachable: settings.fetch_attempts >= 1")
-
-
-class _Transient(ImageFailure):
-    """A failure that another attempt may not have: timeouts, connection problems, 5xx and 429."""
-
-
-def _check_url(url: str) -> None:
+def check_url(url: str) -> httpx.URL:
     try:
         parsed = httpx.URL(url)
     except httpx.InvalidURL as exc:
         raise ImageFailure(failures.INVALID_URL, f"not a valid URL: {exc}") from None
     if parsed.scheme not in ("http", "https") or not parsed.host:
         raise ImageFailure(failures.INVALID_URL, "only absolute http:// and https:// URLs can be fetched")
+    return parsed
 
 
-def _fetch_once(client: httpx.Client, url: str, max_bytes: int) -> bytes:
+def fetch_image(client: httpx.Client, url: str, max_bytes: int) -> bytes:
+    """The body of `url`, or ImageFailure (a TransientFailure when another attempt may succeed)."""
+    check_url(url)
     try:
         with client.stream("GET", url) as response:
             status = response.status_code
             if status == 429 or status >= 500:
-                raise _Transient(failures.http_status(status), f"the server answered {status} {response.reason_phrase}")
+                raise TransientFailure(failures.http_status(status), f"the server answered {status} {response.reason_phrase}")
             if not 200 <= status < 300:
                 raise ImageFailure(failures.http_status(status), f"the server answered {status} {response.reason_phrase}")
             declared = response.headers.get("Content-Length", "")
@@ -76,13 +57,13 @@ def _fetch_once(client: httpx.Client, url: str, max_bytes: int) -> bytes:
     except ForbiddenAddress as exc:
         raise ImageFailure(failures.FORBIDDEN_ADDRESS, str(exc)) from None
     except httpx.TimeoutException as exc:
-        raise _Transient(failures.TIMEOUT, f"timed out ({type(exc).__name__})") from None
+        raise TransientFailure(failures.TIMEOUT, f"timed out ({type(exc).__name__})", host_unreachable=True) from None
     except httpx.TooManyRedirects:
         raise ImageFailure(failures.TOO_MANY_REDIRECTS, "the redirect limit was reached") from None
     except (httpx.UnsupportedProtocol, httpx.InvalidURL) as exc:  # e.g. a redirect to ftp://
         raise ImageFailure(failures.INVALID_URL, f"cannot follow: {exc}") from None
     except httpx.TransportError as exc:  # refused, reset, DNS failure, broken HTTP framing
-        raise _Transient(failures.CONNECT_ERROR, f"{type(exc).__name__}: {exc}") from None
+        raise TransientFailure(failures.CONNECT_ERROR, f"{type(exc).__name__}: {exc}", host_unreachable=True) from None
     if not body:
         raise ImageFailure(failures.EMPTY_BODY, "the server answered with an empty body")
     return bytes(body)

@@ -1,158 +1,250 @@
-"""The processor: image.requested in, one image.processed out per image, at least once."""
-import logging
-import threading
+"""The processor: image.requested in (both lanes), one image.processed out per image, at least once,
+many images at a time.
 
-import httpx
-from confluent_kafka import Consumer, KafkaException, Message, Producer, TopicPartition
+This thread owns the Kafka consumer. It takes messages while fewer than processor_max_in_flight are
+open, pausing the lanes' partitions otherwise (the bulk lane a quarter earlier, so the normal lane
+always has room: a small job never waits behind a large one's backlog). Each image goes to a
+download thread, which runs the pipeline and produces its result; the result's delivery report,
+served here, marks the message finished, and offsets are stored as far as the OffsetTracker allows,
+although images finish out of order. Retries wait in a schedule here, holding no thread."""
+import heapq
+import itertools
+import logging
+import queue
+import threading
+import time
+from collections.abc import Callable
+from concurrent.futures import ThreadPoolExecutor
+
+from confluent_kafka import KafkaException, Message, TopicPartition
 from pydantic import ValidationError
 
-from services.processor import failures
-from services.processor.compress import compress
-from services.processor.failures import ImageFailure, StorageUnavailable
-from services.processor.fetch import fetch_image, make_http_client
+from services.processor.compressor import Compressor
+from services.processor.fetch import make_http_client
+from services.processor.hosts import HostGuard
+from services.processor.pipeline import ByteBudget, ImagePipeline, ImageTask, RetryLater
 from services.processor.storage import Storage, make_storage
-from shared.events import ImageError, ImageProcessed, ImageRequested, ImageStatus
+from shared.events import ImageProcessed, ImageRequested
 from shared.faults import crash_point
-from shared.kafka import DeliveryError, commit_stored, ensure_topics, make_consumer, make_producer, produce_and_wait
+from shared.kafka import commit_stored, ensure_topics, make_consumer, make_producer, store_offsets
+from shared.offsets import OffsetTracker
 from shared.settings import Settings
 
 log = logging.getLogger(__name__)
 
-BATCH_SIZE = 8
-MAX_RETRY_PAUSE_SECONDS = 30.0
 DEAD_LETTER_ERROR_MAX_CHARS = 1000
-Partition = tuple[str, int]  # (topic, partition)
-
-
-def process(event: ImageRequested, client: httpx.Client, storage: Storage, settings: Settings) -> ImageProcessed:
-    """Fetch, compress and store one image. Failures of the image itself become a failed result;
-    anything else (storage unavailable, a bug) is raised so the event is processed again."""
-    try:
-        original = fetch_image(client, event.input_url, settings)
-        compressed = compress(original, settings)
-        # Deterministic: a duplicate event overwrites the same object instead of adding one.
-        key = f"{event.request_id}/{event.image_id}{compressed.extension}"
-        output_url = storage.save(key, compressed.data, compressed.content_type)
-    except ImageFailure as failure:
-        log.info("image %s of request %s failed: %s", event.image_id, event.request_id, failure)
-        return failed_result(event, failure)
-    log.info(
-        "image %s of request %s: %s %d -> %d bytes",
-        event.image_id, event.request_id, compressed.format, len(original), len(compressed.data),
-    )
-    return ImageProcessed(
-        **_same_image(event),
-        status=ImageStatus.processed,
-        output_url=output_url,
-        format=compressed.format,
-        bytes_in=len(original),
-        bytes_out=len(compressed.data),
-    )
-
-
-def failed_result(event: ImageRequested, failure: ImageFailure) -> ImageProcessed:
-    return ImageProcessed(
-        **_same_image(event), status=ImageStatus.failed, error=ImageError(code=failure.code, message=failure.message)
-    )
-
-
-def _same_image(event: ImageRequested) -> dict:
-    return event.model_dump(include={"request_id", "image_id", "row_number", "position", "input_url"})
+IDLE_WAIT_SECONDS = 0.2
+BUSY_WAIT_SECONDS = 0.02  # while images are open: delivery reports and lane limits are seen this soon
+PRODUCE_RETRY_SECONDS = 1.0
+MAX_PRODUCE_RETRY_SECONDS = 30.0
 
 
 def run(settings: Settings, stop: threading.Event, storage: Storage | None = None) -> None:
-    """Consume until `stop` is set; then finish the current batch, commit and return."""
+    """Consume until `stop` is set; then finish the images in hand (for processor_drain_seconds at
+    most), commit what is finished and return."""
     if settings.create_topics:
         ensure_topics(settings)
-    storage = storage or make_storage(settings)
-    client = make_http_client(settings)
-    producer = make_producer(settings)
-    consumer = make_consumer(
-        settings, settings.processor_group, [settings.topic_requested],
-        **{"max.poll.interval.ms": _max_batch_milliseconds(settings)},
-    )
-    log.info("processor consuming %s as group %s", settings.topic_requested, settings.processor_group)
-    failed_batches = 0
-    attempts: dict[tuple[str, int, int], int] = {}  # (topic, partition, offset) -> tries that raised unexpectedly
-    try:
-        while not stop.is_set():
-            messages = consumer.consume(num_messages=BATCH_SIZE, timeout=1.0)
-            if not messages:
-                continue
-            if _handle_batch(messages, consumer, producer, client, storage, settings, attempts):
-                failed_batches = 0
-            else:
-                failed_batches += 1
-                stop.wait(min(MAX_RETRY_PAUSE_SECONDS, 2.0 ** (failed_batches - 1)))
-    finally:
-        consumer.close()  # commits the stored offsets
-        producer.flush(30)
-        client.close()
-        log.info("processor stopped")
+    Processor(settings, storage or make_storage(settings)).run(stop)
 
 
-def _max_batch_milliseconds(settings: Settings) -> int:
-    """How long a batch may take before Kafka presumes this consumer dead and hands its partitions on:
-    every image of a batch may exhaust its fetch attempts (the default 5 minutes is less than that)."""
-    longest_fetch = settings.fetch_attempts * (settings.fetch_connect_timeout + settings.fetch_read_timeout + 1)
-    return int(max(300, 2 * BATCH_SIZE * longest_fetch) * 1000)
+class Processor:
+    def __init__(self, settings: Settings, storage: Storage):
+        self.settings = settings
+        self.tracker = OffsetTracker()
+        self.producer = make_producer(settings)
+        self.consumer = make_consumer(
+            settings, settings.processor_group, [settings.topic_requested, settings.topic_requested_bulk], self.tracker,
+            **{"partition.assignment.strategy": "roundrobin"},  # every processor gets partitions of both lanes
+        )
+        self.compressor = Compressor(settings.compress_processes)
+        self.client = make_http_client(settings)
+        hosts = HostGuard(settings.fetch_per_host_limit, settings.host_failure_threshold, settings.host_cooldown_seconds)
+        memory = ByteBudget(settings.processor_max_in_flight_bytes)
+        self.pipeline = ImagePipeline(settings, storage, self.client, hosts, self.compressor, memory)
+        self.threads = ThreadPoolExecutor(settings.processor_max_in_flight, thread_name_prefix="image")
+        self.retry_requests: queue.SimpleQueue = queue.SimpleQueue()  # (task, RetryLater) from download threads
+        self.thread_errors: queue.SimpleQueue = queue.SimpleQueue()  # what must stop the processor
+        self.scheduled: list = []  # heap of (due, sequence, action) run by this thread
+        self.sequence = itertools.count()
+        self.open = 0  # messages taken and not finished: running, waiting for a retry or for Kafka's ack
+        self.waiting = 0  # of which are waiting for a retry
+        self.paused: set[tuple[str, int]] = set()
+        self.lane_limits = {
+            settings.topic_requested: settings.processor_max_in_flight,
+            settings.topic_requested_bulk: max(1, settings.processor_max_in_flight - max(1, settings.processor_max_in_flight // 4)),
+        }
 
+    def run(self, stop: threading.Event) -> None:
+        log.info("processor consuming %s and %s as group %s, up to %d images at a time",
+                 self.settings.topic_requested, self.settings.topic_requested_bulk, self.settings.processor_group,
+                 self.settings.processor_max_in_flight)
+        try:
+            while not stop.is_set():
+                self._raise_thread_errors()
+                self._apply_lane_limits()
+                for message in self._take():
+                    self._start(message)
+                self._schedule_retries()
+                self._run_due()
+                self.producer.poll(0)  # delivery reports: finished messages
+                store_offsets(self.consumer, self.tracker)
+        finally:
+            self._drain()
+            self.consumer.close()  # commits the stored offsets of finished work
+            self.producer.flush(10)
+            self.threads.shutdown(wait=False, cancel_futures=True)
+            self.compressor.close()
+            self.client.close()
+            log.info("processor stopped")
 
-def _handle_batch(
-    messages: list[Message], consumer: Consumer, producer: Producer, client: httpx.Client, storage: Storage,
-    settings: Settings, attempts: dict[tuple[str, int, int], int],
-) -> bool:
-    """Process a batch, send its results, then store its offsets. Return False if some of it must be
-    processed again (the consumer is then rewound to it)."""
-    results: list[tuple[str, bytes]] = []
-    dead_letters: list[tuple[Message, str]] = []
-    done: list[Message] = []
-    retry_from: dict[Partition, int] = {}
-    for message in messages:
-        if message.error():
+    # --- taking messages ------------------------------------------------------------------------
+
+    def _apply_lane_limits(self) -> None:
+        """Pause a lane's partitions when its limit is reached; resume them at three quarters of it."""
+        assigned = {(tp.topic, tp.partition) for tp in self.consumer.assignment()}
+        self.paused &= assigned
+        wanted = set()
+        for topic, partition in assigned:
+            limit = self.lane_limits.get(topic, self.settings.processor_max_in_flight)
+            if self.open >= limit or ((topic, partition) in self.paused and self.open > limit * 3 // 4):
+                wanted.add((topic, partition))
+        if wanted - self.paused:
+            log.debug("%d images open: pausing %s", self.open, sorted(wanted - self.paused))
+            self.consumer.pause([TopicPartition(*p) for p in wanted - self.paused])
+        if self.paused - wanted:
+            log.debug("%d images open: resuming %s", self.open, sorted(self.paused - wanted))
+            self.consumer.resume([TopicPartition(*p) for p in self.paused - wanted])
+        self.paused = wanted
+
+    def _take(self) -> list[Message]:
+        """The messages there is room for: the first as soon as it arrives, then what is already fetched.
+        (A message of a partition assigned since the last pause is taken even without room.)"""
+        wait = BUSY_WAIT_SECONDS if self.open else IDLE_WAIT_SECONDS
+        if self.scheduled:
+            wait = min(wait, max(0.0, self.scheduled[0][0] - time.monotonic()))
+        first = self.consumer.poll(wait)
+        if first is None:
+            return []
+        room = self.settings.processor_max_in_flight - self.open - 1
+        return [first] + (self.consumer.consume(num_messages=room, timeout=0) if room > 0 else [])
+
+    def _start(self, message: Message) -> None:
+        if message.error() is not None:
             if message.error().fatal():
                 raise KafkaException(message.error())
             log.warning("consumer error: %s", message.error())
-            continue
+            return
         partition = (message.topic(), message.partition())
-        if partition in retry_from:
-            continue  # an earlier message of this partition is retried first; offsets only move forward past done work
+        epoch = self.tracker.start(partition, message.offset())
+        self.open += 1
         try:
             event = ImageRequested.model_validate_json(message.value() or b"")
         except ValidationError as exc:
-            dead_letters.append((message, _describe(exc)))
-            done.append(message)
-            continue
-        try:
-            result = process(event, client, storage, settings)
-        except StorageUnavailable as exc:
-            log.warning("image %s of request %s waits for the storage: %s", event.image_id, event.request_id, exc)
-            retry_from[partition] = message.offset()
-            continue
-        except Exception as exc:
-            tries = attempts[(*partition, message.offset())] = attempts.get((*partition, message.offset()), 0) + 1
-            if tries < settings.image_max_attempts:
-                log.exception("image %s of request %s raised (try %d); retrying", event.image_id, event.request_id, tries)
-                retry_from[partition] = message.offset()
-                continue
-            log.exception("image %s of request %s failed after %d tries", event.image_id, event.request_id, tries)
-            result = failed_result(event, ImageFailure(
-                failures.INTERNAL_ERROR, f"unexpected {type(exc).__name__} in {tries} tries: {exc}"[:1000]))
-            del attempts[(*partition, message.offset())]
-        crash_point(settings, "processor.after_process", lambda: commit_stored(consumer))
-        results.append((str(result.request_id), result.model_dump_json().encode()))
-        done.append(message)
+            self.threads.submit(self._in_thread, self._send_dead_letter, message, epoch, _describe(exc))
+            return
+        task = ImageTask(partition, message.offset(), event, normal_lane=message.topic() == self.settings.topic_requested,
+                         epoch=epoch)
+        self.threads.submit(self._in_thread, self._work, task)
 
-    try:
-        _send_dead_letters(producer, settings.topic_dead_letter, dead_letters)
-        produce_and_wait(producer, settings.topic_processed, results)
-    except (DeliveryError, KafkaException, BufferError) as exc:
-        log.error("results of a batch were not acknowledged; processing it again: %s", exc)
-        _rewind(consumer, _first_offsets(messages))
-        return False
-    _store_offsets(consumer, done)
-    _rewind(consumer, retry_from)
-    return not retry_from
+    # --- in download threads --------------------------------------------------------------------
+
+    def _in_thread(self, function: Callable, *args) -> None:
+        try:
+            function(*args)
+        except BaseException as exc:  # a bug or a fatal Kafka error: stop the processor, loudly
+            self.thread_errors.put(exc)
+
+    def _work(self, task: ImageTask) -> None:
+        outcome = self.pipeline.run(task)
+        if isinstance(outcome, RetryLater):
+            self.retry_requests.put((task, outcome))
+            return
+        crash_point(self.settings, "processor.after_process", lambda: commit_stored(self.consumer))
+        self._produce_result(task, outcome.result, attempt=1)
+
+    def _produce_result(self, task: ImageTask, result: ImageProcessed, attempt: int) -> None:
+        def delivered(error, _message) -> None:  # served by the consumer thread's producer.poll()
+            if error is None:
+                self._finish(task.partition, task.offset, task.epoch)
+                return
+            delay = min(MAX_PRODUCE_RETRY_SECONDS, PRODUCE_RETRY_SECONDS * 2 ** (attempt - 1))
+            log.warning("result of image %s not acknowledged by Kafka (%s); producing it again in %gs",
+                        task.event.image_id, error, delay)
+            self._schedule(delay, lambda: self.threads.submit(
+                self._in_thread, self._produce_result, task, result, attempt + 1))
+
+        self._produce(self.settings.topic_processed, str(result.request_id).encode(),
+                      result.model_dump_json().encode(), None, delivered)
+
+    def _send_dead_letter(self, message: Message, epoch: int, error: str) -> None:
+        """Pass an unreadable message on unchanged, with headers saying why and where from."""
+        log.warning("message %s[%d]@%d sent to %s: %s", message.topic(), message.partition(), message.offset(),
+                    self.settings.topic_dead_letter, error)
+        headers = list(message.headers() or []) + [
+            ("error", error.encode()),
+            ("source_topic", message.topic().encode()),
+            ("source_partition", str(message.partition()).encode()),
+            ("source_offset", str(message.offset()).encode()),
+        ]
+
+        def delivered(kafka_error, _message) -> None:
+            if kafka_error is None:
+                self._finish((message.topic(), message.partition()), message.offset(), epoch)
+            else:
+                log.warning("dead letter not acknowledged (%s); sending it again", kafka_error)
+                self._schedule(PRODUCE_RETRY_SECONDS, lambda: self.threads.submit(
+                    self._in_thread, self._send_dead_letter, message, epoch, error))
+
+        self._produce(self.settings.topic_dead_letter, message.key(), message.value(), headers, delivered)
+
+    def _produce(self, topic: str, key: bytes | None, value: bytes | None, headers, on_delivery) -> None:
+        while True:
+            try:
+                self.producer.produce(topic, value=value, key=key, headers=headers, on_delivery=on_delivery)
+                return
+            except BufferError:  # the local queue is full: the consumer thread's poll() drains it
+                time.sleep(0.1)
+
+    # --- back in the consumer thread ------------------------------------------------------------
+
+    def _finish(self, partition: tuple[str, int], offset: int, epoch: int) -> None:
+        self.tracker.finish(partition, offset, epoch)
+        self.open -= 1
+
+    def _schedule(self, delay: float, action: Callable[[], object]) -> None:
+        self.waiting += 1
+        heapq.heappush(self.scheduled, (time.monotonic() + delay, next(self.sequence), action))
+
+    def _schedule_retries(self) -> None:
+        while not self.retry_requests.empty():
+            task, retry = self.retry_requests.get()
+            self._schedule(retry.delay, lambda task=task: self._resubmit(task))
+
+    def _resubmit(self, task: ImageTask) -> None:
+        if not self.tracker.is_open(task.partition, task.offset, task.epoch):
+            self.open -= 1  # revoked while it waited: its new owner does it
+            return
+        self.threads.submit(self._in_thread, self._work, task)
+
+    def _run_due(self) -> None:
+        now = time.monotonic()
+        while self.scheduled and self.scheduled[0][0] <= now:
+            _due, _sequence, action = heapq.heappop(self.scheduled)
+            self.waiting -= 1
+            action()
+
+    def _raise_thread_errors(self) -> None:
+        if not self.thread_errors.empty():
+            raise self.thread_errors.get()
+
+    def _drain(self) -> None:
+        """Let running images finish and their results be acknowledged; what waits for a retry is
+        left to the partition's next owner (its offset stays uncommitted)."""
+        deadline = time.monotonic() + self.settings.processor_drain_seconds
+        while self.open - self.waiting > 0 and time.monotonic() < deadline and self.thread_errors.empty():
+            self.producer.poll(0.05)
+            self._schedule_retries()
+        store_offsets(self.consumer, self.tracker)
 
 
 def _describe(exc: ValidationError) -> str:
@@ -160,48 +252,3 @@ def _describe(exc: ValidationError) -> str:
     where = ".".join(str(part) for part in first["loc"]) or "message"
     text = f"not an ImageRequested event ({exc.error_count()} errors); {where}: {first['msg']}"
     return text[:DEAD_LETTER_ERROR_MAX_CHARS]
-
-
-def _send_dead_letters(producer: Producer, topic: str, dead_letters: list[tuple[Message, str]]) -> None:
-    """Pass unreadable messages on unchanged, with headers saying why and where from; wait for the brokers."""
-    for message, error in dead_letters:
-        log.warning("message %s[%d]@%d sent to %s: %s", message.topic(), message.partition(), message.offset(), topic, error)
-    produce_and_wait(producer, topic, [
-        (message.key(), message.value(), list(message.headers() or []) + [
-            ("error", error.encode()),
-            ("source_topic", message.topic().encode()),
-            ("source_partition", str(message.partition()).encode()),
-            ("source_offset", str(message.offset()).encode()),
-        ])
-        for message, error in dead_letters
-    ])
-
-
-def _first_offsets(messages: list[Message]) -> dict[Partition, int]:
-    first: dict[Partition, int] = {}
-    for message in messages:
-        if not message.error():
-            partition = (message.topic(), message.partition())
-            first[partition] = min(first.get(partition, message.offset()), message.offset())
-    return first
-
-
-def _store_offsets(consumer: Consumer, done: list[Message]) -> None:
-    next_offsets: dict[Partition, int] = {}
-    for message in done:
-        partition = (message.topic(), message.partition())
-        next_offsets[partition] = max(next_offsets.get(partition, 0), message.offset() + 1)
-    if not next_offsets:
-        return
-    try:
-        consumer.store_offsets(offsets=[TopicPartition(t, p, o) for (t, p), o in next_offsets.items()])
-    except KafkaException as exc:  # a partition was revoked meanwhile: its new owner processes the messages again
-        log.warning("could not store offsets: %s", exc)
-
-
-def _rewind(consumer: Consumer, offsets: dict[Partition, int]) -> None:
-    for (topic, partition), offset in offsets.items():
-        try:
-            consumer.seek(TopicPartition(topic, partition, offset))
-        except KafkaException as exc:  # revoked meanwhile: the new owner starts from the committed offset
-            log.warning("could not rewind %s[%d] to %d: %s", topic, partition, offset, exc)

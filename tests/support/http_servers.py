@@ -38,29 +38,37 @@ class _ImageHandler(BaseHTTPRequestHandler):
         owner = self.server.owner
         with owner.lock:
             owner.requests[self.path] += 1
-        time.sleep(owner.delay)
-        body = owner.files.get(self.path)
-        if body is None:
-            self.send_response(404)
-            self.send_header("Content-Length", "0")
+            owner.active += 1
+            owner.most_active = max(owner.most_active, owner.active)
+            status = owner.first_statuses[self.path].pop(0) if owner.first_statuses.get(self.path) else 200
+        try:
+            time.sleep(owner.delays.get(self.path, owner.delay))
+            body = owner.files.get(self.path) if status == 200 else b""
+            if body is None:
+                status, body = 404, b""
+            self.send_response(status)
+            self.send_header("Content-Type", "application/octet-stream")
+            self.send_header("Content-Length", str(len(body)))
             self.end_headers()
-            return
-        self.send_response(200)
-        self.send_header("Content-Type", "application/octet-stream")
-        self.send_header("Content-Length", str(len(body)))
-        self.end_headers()
-        self.wfile.write(body)
+            self.wfile.write(body)
+        finally:
+            with owner.lock:
+                owner.active -= 1
 
 
 class ImageHost(LoopbackServer):
-    """Serves `files` (path -> bytes), each after `delay` seconds; any other path answers 404.
-    `requests` counts the GETs per path."""
+    """Serves `files` (path -> bytes), each after `delay` seconds (or `delays[path]`); any other path
+    answers 404; a path in `first_statuses` answers those statuses first, one per request.
+    `requests` counts the GETs per path, `most_active` the most answered at once."""
 
     def __init__(self):
         super().__init__(_ImageHandler)
         self.files: dict[str, bytes] = {}
         self.delay = 0.0
+        self.delays: dict[str, float] = {}
+        self.first_statuses: dict[str, list[int]] = {}
         self.requests: Counter = Counter()
+        self.active = self.most_active = 0
         self.lock = threading.Lock()
 
     def add(self, path: str, body: bytes) -> str:

@@ -19,11 +19,17 @@ def committed_offsets(admin: AdminClient, group: str, topic: str) -> dict[int, i
     return {tp.partition: tp.offset for tp in committed.topic_partitions}
 
 
-def wait_until_consumed(bootstrap_servers: str, group: str, topics: list[str], timeout: float = 60) -> None:
-    """Wait until the group's committed offsets reach the end of every partition of the topics, as
-    they are now. The services commit only what they finished, so then every message was handled."""
+def wait_until_consumed(
+    bootstrap_servers: str, group: str, topics: list[str], timeout: float = 60, partitions: list[int] | None = None
+) -> None:
+    """Wait until the group's committed offsets reach the end of every partition of the topics (or of
+    the partitions given), as they are now. The services commit only what they finished, so then
+    every message was handled."""
     admin = AdminClient({"bootstrap.servers": bootstrap_servers})
-    ends = {topic: {p: end for p, end in end_offsets(admin, topic).items() if end > 0} for topic in topics}
+    ends = {
+        topic: {p: end for p, end in end_offsets(admin, topic).items() if end > 0 and (partitions is None or p in partitions)}
+        for topic in topics
+    }
     deadline = time.monotonic() + timeout
     while True:
         behind = {

@@ -1,0 +1,178 @@
+"""The work on one image, run by a download thread: fetch, compress, store, and the result event.
+
+It never sleeps: an attempt worth repeating returns RetryLater, and the worker schedules it while
+other images proceed. Failures of the image itself become a failed result; an unexpected error is
+tried image_max_attempts times, then fails as internal_error; an unavailable storage is tried
+again without limit (it is not the image's fault), keeping the compressed bytes meanwhile."""
+import logging
+import threading
+from contextlib import contextmanager
+from dataclasses import dataclass
+
+import httpx
+
+from services.processor import failures
+from services.processor.compress import Compressed, CompressOptions
+from services.processor.compressor import Compressor
+from services.processor.failures import ImageFailure, StorageUnavailable, TransientFailure
+from services.processor.fetch import check_url, fetch_image
+from services.processor.hosts import HostGuard
+from services.processor.storage import Storage
+from shared.events import ImageError, ImageProcessed, ImageRequested, ImageStatus
+from shared.offsets import Partition
+from shared.settings import Settings
+
+log = logging.getLogger(__name__)
+
+FETCH_RETRY_SECONDS = 0.2  # doubled after each failed attempt: 0.2 s, 0.4 s, ...
+UNEXPECTED_RETRY_SECONDS = 0.5
+STORAGE_RETRY_SECONDS = 1.0
+MAX_RETRY_SECONDS = 30.0
+MESSAGE_MAX_CHARS = 1000
+
+
+@dataclass
+class ImageTask:
+    """One image.requested message while it is worked on."""
+
+    partition: Partition
+    offset: int
+    event: ImageRequested
+    normal_lane: bool
+    epoch: int = 0  # the OffsetTracker's epoch of the partition when the message was taken
+    fetch_attempts: int = 0
+    unexpected_errors: int = 0
+    storage_attempts: int = 0
+    bytes_in: int = 0
+    compressed: Compressed | None = None  # kept while the storage is unavailable, so it is not fetched again
+
+
+@dataclass
+class Finished:
+    result: ImageProcessed
+
+
+@dataclass
+class RetryLater:
+    delay: float
+    reason: str
+
+
+class ByteBudget:
+    """Bytes of images held in memory by this process. A download starts only while fewer than
+    `limit` are held, so memory stays bounded whatever the backlog (a download already running may
+    still add its own bytes)."""
+
+    def __init__(self, limit: int):
+        self.limit = limit
+        self.held = 0
+        self._changed = threading.Condition()
+
+    def wait_below_limit(self) -> None:
+        with self._changed:
+            self._changed.wait_for(lambda: self.held < self.limit)
+
+    def add(self, count: int) -> None:
+        with self._changed:
+            self.held += count
+
+    def release(self, count: int) -> None:
+        with self._changed:
+            self.held -= count
+            self._changed.notify_all()
+
+    @contextmanager
+    def holding(self, count: int):
+        self.add(count)
+        try:
+            yield
+        finally:
+            self.release(count)
+
+
+class ImagePipeline:
+    def __init__(self, settings: Settings, storage: Storage, client: httpx.Client, hosts: HostGuard,
+                 compressor: Compressor, memory: ByteBudget):
+        self.settings, self.storage, self.client, self.hosts = settings, storage, client, hosts
+        self.compressor, self.memory = compressor, memory
+        self.options = CompressOptions.from_settings(settings)
+
+    def run(self, task: ImageTask) -> Finished | RetryLater:
+        outcome = self._attempt(task)
+        if isinstance(outcome, Finished) and task.compressed is not None:
+            self.memory.release(len(task.compressed.data))
+            task.compressed = None
+        return outcome
+
+    def _attempt(self, task: ImageTask) -> Finished | RetryLater:
+        event = task.event
+        try:
+            if task.compressed is None:
+                self._fetch_and_compress(task)
+            # Deterministic: a duplicate event overwrites the same object instead of adding one.
+            key = f"{event.request_id}/{event.image_id}{task.compressed.extension}"
+            output_url = self.storage.save(key, task.compressed.data, task.compressed.content_type)
+        except TransientFailure as failure:
+            if task.fetch_attempts < self.settings.fetch_attempts:
+                delay = FETCH_RETRY_SECONDS * 2 ** (task.fetch_attempts - 1)
+                log.info("fetch attempt %d of image %s failed (%s); trying again in %gs", task.fetch_attempts,
+                         event.image_id, failure, delay)
+                return RetryLater(delay, str(failure))
+            return self._failed(task, ImageFailure(failure.code, f"{failure.message} (after {task.fetch_attempts} attempts)"))
+        except ImageFailure as failure:
+            return self._failed(task, failure)
+        except StorageUnavailable as exc:
+            task.storage_attempts += 1
+            delay = min(MAX_RETRY_SECONDS, STORAGE_RETRY_SECONDS * 2 ** (task.storage_attempts - 1))
+            log.warning("image %s of request %s waits for the storage (try %d, next in %gs): %s", event.image_id,
+                        event.request_id, task.storage_attempts, delay, exc)
+            return RetryLater(delay, f"the storage is unavailable: {exc}")
+        except Exception as exc:
+            task.unexpected_errors += 1
+            if task.unexpected_errors < self.settings.image_max_attempts:
+                log.exception("image %s of request %s raised (try %d); retrying", event.image_id, event.request_id,
+                              task.unexpected_errors)
+                return RetryLater(UNEXPECTED_RETRY_SECONDS * 2 ** (task.unexpected_errors - 1), repr(exc))
+            log.exception("image %s of request %s failed after %d tries", event.image_id, event.request_id,
+                          task.unexpected_errors)
+            message = f"unexpected {type(exc).__name__} in {task.unexpected_errors} tries: {exc}"
+            return self._failed(task, ImageFailure(failures.INTERNAL_ERROR, message[:MESSAGE_MAX_CHARS]))
+        log.info("image %s of request %s: %s %d -> %d bytes", event.image_id, event.request_id,
+                 task.compressed.format, task.bytes_in, len(task.compressed.data))
+        return Finished(ImageProcessed(
+            **_same_image(event),
+            status=ImageStatus.processed,
+            output_url=output_url,
+            format=task.compressed.format,
+            bytes_in=task.bytes_in,
+            bytes_out=len(task.compressed.data),
+        ))
+
+    def _fetch_and_compress(self, task: ImageTask) -> None:
+        url = check_url(task.event.input_url)
+        host = f"{url.scheme}://{url.host}:{url.port or (443 if url.scheme == 'https' else 80)}"  # an origin
+        self.memory.wait_below_limit()
+        with self.hosts.slot(host):
+            task.fetch_attempts += 1
+            try:
+                data = fetch_image(self.client, task.event.input_url, self.settings.max_download_bytes)
+            except TransientFailure as failure:
+                if failure.host_unreachable:
+                    self.hosts.failed(host)
+                raise
+            self.hosts.succeeded(host)
+        with self.memory.holding(len(data)):
+            compressed = self.compressor.compress(data, self.options)
+        self.memory.add(len(compressed.data))
+        task.bytes_in, task.compressed = len(data), compressed
+
+    def _failed(self, task: ImageTask, failure: ImageFailure) -> Finished:
+        event = task.event
+        log.info("image %s of request %s failed: %s", event.image_id, event.request_id, failure)
+        return Finished(ImageProcessed(
+            **_same_image(event), status=ImageStatus.failed, error=ImageError(code=failure.code, message=failure.message)
+        ))
+
+
+def _same_image(event: ImageRequested) -> dict:
+    return event.model_dump(include={"request_id", "image_id", "row_number", "position", "input_url"})
