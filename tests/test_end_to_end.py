@@ -5,6 +5,7 @@ import io
 import json
 import signal
 import time
+from pathlib import Path
 
 import httpx
 import psycopg
@@ -61,6 +62,33 @@ def assert_settled_with_one_webhook(stack: Stack, request_id: str, receiver: Web
     webhook = wait_for_status(stack.api, request_id, lambda s: s["webhook"]["status"] != "pending")["webhook"]
     assert (webhook["status"], webhook["attempts"]) == ("delivered", 1)
     assert len(receiver.posts_to()) == 1
+
+
+def children_of(pid: int) -> set[int]:
+    children = set()
+    for stat in Path("/proc").glob("[0-9]*/stat"):
+        try:
+            fields = stat.read_text().rsplit(")", 1)[1].split()
+        except OSError:  # ended meanwhile
+            continue
+        if int(fields[1]) == pid:
+            children.add(int(stat.parent.name))
+    return children
+
+
+def wait_for_children(pid: int, count: int, timeout: float = 60) -> set[int]:
+    deadline = time.monotonic() + timeout
+    while len(children := children_of(pid)) < count:
+        assert time.monotonic() < deadline, f"process {pid} has {len(children)} children, not {count}"
+        time.sleep(0.1)
+    return children
+
+
+def wait_for_exit(pids: set[int], timeout: float = 30) -> None:
+    deadline = time.monotonic() + timeout
+    while alive := {pid for pid in pids if Path(f"/proc/{pid}").exists()}:
+        assert time.monotonic() < deadline, f"processes {alive} still run"
+        time.sleep(0.1)
 
 
 def product_csv(rows: list[tuple[str, list[str]]]) -> str:
@@ -170,9 +198,11 @@ def test_a_processor_killed_after_processing_and_before_acknowledging_loses_no_i
     receiver = receivers()
     image_host.delay = 0.05  # many images in flight when it dies
     urls = [image_host.add(f"/p{n}.jpg", jpeg_bytes(300, 200, n)) for n in range(30)]
+    compress_workers = wait_for_children(stack.services.processes["processor-1"].pid, count=2)
 
     request_id = upload(stack.api, url_csv(urls), receiver.url)
     assert stack.services.wait_exit("processor-1", JOB_TIMEOUT) == KILLED
+    wait_for_exit(compress_workers)  # the killed processor's compression workers do not linger
     stack.services.env_overrides.pop("processor-1")
     stack.services.restart_exited()
     receiver.wait_for(1, JOB_TIMEOUT)

@@ -5,6 +5,7 @@ import pytest
 
 from services.processor.failures import ImageFailure
 from services.processor.hosts import HostGuard
+from services.processor.priority import BULK, NORMAL, PriorityGate
 
 
 class Clock:
@@ -27,14 +28,14 @@ def test_the_breaker_opens_after_consecutive_failures_and_closes_after_the_coold
     guard.failed("dead.example")
     assert guard.is_open("dead.example")
 
-    with pytest.raises(ImageFailure) as caught, guard.slot("dead.example"):
+    with pytest.raises(ImageFailure) as caught, guard.slot("dead.example", NORMAL):
         pass
     assert caught.value.code == "host_unavailable"
-    with guard.slot("alive.example"):  # other hosts are not affected
+    with guard.slot("alive.example", NORMAL):  # other hosts are not affected
         pass
 
     clock.now += 30  # cooldown over: tried again
-    with guard.slot("dead.example"):
+    with guard.slot("dead.example", NORMAL):
         pass
     guard.failed("dead.example")  # one more failure opens it again at once
     assert guard.is_open("dead.example")
@@ -51,7 +52,7 @@ def test_at_most_limit_downloads_per_host_at_once():
     lock = threading.Lock()
 
     def download():
-        with guard.slot("busy.example"):
+        with guard.slot("busy.example", BULK):
             with lock:
                 active[0] += 1
                 most[0] = max(most[0], active[0])
@@ -69,3 +70,25 @@ def test_at_most_limit_downloads_per_host_at_once():
     for thread in threads:
         thread.join(5)
     assert most[0] == 2
+
+
+def test_a_priority_gate_lets_the_normal_lane_in_before_waiting_bulk_images():
+    gate = PriorityGate(1)
+    gate.acquire(BULK)  # the slot is taken
+    order, started = [], []
+
+    def wait_for_slot(name, priority):
+        started.append(name)
+        with gate.slot(priority):
+            order.append(name)
+
+    threads = []
+    for name, priority in [("bulk-1", BULK), ("bulk-2", BULK), ("normal", NORMAL)]:
+        threads.append(threading.Thread(target=wait_for_slot, args=(name, priority)))
+        threads[-1].start()
+        while len(gate._waiting) < len(threads):  # each is queued before the next comes
+            threading.Event().wait(0.001)
+    gate.release()
+    for thread in threads:
+        thread.join(5)
+    assert order == ["normal", "bulk-1", "bulk-2"]

@@ -440,20 +440,20 @@ def test_a_retry_waits_while_the_images_behind_it_proceed(make_settings, image_h
 
 
 def test_the_in_flight_bound_holds_and_paused_partitions_resume(make_settings, image_host, read_topic, workers, caplog):
-    settings = make_settings(processor_max_in_flight=3)
+    settings = make_settings(processor_max_in_flight=2)  # and 16 queued per lane
     request_id = uuid.uuid4()
-    image_host.delay = 0.1
-    events = [requested(request_id, row, image_host.add(f"/b{row}.jpg", jpeg_bytes(200, 150, seed=row)))
-              for row in range(1, 13)]
+    image_host.delay = 0.05
+    image = jpeg_bytes(200, 150, seed=40)
+    events = [requested(request_id, row, image_host.add(f"/b{row}.jpg", image)) for row in range(1, 49)]
     send(settings, [(str(e.image_id), e.model_dump_json().encode()) for e in events])  # spread over partitions
     processed = read_topic(settings, settings.topic_processed)
 
     with caplog.at_level(logging.DEBUG, logger="services.processor.worker"):
         workers(settings)
-        results = results_for(processed.wait_for(lambda got: len(results_for(got, request_id)) == 12), request_id)
+        results = results_for(processed.wait_for(lambda got: len(results_for(got, request_id)) == 48), request_id)
 
     assert {r.image_id for r in results} == {e.image_id for e in events}
-    assert image_host.most_active <= 3
+    assert image_host.most_active <= 2
     assert any("pausing" in r.getMessage() for r in caplog.records)
     assert any("resuming" in r.getMessage() for r in caplog.records)
 

@@ -9,6 +9,9 @@ from concurrent.futures import ProcessPoolExecutor
 from concurrent.futures.process import BrokenProcessPool
 
 from services.processor.compress import Compressed, CompressOptions, compress
+from services.processor.priority import PriorityGate
+
+PARENT_CHECK_SECONDS = 1.0
 
 
 class Compressor:
@@ -16,11 +19,18 @@ class Compressor:
         self.processes = (os.cpu_count() or 1) if processes is None else processes
         self._lock = threading.Lock()
         self._pool = self._new_pool() if self.processes else None
+        # One image more than there are workers: each worker has the next image at hand, and an image
+        # of the normal lane waits for at most that one, not for every bulk image in flight.
+        self._gate = PriorityGate((self.processes or os.cpu_count() or 1) + 1)
 
-    def compress(self, data: bytes, options: CompressOptions) -> Compressed:
+    def compress(self, data: bytes, options: CompressOptions, priority: int) -> Compressed:
         """compress() in a worker process; raises what it raises. A worker that died (a crash in a
         decoder, the kernel's OOM killer) breaks the pool: a new one is made and BrokenProcessPool is
         raised for the images that were in it, which count it as an unexpected error and try again."""
+        with self._gate.slot(priority):
+            return self._compress(data, options)
+
+    def _compress(self, data: bytes, options: CompressOptions) -> Compressed:
         pool = self._pool
         if pool is None:
             return compress(data, options)
@@ -38,8 +48,21 @@ class Compressor:
 
     def _new_pool(self) -> ProcessPoolExecutor:
         # spawn, not fork: this process runs librdkafka's and httpx's threads, which a fork would copy mid-flight.
-        pool = ProcessPoolExecutor(self.processes, mp_context=multiprocessing.get_context("spawn"))
+        pool = ProcessPoolExecutor(self.processes, mp_context=multiprocessing.get_context("spawn"),
+                                   initializer=_exit_with_parent, initargs=(os.getpid(),))
         # Start every worker now (each busy a moment, so the next submit spawns another), not at the first images.
         for future in [pool.submit(time.sleep, 0.05) for _ in range(self.processes)]:
             future.result()
         return pool
+
+
+def _exit_with_parent(parent_pid: int) -> None:
+    """In each worker: end when the processor does. A worker holds both ends of the pool's pipes, so a
+    processor killed outright (SIGKILL, OOM) would otherwise leave it waiting forever."""
+
+    def watch() -> None:
+        while os.getppid() == parent_pid:
+            time.sleep(PARENT_CHECK_SECONDS)
+        os._exit(1)
+
+    threading.Thread(target=watch, name="parent-watch", daemon=True).start()

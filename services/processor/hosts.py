@@ -11,11 +11,12 @@ from contextlib import contextmanager
 
 from services.processor import failures
 from services.processor.failures import ImageFailure
+from services.processor.priority import PriorityGate
 
 
 class _Host:
     def __init__(self, limit: int):
-        self.slots = threading.Semaphore(limit)
+        self.slots = PriorityGate(limit)
         self.consecutive_failures = 0
         self.open_until = 0.0  # monotonic time until which the breaker is open
 
@@ -29,11 +30,11 @@ class HostGuard:
         self._lock = threading.Lock()
 
     @contextmanager
-    def slot(self, host: str) -> Iterator[None]:
+    def slot(self, host: str, priority: int) -> Iterator[None]:
         """Hold one of the host's download slots; raise ImageFailure(host_unavailable) while its breaker is open."""
         state = self._host(host)
         self._refuse_if_open(host, state)
-        with state.slots:
+        with state.slots.slot(priority):
             self._refuse_if_open(host, state)  # it may have opened while this download waited for a slot
             yield
 
@@ -53,6 +54,10 @@ class HostGuard:
 
     def is_open(self, host: str) -> bool:
         return self.clock() < self._host(host).open_until
+
+    def refuse_if_open(self, host: str) -> None:
+        """Raise ImageFailure(host_unavailable) while the host's breaker is open."""
+        self._refuse_if_open(host, self._host(host))
 
     def _refuse_if_open(self, host: str, state: _Host) -> None:
         if self.clock() < state.open_until:

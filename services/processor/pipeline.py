@@ -17,6 +17,7 @@ from services.processor.compressor import Compressor
 from services.processor.failures import ImageFailure, StorageUnavailable, TransientFailure
 from services.processor.fetch import check_url, fetch_image
 from services.processor.hosts import HostGuard
+from services.processor.priority import NORMAL
 from services.processor.storage import Storage
 from shared.events import ImageError, ImageProcessed, ImageRequested, ImageStatus
 from shared.offsets import Partition
@@ -38,7 +39,7 @@ class ImageTask:
     partition: Partition
     offset: int
     event: ImageRequested
-    normal_lane: bool
+    priority: int  # NORMAL or BULK (services/processor/priority.py)
     epoch: int = 0  # the OffsetTracker's epoch of the partition when the message was taken
     fetch_attempts: int = 0
     unexpected_errors: int = 0
@@ -61,16 +62,22 @@ class RetryLater:
 class ByteBudget:
     """Bytes of images held in memory by this process. A download starts only while fewer than
     `limit` are held, so memory stays bounded whatever the backlog (a download already running may
-    still add its own bytes)."""
+    still add its own bytes). Waiting images of the normal lane go first."""
 
     def __init__(self, limit: int):
         self.limit = limit
         self.held = 0
+        self._normal_waiting = 0
         self._changed = threading.Condition()
 
-    def wait_below_limit(self) -> None:
+    def wait_below_limit(self, priority: int) -> None:
         with self._changed:
-            self._changed.wait_for(lambda: self.held < self.limit)
+            if priority == NORMAL:
+                self._normal_waiting += 1
+                self._changed.wait_for(lambda: self.held < self.limit)
+                self._normal_waiting -= 1
+            else:
+                self._changed.wait_for(lambda: self.held < self.limit and not self._normal_waiting)
 
     def add(self, count: int) -> None:
         with self._changed:
@@ -149,10 +156,9 @@ class ImagePipeline:
         ))
 
     def _fetch_and_compress(self, task: ImageTask) -> None:
-        url = check_url(task.event.input_url)
-        host = f"{url.scheme}://{url.host}:{url.port or (443 if url.scheme == 'https' else 80)}"  # an origin
-        self.memory.wait_below_limit()
-        with self.hosts.slot(host):
+        host = origin(task.event.input_url)
+        self.memory.wait_below_limit(task.priority)
+        with self.hosts.slot(host, task.priority):
             task.fetch_attempts += 1
             try:
                 data = fetch_image(self.client, task.event.input_url, self.settings.max_download_bytes)
@@ -162,9 +168,17 @@ class ImagePipeline:
                 raise
             self.hosts.succeeded(host)
         with self.memory.holding(len(data)):
-            compressed = self.compressor.compress(data, self.options)
+            compressed = self.compressor.compress(data, self.options, task.priority)
         self.memory.add(len(compressed.data))
         task.bytes_in, task.compressed = len(data), compressed
+
+    def fail_fast(self, task: ImageTask) -> Finished | None:
+        """A failed result at once, without a thread, for an invalid URL or a host whose breaker is open."""
+        try:
+            self.hosts.refuse_if_open(origin(task.event.input_url))
+        except ImageFailure as failure:
+            return self._failed(task, failure)
+        return None
 
     def _failed(self, task: ImageTask, failure: ImageFailure) -> Finished:
         event = task.event
@@ -172,6 +186,12 @@ class ImagePipeline:
         return Finished(ImageProcessed(
             **_same_image(event), status=ImageStatus.failed, error=ImageError(code=failure.code, message=failure.message)
         ))
+
+
+def origin(url: str) -> str:
+    """scheme://host:port of an image URL: what per-host limits and the circuit breaker count by."""
+    parsed = check_url(url)
+    return f"{parsed.scheme}://{parsed.host}:{parsed.port or (443 if parsed.scheme == 'https' else 80)}"
 
 
 def _same_image(event: ImageRequested) -> dict:

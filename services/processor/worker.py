@@ -1,18 +1,20 @@
 """The processor: image.requested in (both lanes), one image.processed out per image, at least once,
 many images at a time.
 
-This thread owns the Kafka consumer. It takes messages while fewer than processor_max_in_flight are
-open, pausing the lanes' partitions otherwise (the bulk lane a quarter earlier, so the normal lane
-always has room: a small job never waits behind a large one's backlog). Each image goes to a
-download thread, which runs the pipeline and produces its result; the result's delivery report,
-served here, marks the message finished, and offsets are stored as far as the OffsetTracker allows,
-although images finish out of order. Retries wait in a schedule here, holding no thread."""
+This thread owns the Kafka consumer. It keeps a short queue of taken messages per lane, pausing a
+lane's partitions while its queue is full, and starts images from the normal lane's queue first (a
+small job never waits behind a large one's backlog), at most processor_max_in_flight at once. Each
+image goes to a download thread, which runs the pipeline and produces its result; the result's
+delivery report, served here, marks the message finished, and offsets are stored as far as the
+OffsetTracker allows, although images finish out of order. Retries wait in a schedule here,
+holding no thread."""
 import heapq
 import itertools
 import logging
 import queue
 import threading
 import time
+from collections import deque
 from collections.abc import Callable
 from concurrent.futures import ThreadPoolExecutor
 
@@ -23,6 +25,7 @@ from services.processor.compressor import Compressor
 from services.processor.fetch import make_http_client
 from services.processor.hosts import HostGuard
 from services.processor.pipeline import ByteBudget, ImagePipeline, ImageTask, RetryLater
+from services.processor.priority import BULK, NORMAL
 from services.processor.storage import Storage, make_storage
 from shared.events import ImageProcessed, ImageRequested
 from shared.faults import crash_point
@@ -34,7 +37,11 @@ log = logging.getLogger(__name__)
 
 DEAD_LETTER_ERROR_MAX_CHARS = 1000
 IDLE_WAIT_SECONDS = 0.2
-BUSY_WAIT_SECONDS = 0.02  # while images are open: delivery reports and lane limits are seen this soon
+BUSY_WAIT_SECONDS = 0.02  # while images are open: delivery reports are served this soon
+# Taken messages queued per lane, as a multiple of processor_max_in_flight. A paused partition's
+# prefetched messages are dropped and fetched again on resume, which can take a broker's long-poll
+# (500 ms): the queue keeps the images in flight fed meanwhile. A queued message is a few hundred bytes.
+QUEUED_PER_IN_FLIGHT = 8
 PRODUCE_RETRY_SECONDS = 1.0
 MAX_PRODUCE_RETRY_SECONDS = 30.0
 
@@ -66,15 +73,14 @@ class Processor:
         self.thread_errors: queue.SimpleQueue = queue.SimpleQueue()  # what must stop the processor
         self.scheduled: list = []  # heap of (due, sequence, action) run by this thread
         self.sequence = itertools.count()
-        self.open = 0  # messages taken and not finished: running, waiting for a retry or for Kafka's ack
+        self.lanes = {settings.topic_requested: deque(), settings.topic_requested_bulk: deque()}  # normal lane first
+        self.queue_limit = settings.processor_max_in_flight * QUEUED_PER_IN_FLIGHT
+        self.working = 0  # images started and not finished: running, waiting for a retry or for Kafka's ack
         self.waiting = 0  # of which are waiting for a retry
         self.paused: set[tuple[str, int]] = set()
-        self.lane_limits = {
-            settings.topic_requested: settings.processor_max_in_flight,
-            settings.topic_requested_bulk: max(1, settings.processor_max_in_flight - max(1, settings.processor_max_in_flight // 4)),
-        }
 
     def run(self, stop: threading.Event) -> None:
+        self.consumer_thread = threading.current_thread()
         log.info("processor consuming %s and %s as group %s, up to %d images at a time",
                  self.settings.topic_requested, self.settings.topic_requested_bulk, self.settings.processor_group,
                  self.settings.processor_max_in_flight)
@@ -83,7 +89,8 @@ class Processor:
                 self._raise_thread_errors()
                 self._apply_lane_limits()
                 for message in self._take():
-                    self._start(message)
+                    self._queue(message)
+                self._start_queued()
                 self._schedule_retries()
                 self._run_due()
                 self.producer.poll(0)  # delivery reports: finished messages
@@ -100,35 +107,39 @@ class Processor:
     # --- taking messages ------------------------------------------------------------------------
 
     def _apply_lane_limits(self) -> None:
-        """Pause a lane's partitions when its limit is reached; resume them at three quarters of it."""
+        """Pause a lane's partitions while its queue is full; resume them once it is half empty."""
         assigned = {(tp.topic, tp.partition) for tp in self.consumer.assignment()}
         self.paused &= assigned
         wanted = set()
         for topic, partition in assigned:
-            limit = self.lane_limits.get(topic, self.settings.processor_max_in_flight)
-            if self.open >= limit or ((topic, partition) in self.paused and self.open > limit * 3 // 4):
+            queued = len(self.lanes.get(topic, ()))
+            if queued >= self.queue_limit or ((topic, partition) in self.paused and queued > self.queue_limit // 2):
                 wanted.add((topic, partition))
         if wanted - self.paused:
-            log.debug("%d images open: pausing %s", self.open, sorted(wanted - self.paused))
+            log.debug("queues full: pausing %s", sorted(wanted - self.paused))
             self.consumer.pause([TopicPartition(*p) for p in wanted - self.paused])
         if self.paused - wanted:
-            log.debug("%d images open: resuming %s", self.open, sorted(self.paused - wanted))
+            log.debug("queues have room: resuming %s", sorted(self.paused - wanted))
             self.consumer.resume([TopicPartition(*p) for p in self.paused - wanted])
         self.paused = wanted
 
     def _take(self) -> list[Message]:
-        """The messages there is room for: the first as soon as it arrives, then what is already fetched.
+        """The first message as soon as it arrives, then what is already fetched, up to the queues' room.
         (A message of a partition assigned since the last pause is taken even without room.)"""
-        wait = BUSY_WAIT_SECONDS if self.open else IDLE_WAIT_SECONDS
+        wait = BUSY_WAIT_SECONDS if self.working else IDLE_WAIT_SECONDS
         if self.scheduled:
             wait = min(wait, max(0.0, self.scheduled[0][0] - time.monotonic()))
+        if self._can_start():
+            wait = 0.0
         first = self.consumer.poll(wait)
         if first is None:
             return []
-        room = self.settings.processor_max_in_flight - self.open - 1
+        # Full lanes are paused, so what comes is for the others: take what the fullest of them can hold.
+        rooms = [self.queue_limit - len(lane) for lane in self.lanes.values() if len(lane) < self.queue_limit]
+        room = min(rooms, default=0) - 1
         return [first] + (self.consumer.consume(num_messages=room, timeout=0) if room > 0 else [])
 
-    def _start(self, message: Message) -> None:
+    def _queue(self, message: Message) -> None:
         if message.error() is not None:
             if message.error().fatal():
                 raise KafkaException(message.error())
@@ -136,15 +147,31 @@ class Processor:
             return
         partition = (message.topic(), message.partition())
         epoch = self.tracker.start(partition, message.offset())
-        self.open += 1
         try:
             event = ImageRequested.model_validate_json(message.value() or b"")
         except ValidationError as exc:
+            self.working += 1
             self.threads.submit(self._in_thread, self._send_dead_letter, message, epoch, _describe(exc))
             return
-        task = ImageTask(partition, message.offset(), event, normal_lane=message.topic() == self.settings.topic_requested,
-                         epoch=epoch)
-        self.threads.submit(self._in_thread, self._work, task)
+        priority = NORMAL if message.topic() == self.settings.topic_requested else BULK
+        self.lanes[message.topic()].append(ImageTask(partition, message.offset(), event, priority, epoch=epoch))
+
+    def _can_start(self) -> bool:
+        return self.working < self.settings.processor_max_in_flight and any(self.lanes.values())
+
+    def _start_queued(self) -> None:
+        """Start queued images while there is room, the normal lane's first."""
+        while self._can_start():
+            lane = next(lane for lane in self.lanes.values() if lane)
+            task = lane.popleft()
+            if not self.tracker.is_open(task.partition, task.offset, task.epoch):
+                continue  # its partition was revoked meanwhile: the new owner does it
+            self.working += 1
+            failed = self.pipeline.fail_fast(task)
+            if failed is not None:  # a host cut off by its breaker: thousands of images fail in a moment
+                self._produce_result(task, failed.result, attempt=1)
+            else:
+                self.threads.submit(self._in_thread, self._work, task)
 
     # --- in download threads --------------------------------------------------------------------
 
@@ -202,14 +229,17 @@ class Processor:
             try:
                 self.producer.produce(topic, value=value, key=key, headers=headers, on_delivery=on_delivery)
                 return
-            except BufferError:  # the local queue is full: the consumer thread's poll() drains it
-                time.sleep(0.1)
+            except BufferError:  # the local queue is full: poll() serves delivery reports, which frees it
+                if threading.current_thread() is self.consumer_thread:
+                    self.producer.poll(0.1)
+                else:
+                    time.sleep(0.1)
 
     # --- back in the consumer thread ------------------------------------------------------------
 
     def _finish(self, partition: tuple[str, int], offset: int, epoch: int) -> None:
         self.tracker.finish(partition, offset, epoch)
-        self.open -= 1
+        self.working -= 1
 
     def _schedule(self, delay: float, action: Callable[[], object]) -> None:
         self.waiting += 1
@@ -222,7 +252,7 @@ class Processor:
 
     def _resubmit(self, task: ImageTask) -> None:
         if not self.tracker.is_open(task.partition, task.offset, task.epoch):
-            self.open -= 1  # revoked while it waited: its new owner does it
+            self.working -= 1  # revoked while it waited: its new owner does it
             return
         self.threads.submit(self._in_thread, self._work, task)
 
@@ -238,10 +268,10 @@ class Processor:
             raise self.thread_errors.get()
 
     def _drain(self) -> None:
-        """Let running images finish and their results be acknowledged; what waits for a retry is
-        left to the partition's next owner (its offset stays uncommitted)."""
+        """Let running images finish and their results be acknowledged; what is queued or waits for a
+        retry is left to the partition's next owner (its offset stays uncommitted)."""
         deadline = time.monotonic() + self.settings.processor_drain_seconds
-        while self.open - self.waiting > 0 and time.monotonic() < deadline and self.thread_errors.empty():
+        while self.working - self.waiting > 0 and time.monotonic() < deadline and self.thread_errors.empty():
             self.producer.poll(0.05)
             self._schedule_retries()
         store_offsets(self.consumer, self.tracker)
