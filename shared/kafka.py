@@ -63,10 +63,14 @@ def produce_and_wait(producer: Producer, topic: str, messages: Iterable[tuple], 
 
 
 def make_consumer(
-    settings: Settings, group_id: str, topics: list[str], tracker: OffsetTracker, on_assign=None, **overrides
+    settings: Settings, group_id: str, topics: list[str], tracker: OffsetTracker,
+    assigned: set[tuple[str, int]] | None = None, **overrides
 ) -> Consumer:
     """An at-least-once consumer: the caller marks messages started and finished in `tracker`, and
-    calls store_offsets(); stored offsets are committed in the background, on revoke and on close."""
+    calls store_offsets(); stored offsets are committed in the background, on revoke and on close.
+    `assigned`, if given, is kept equal to the consumer's assignment (asking the consumer for it
+    waits on librdkafka's main thread, too slow for a loop)."""
+    assigned = set() if assigned is None else assigned
     config = {
         "bootstrap.servers": settings.kafka_bootstrap_servers,
         "group.id": group_id,
@@ -85,19 +89,22 @@ def make_consumer(
     config.update(overrides)
     consumer = Consumer(config)
 
+    def on_assign(_c: Consumer, partitions: list[TopicPartition]) -> None:
+        assigned.update((tp.topic, tp.partition) for tp in partitions)
+
     def on_revoke(c: Consumer, partitions: list[TopicPartition]) -> None:
         revoked = [(tp.topic, tp.partition) for tp in partitions]
         store_offsets(c, tracker, revoked)  # finished work is committed; the rest is the next owner's
         commit_stored(c)
         tracker.forget(revoked)
+        assigned.difference_update(revoked)
 
     def on_lost(_c: Consumer, partitions: list[TopicPartition]) -> None:
-        tracker.forget([(tp.topic, tp.partition) for tp in partitions])  # already someone else's: commit nothing
+        lost = [(tp.topic, tp.partition) for tp in partitions]
+        tracker.forget(lost)  # already someone else's: commit nothing
+        assigned.difference_update(lost)
 
-    callbacks = {"on_revoke": on_revoke, "on_lost": on_lost}
-    if on_assign is not None:
-        callbacks["on_assign"] = on_assign
-    consumer.subscribe(topics, **callbacks)
+    consumer.subscribe(topics, on_assign=on_assign, on_revoke=on_revoke, on_lost=on_lost)
     return consumer
 
 

@@ -15,6 +15,7 @@ class OffsetTracker:
         self._open: dict[Partition, set[int]] = {}
         self._next: dict[Partition, int] = {}  # one past the highest offset started
         self._stored: dict[Partition, int] = {}  # the last offset handed to the consumer to commit
+        self._changed: set[Partition] = set()  # partitions with a message finished since committable()
 
     def start(self, partition: Partition, offset: int) -> int:
         """Mark the message being worked on; return the partition's epoch, which finish() takes back."""
@@ -30,6 +31,7 @@ class OffsetTracker:
         assigned again since) is ignored: its offset may be open again for the new assignment."""
         if epoch == self._epoch.get(partition, 0):
             self._open.get(partition, set()).discard(offset)
+            self._changed.add(partition)
 
     def is_open(self, partition: Partition, offset: int, epoch: int) -> bool:
         return epoch == self._epoch.get(partition, 0) and offset in self._open.get(partition, ())
@@ -38,9 +40,12 @@ class OffsetTracker:
         return sum(len(offsets) for offsets in self._open.values())
 
     def committable(self, partitions: list[Partition] | None = None) -> list[TopicPartition]:
-        """The offsets to commit that are past what was last handed out; marks them as handed out."""
+        """The offsets to commit that are past what was last handed out (of the partitions given, or
+        of those where a message finished since); marks them as handed out."""
         advanced = []
-        for partition in self._next if partitions is None else partitions:
+        if partitions is None:
+            partitions, self._changed = self._changed, set()
+        for partition in partitions:
             if partition not in self._next:
                 continue
             open_offsets = self._open.get(partition)
@@ -54,6 +59,7 @@ class OffsetTracker:
         """Drop what is known of partitions that are no longer ours; their next owner starts from
         the committed offset."""
         for partition in partitions:
+            self._changed.discard(partition)
             self._epoch[partition] = self._epoch.get(partition, 0) + 1
             self._open.pop(partition, None)
             self._next.pop(partition, None)

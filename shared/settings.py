@@ -48,8 +48,12 @@ class Settings(BaseSettings):
 
     # Processor
     processor_group: str = "imgpipe-processor"
-    processor_max_in_flight: int = Field(32, ge=1)  # images consumed and not yet finished, per process
-    processor_max_in_flight_bytes: int = Field(64_000_000, ge=1)  # downloads wait while more is held
+    processor_max_in_flight: int = Field(32, ge=1)  # images worked on at once, per process
+    # Messages taken from Kafka and queued per lane, about 1 KB each. A paused partition's prefetched
+    # messages are dropped and fetched again on resume: a long queue keeps the images in flight fed
+    # meanwhile, and makes those stutters rare when a backlog fails fast (a dead host's 10,000 images).
+    processor_queued_per_lane: int = Field(1000, ge=1)
+    processor_max_in_flight_bytes: int = Field(32_000_000, ge=1)  # downloads wait while more is held
     compress_processes: int | None = Field(None, ge=0)  # None: one per core; 0: compress in threads
     processor_drain_seconds: float = Field(20.0, ge=0)  # on SIGTERM, finish in-flight work this long
     jpeg_quality: int = Field(50, ge=1, le=95)

@@ -440,7 +440,7 @@ def test_a_retry_waits_while_the_images_behind_it_proceed(make_settings, image_h
 
 
 def test_the_in_flight_bound_holds_and_paused_partitions_resume(make_settings, image_host, read_topic, workers, caplog):
-    settings = make_settings(processor_max_in_flight=2)  # and 16 queued per lane
+    settings = make_settings(processor_max_in_flight=2, processor_queued_per_lane=16)
     request_id = uuid.uuid4()
     image_host.delay = 0.05
     image = jpeg_bytes(200, 150, seed=40)

@@ -43,6 +43,9 @@ DEFAULT_DATA_DIR = REPO / ".local" / "kafka"
 JVM_OPTS = [
     "-Xms256m", "-Xmx512m",
     "-XX:+UseSerialGC",  # 2 cores, small heap: no parallel GC threads to feed
+    # Only the quick compiler: a freshly started broker otherwise spends seconds of CPU compiling,
+    # taken from the services on a 2-core machine; a local broker's load never needs C2's code.
+    "-XX:TieredStopAtLevel=1",
     "-XX:+ExitOnOutOfMemoryError",
     "-Djava.awt.headless=true",
     "-Djava.net.preferIPv4Stack=true",

@@ -7,10 +7,13 @@ from pathlib import Path
 
 REPO_ROOT = Path(__file__).resolve().parents[2]
 MODULES = {"api": "services.api", "processor": "services.processor", "notifier": "services.notifier"}
+# One processor process keeps both cores busy (it compresses in a worker process per core); more
+# add consumers, threads and memory without adding cores (bench/results/latest.md, scaling).
+DEFAULT_PROCESSORS = 1
 
 
 class ServiceGroup:
-    def __init__(self, env: dict[str, str], log_dir: Path, processors: int = 2):
+    def __init__(self, env: dict[str, str], log_dir: Path, processors: int = DEFAULT_PROCESSORS):
         """env: the services' whole environment (pass dict(os.environ) to inherit this one's)."""
         self.env = {**env, "PYTHONUNBUFFERED": "1"}
         self.log_dir = log_dir

@@ -2,7 +2,8 @@
 import os
 
 # Pillow reads this once, when PIL.Image is first imported, so it is set before anything imports Pillow.
-# Keeping more freed image blocks for reuse cut allocation time in decode-heavy work (shared/MEASUREMENTS.md).
+# Keeping more freed image blocks for reuse cut allocation time in decode-heavy work (docs/performance.md).
+# The compression workers, spawned from this process, inherit it.
 os.environ.setdefault("PILLOW_BLOCKS_MAX", "16")
 
 from services.processor.worker import run  # noqa: E402

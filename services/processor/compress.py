@@ -45,7 +45,7 @@ class Compressed:
     content_type: str  # e.g. "image/jpeg"
 
 
-def compress(data: bytes, options: CompressOptions) -> Compressed:
+def compress(data: bytes | bytearray, options: CompressOptions) -> Compressed:
     try:
         with warnings.catch_warnings():
             # The limit is ours (_check_total_pixels, before any decoding), per call and not
@@ -68,7 +68,7 @@ def compress(data: bytes, options: CompressOptions) -> Compressed:
         raise ImageFailure(failures.DECODE_ERROR, f"the image is corrupt or truncated: {exc}") from None
     extension, content_type = SUPPORTED_FORMATS[image_format]
     if len(encoded) >= len(data):
-        encoded = data  # already as small as we can make it (an MPO stays as it was; it is still a valid JPEG)
+        encoded = bytes(data)  # already as small as we can make it (an MPO stays as it was; it is still a valid JPEG)
     return Compressed(data=encoded, format=image_format, extension=extension, content_type=content_type)
 
 
@@ -97,6 +97,8 @@ def _encode(image: Image.Image, image_format: str, animated: bool, options: Comp
         params["save_all"] = True  # animated stays animated; frame timings come from each frame's info
         if "loop" in image.info:
             params["loop"] = image.info["loop"]
+    # Loaded first: saving an image that is not loaded yet decodes it into a copy, twice the memory.
+    image.load()
     output = io.BytesIO()
     image.save(output, image_format, **params)
     return output.getvalue()

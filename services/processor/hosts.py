@@ -4,6 +4,7 @@ After `failure_threshold` consecutive connection failures or timeouts on one hos
 fail at once as host_unavailable for `cooldown_seconds` (a dead or black-holed host costs a few
 timeouts, not one per image). Then the host is tried again: a success closes the breaker, one more
 failure opens it for another cooldown."""
+import logging
 import threading
 import time
 from collections.abc import Callable, Iterator
@@ -12,6 +13,8 @@ from contextlib import contextmanager
 from services.processor import failures
 from services.processor.failures import ImageFailure
 from services.processor.priority import PriorityGate
+
+log = logging.getLogger(__name__)
 
 
 class _Host:
@@ -49,6 +52,9 @@ class HostGuard:
         with self._lock:
             state.consecutive_failures += 1
             if state.consecutive_failures >= self.failure_threshold:
+                if self.clock() >= state.open_until:
+                    log.warning("%s failed %d times in a row: its images fail as host_unavailable for %g s",
+                                host, self.failure_threshold, self.cooldown_seconds)
                 state.open_until = self.clock() + self.cooldown_seconds
                 state.consecutive_failures = self.failure_threshold - 1  # after the cooldown, one failure reopens it
 

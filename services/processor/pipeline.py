@@ -8,6 +8,7 @@ import logging
 import threading
 from contextlib import contextmanager
 from dataclasses import dataclass
+from urllib.parse import urlsplit
 
 import httpx
 
@@ -15,7 +16,7 @@ from services.processor import failures
 from services.processor.compress import Compressed, CompressOptions
 from services.processor.compressor import Compressor
 from services.processor.failures import ImageFailure, StorageUnavailable, TransientFailure
-from services.processor.fetch import check_url, fetch_image
+from services.processor.fetch import fetch_image
 from services.processor.hosts import HostGuard
 from services.processor.priority import NORMAL
 from services.processor.storage import Storage
@@ -173,16 +174,17 @@ class ImagePipeline:
         task.bytes_in, task.compressed = len(data), compressed
 
     def fail_fast(self, task: ImageTask) -> Finished | None:
-        """A failed result at once, without a thread, for an invalid URL or a host whose breaker is open."""
+        """A failed result at once, without a thread, for a host whose breaker is open (its opening
+        was logged; thousands of lines saying so again would cost more than the images)."""
         try:
             self.hosts.refuse_if_open(origin(task.event.input_url))
         except ImageFailure as failure:
-            return self._failed(task, failure)
+            return self._failed(task, failure, logging.DEBUG)
         return None
 
-    def _failed(self, task: ImageTask, failure: ImageFailure) -> Finished:
+    def _failed(self, task: ImageTask, failure: ImageFailure, level: int = logging.INFO) -> Finished:
         event = task.event
-        log.info("image %s of request %s failed: %s", event.image_id, event.request_id, failure)
+        log.log(level, "image %s of request %s failed: %s", event.image_id, event.request_id, failure)
         return Finished(ImageProcessed(
             **_same_image(event), status=ImageStatus.failed, error=ImageError(code=failure.code, message=failure.message)
         ))
@@ -190,8 +192,13 @@ class ImagePipeline:
 
 def origin(url: str) -> str:
     """scheme://host:port of an image URL: what per-host limits and the circuit breaker count by."""
-    parsed = check_url(url)
-    return f"{parsed.scheme}://{parsed.host}:{parsed.port or (443 if parsed.scheme == 'https' else 80)}"
+    try:
+        parts = urlsplit(url)
+        port = parts.port
+    except ValueError:  # e.g. an unclosed IPv6 bracket or a port that is not a number: fetching fails as invalid_url
+        return url
+    scheme = parts.scheme.lower()
+    return f"{scheme}://{(parts.hostname or '')}:{port or (443 if scheme == 'https' else 80)}"
 
 
 def _same_image(event: ImageRequested) -> dict:

@@ -1,8 +1,8 @@
 """The processor: image.requested in (both lanes), one image.processed out per image, at least once,
 many images at a time.
 
-This thread owns the Kafka consumer. It keeps a short queue of taken messages per lane, pausing a
-lane's partitions while its queue is full, and starts images from the normal lane's queue first (a
+This thread owns the Kafka consumer. It keeps a queue of taken messages per lane, pausing a lane's
+partitions while its queue is full, and starts images from the normal lane's queue first (a
 small job never waits behind a large one's backlog), at most processor_max_in_flight at once. Each
 image goes to a download thread, which runs the pipeline and produces its result; the result's
 delivery report, served here, marks the message finished, and offsets are stored as far as the
@@ -38,10 +38,8 @@ log = logging.getLogger(__name__)
 DEAD_LETTER_ERROR_MAX_CHARS = 1000
 IDLE_WAIT_SECONDS = 0.2
 BUSY_WAIT_SECONDS = 0.02  # while images are open: delivery reports are served this soon
-# Taken messages queued per lane, as a multiple of processor_max_in_flight. A paused partition's
-# prefetched messages are dropped and fetched again on resume, which can take a broker's long-poll
-# (500 ms): the queue keeps the images in flight fed meanwhile. A queued message is a few hundred bytes.
-QUEUED_PER_IN_FLIGHT = 8
+RESULTS_LINGER_MS = 20
+FETCH_WAIT_MAX_MS = 100
 PRODUCE_RETRY_SECONDS = 1.0
 MAX_PRODUCE_RETRY_SECONDS = 30.0
 
@@ -58,10 +56,18 @@ class Processor:
     def __init__(self, settings: Settings, storage: Storage):
         self.settings = settings
         self.tracker = OffsetTracker()
-        self.producer = make_producer(settings)
+        self.assigned: set[tuple[str, int]] = set()  # kept by the consumer's rebalance callbacks
+        # Results are sent in batches of up to 20 ms: a handful of requests a second instead of one
+        # per image, which the broker pays for on the same cores as the compression.
+        self.producer = make_producer(settings, **{"linger.ms": RESULTS_LINGER_MS})
         self.consumer = make_consumer(
             settings, settings.processor_group, [settings.topic_requested, settings.topic_requested_bulk], self.tracker,
-            **{"partition.assignment.strategy": "roundrobin"},  # every processor gets partitions of both lanes
+            self.assigned, **{
+                "partition.assignment.strategy": "roundrobin",  # every processor gets partitions of both lanes
+                # A resumed partition is fetched again only once the fetch already waiting at the broker
+                # returns: at most this long (500 ms by default), so a backlog is not read in stutters.
+                "fetch.wait.max.ms": FETCH_WAIT_MAX_MS,
+            },
         )
         self.compressor = Compressor(settings.compress_processes)
         self.client = make_http_client(settings)
@@ -69,14 +75,18 @@ class Processor:
         memory = ByteBudget(settings.processor_max_in_flight_bytes)
         self.pipeline = ImagePipeline(settings, storage, self.client, hosts, self.compressor, memory)
         self.threads = ThreadPoolExecutor(settings.processor_max_in_flight, thread_name_prefix="image")
-        self.retry_requests: queue.SimpleQueue = queue.SimpleQueue()  # (task, RetryLater) from download threads
+        # From download threads: (task, RetryLater) for an image to try again, (task, None) once its result
+        # (or dead letter) is handed to the producer.
+        self.from_threads: queue.SimpleQueue = queue.SimpleQueue()
         self.thread_errors: queue.SimpleQueue = queue.SimpleQueue()  # what must stop the processor
         self.scheduled: list = []  # heap of (due, sequence, action) run by this thread
         self.sequence = itertools.count()
         self.lanes = {settings.topic_requested: deque(), settings.topic_requested_bulk: deque()}  # normal lane first
-        self.queue_limit = settings.processor_max_in_flight * QUEUED_PER_IN_FLIGHT
-        self.working = 0  # images started and not finished: running, waiting for a retry or for Kafka's ack
+        # Also the most results awaiting Kafka's acknowledgement.
+        self.queue_limit = settings.processor_queued_per_lane
+        self.working = 0  # images in a download thread or waiting for a retry
         self.waiting = 0  # of which are waiting for a retry
+        self.unacked = 0  # results handed to the producer and not yet acknowledged
         self.paused: set[tuple[str, int]] = set()
 
     def run(self, stop: threading.Event) -> None:
@@ -87,13 +97,13 @@ class Processor:
         try:
             while not stop.is_set():
                 self._raise_thread_errors()
+                self._hear_from_threads()
+                self._run_due()
+                self.producer.poll(0)  # delivery reports: finished messages
                 self._apply_lane_limits()
                 for message in self._take():
                     self._queue(message)
                 self._start_queued()
-                self._schedule_retries()
-                self._run_due()
-                self.producer.poll(0)  # delivery reports: finished messages
                 store_offsets(self.consumer, self.tracker)
         finally:
             self._drain()
@@ -108,10 +118,9 @@ class Processor:
 
     def _apply_lane_limits(self) -> None:
         """Pause a lane's partitions while its queue is full; resume them once it is half empty."""
-        assigned = {(tp.topic, tp.partition) for tp in self.consumer.assignment()}
-        self.paused &= assigned
+        self.paused &= self.assigned
         wanted = set()
-        for topic, partition in assigned:
+        for topic, partition in self.assigned:
             queued = len(self.lanes.get(topic, ()))
             if queued >= self.queue_limit or ((topic, partition) in self.paused and queued > self.queue_limit // 2):
                 wanted.add((topic, partition))
@@ -126,7 +135,7 @@ class Processor:
     def _take(self) -> list[Message]:
         """The first message as soon as it arrives, then what is already fetched, up to the queues' room.
         (A message of a partition assigned since the last pause is taken even without room.)"""
-        wait = BUSY_WAIT_SECONDS if self.working else IDLE_WAIT_SECONDS
+        wait = BUSY_WAIT_SECONDS if self.working or self.unacked else IDLE_WAIT_SECONDS
         if self.scheduled:
             wait = min(wait, max(0.0, self.scheduled[0][0] - time.monotonic()))
         if self._can_start():
@@ -151,13 +160,14 @@ class Processor:
             event = ImageRequested.model_validate_json(message.value() or b"")
         except ValidationError as exc:
             self.working += 1
-            self.threads.submit(self._in_thread, self._send_dead_letter, message, epoch, _describe(exc))
+            self.threads.submit(self._in_thread, self._send_dead_letter, message, epoch, _describe(exc), True)
             return
         priority = NORMAL if message.topic() == self.settings.topic_requested else BULK
         self.lanes[message.topic()].append(ImageTask(partition, message.offset(), event, priority, epoch=epoch))
 
     def _can_start(self) -> bool:
-        return self.working < self.settings.processor_max_in_flight and any(self.lanes.values())
+        return (self.working < self.settings.processor_max_in_flight and self.unacked < self.queue_limit
+                and any(self.lanes.values()))
 
     def _start_queued(self) -> None:
         """Start queued images while there is room, the normal lane's first."""
@@ -166,11 +176,12 @@ class Processor:
             task = lane.popleft()
             if not self.tracker.is_open(task.partition, task.offset, task.epoch):
                 continue  # its partition was revoked meanwhile: the new owner does it
-            self.working += 1
             failed = self.pipeline.fail_fast(task)
             if failed is not None:  # a host cut off by its breaker: thousands of images fail in a moment
+                self.unacked += 1
                 self._produce_result(task, failed.result, attempt=1)
             else:
+                self.working += 1
                 self.threads.submit(self._in_thread, self._work, task)
 
     # --- in download threads --------------------------------------------------------------------
@@ -184,10 +195,11 @@ class Processor:
     def _work(self, task: ImageTask) -> None:
         outcome = self.pipeline.run(task)
         if isinstance(outcome, RetryLater):
-            self.retry_requests.put((task, outcome))
+            self.from_threads.put((task, outcome))
             return
         crash_point(self.settings, "processor.after_process", lambda: commit_stored(self.consumer))
         self._produce_result(task, outcome.result, attempt=1)
+        self.from_threads.put((task, None))
 
     def _produce_result(self, task: ImageTask, result: ImageProcessed, attempt: int) -> None:
         def delivered(error, _message) -> None:  # served by the consumer thread's producer.poll()
@@ -197,13 +209,12 @@ class Processor:
             delay = min(MAX_PRODUCE_RETRY_SECONDS, PRODUCE_RETRY_SECONDS * 2 ** (attempt - 1))
             log.warning("result of image %s not acknowledged by Kafka (%s); producing it again in %gs",
                         task.event.image_id, error, delay)
-            self._schedule(delay, lambda: self.threads.submit(
-                self._in_thread, self._produce_result, task, result, attempt + 1))
+            self._schedule(delay, lambda: self._produce_result(task, result, attempt + 1))
 
         self._produce(self.settings.topic_processed, str(result.request_id).encode(),
                       result.model_dump_json().encode(), None, delivered)
 
-    def _send_dead_letter(self, message: Message, epoch: int, error: str) -> None:
+    def _send_dead_letter(self, message: Message, epoch: int, error: str, in_thread: bool) -> None:
         """Pass an unreadable message on unchanged, with headers saying why and where from."""
         log.warning("message %s[%d]@%d sent to %s: %s", message.topic(), message.partition(), message.offset(),
                     self.settings.topic_dead_letter, error)
@@ -219,10 +230,11 @@ class Processor:
                 self._finish((message.topic(), message.partition()), message.offset(), epoch)
             else:
                 log.warning("dead letter not acknowledged (%s); sending it again", kafka_error)
-                self._schedule(PRODUCE_RETRY_SECONDS, lambda: self.threads.submit(
-                    self._in_thread, self._send_dead_letter, message, epoch, error))
+                self._schedule(PRODUCE_RETRY_SECONDS, lambda: self._send_dead_letter(message, epoch, error, False))
 
         self._produce(self.settings.topic_dead_letter, message.key(), message.value(), headers, delivered)
+        if in_thread:
+            self.from_threads.put((None, None))
 
     def _produce(self, topic: str, key: bytes | None, value: bytes | None, headers, on_delivery) -> None:
         while True:
@@ -239,18 +251,23 @@ class Processor:
 
     def _finish(self, partition: tuple[str, int], offset: int, epoch: int) -> None:
         self.tracker.finish(partition, offset, epoch)
-        self.working -= 1
+        self.unacked -= 1
 
     def _schedule(self, delay: float, action: Callable[[], object]) -> None:
-        self.waiting += 1
         heapq.heappush(self.scheduled, (time.monotonic() + delay, next(self.sequence), action))
 
-    def _schedule_retries(self) -> None:
-        while not self.retry_requests.empty():
-            task, retry = self.retry_requests.get()
-            self._schedule(retry.delay, lambda task=task: self._resubmit(task))
+    def _hear_from_threads(self) -> None:
+        while not self.from_threads.empty():
+            task, retry = self.from_threads.get()
+            if retry is None:  # handed to the producer
+                self.working -= 1
+                self.unacked += 1
+            else:
+                self.waiting += 1
+                self._schedule(retry.delay, lambda task=task: self._resubmit(task))
 
     def _resubmit(self, task: ImageTask) -> None:
+        self.waiting -= 1
         if not self.tracker.is_open(task.partition, task.offset, task.epoch):
             self.working -= 1  # revoked while it waited: its new owner does it
             return
@@ -259,9 +276,7 @@ class Processor:
     def _run_due(self) -> None:
         now = time.monotonic()
         while self.scheduled and self.scheduled[0][0] <= now:
-            _due, _sequence, action = heapq.heappop(self.scheduled)
-            self.waiting -= 1
-            action()
+            heapq.heappop(self.scheduled)[2]()
 
     def _raise_thread_errors(self) -> None:
         if not self.thread_errors.empty():
@@ -271,9 +286,9 @@ class Processor:
         """Let running images finish and their results be acknowledged; what is queued or waits for a
         retry is left to the partition's next owner (its offset stays uncommitted)."""
         deadline = time.monotonic() + self.settings.processor_drain_seconds
-        while self.working - self.waiting > 0 and time.monotonic() < deadline and self.thread_errors.empty():
+        while (self.working - self.waiting or self.unacked) and time.monotonic() < deadline and self.thread_errors.empty():
             self.producer.poll(0.05)
-            self._schedule_retries()
+            self._hear_from_threads()
         store_offsets(self.consumer, self.tracker)
 
 
