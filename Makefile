@@ -3,7 +3,7 @@ PYTHON ?= python3
 VENV := .venv
 PY := $(VENV)/bin/python
 
-.PHONY: install run test schemas clean
+.PHONY: install run test bench schemas clean
 
 install: $(VENV)/.installed
 
@@ -19,6 +19,10 @@ run: install
 
 test: install
 	$(PY) -m pytest
+
+# The performance harness (docs/performance.md); not part of `make test`. Results in bench/results/.
+bench: install
+	$(PY) -m bench
 
 # Regenerate schemas/events/*.json from shared/events.py (a test fails while they differ).
 schemas: install

@@ -1,0 +1,187 @@
+"""Kafka, PostgreSQL and the imgpipe services for the benchmark, started as `make run` starts them
+(deploy/local) but in a work folder of the benchmark's own and on free ports.
+
+Kafka and PostgreSQL: started here (Kafka's data wiped at each start, the PostgreSQL cluster reused), or
+the running ones named by KAFKA_BOOTSTRAP_SERVERS / DATABASE_URL. Either way the run gets a fresh
+database of its own, dropped at the end. Services: an api and a notifier on topics and consumer groups
+of their own, and processors that can be restarted with other settings while those two keep running."""
+import os
+import shutil
+import time
+import uuid
+from contextlib import contextmanager
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Iterator
+from urllib.parse import urlparse, urlunparse
+
+import psycopg
+from confluent_kafka import ConsumerGroupState, KafkaException
+from confluent_kafka.admin import AdminClient
+from psycopg import sql
+
+from bench.proc import descendants, kill_descendants, listening_pid
+from bench.servers import LOOPBACK, free_port
+from deploy.local.kafka import KafkaBroker
+from deploy.local.postgres import LocalPostgres, ensure_installed
+from deploy.local.services import ServiceGroup
+from deploy.local.stack import wait_for_api
+from shared.db import migrate
+
+SERVICE_STOP_SECONDS = 3  # a processor stuck on a host that never answers is killed after this; nothing is kept
+
+
+@dataclass
+class Infrastructure:
+    kafka_bootstrap_servers: str
+    database_url: str  # the run's own database
+    started_here: bool
+
+    def _port_owner(self, address: str) -> int | None:
+        host, _, port = address.rpartition(":")
+        return listening_pid(int(port)) if host in (LOOPBACK, "localhost") else None
+
+    def kafka_pid(self) -> int | None:
+        return self._port_owner(self.kafka_bootstrap_servers.split(",")[0])
+
+    def postgres_pid(self) -> int | None:
+        url = urlparse(self.database_url)
+        return self._port_owner(f"{url.hostname}:{url.port or 5432}")
+
+    def postgres_version(self) -> str:
+        with psycopg.connect(self.database_url) as conn:
+            return conn.execute("SHOW server_version").fetchone()[0]
+
+
+def _with_database(url: str, name: str) -> str:
+    return urlunparse(urlparse(url)._replace(path=f"/{name}"))
+
+
+@contextmanager
+def infrastructure(work_dir: Path, kafka_bootstrap_servers: str | None, database_url: str | None
+                   ) -> Iterator[Infrastructure]:
+    kafka = postgres = None
+    try:
+        if not kafka_bootstrap_servers:
+            kafka = KafkaBroker(work_dir / "kafka", port=free_port(), controller_port=free_port())
+            kafka.stop()  # one left running by an interrupted run
+            shutil.rmtree(kafka.data_dir, ignore_errors=True)  # no topics of earlier runs piling up
+            print("starting Kafka", flush=True)
+            kafka.start()
+            kafka_bootstrap_servers = kafka.bootstrap_servers
+        if not database_url:
+            ensure_installed()
+            postgres = LocalPostgres(work_dir / "postgres", port=free_port())
+            postgres.stop()
+            print("starting PostgreSQL", flush=True)
+            postgres.start()
+            database_url = postgres.url("postgres")
+        name = f"imgpipe_bench_{uuid.uuid4().hex[:12]}"
+        with psycopg.connect(database_url, autocommit=True) as conn:
+            conn.execute(sql.SQL("CREATE DATABASE {}").format(sql.Identifier(name)))
+        try:
+            own_database = _with_database(database_url, name)
+            migrate(own_database)
+            yield Infrastructure(kafka_bootstrap_servers, own_database, started_here=kafka is not None)
+        finally:
+            with psycopg.connect(database_url, autocommit=True) as conn:
+                conn.execute(sql.SQL("DROP DATABASE IF EXISTS {} WITH (FORCE)").format(sql.Identifier(name)))
+    finally:
+        if kafka:
+            kafka.stop()
+        if postgres:
+            postgres.stop()
+
+
+class Processors(ServiceGroup):
+    """Only the processor processes of a ServiceGroup, so that they can be restarted with other settings."""
+
+    def __init__(self, env: dict[str, str], log_dir: Path, count: int):
+        super().__init__(env, log_dir, processors=count)
+        self.names = [name for name in self.names if name.startswith("processor-")]
+
+
+class Services:
+    """An api and a notifier (a ServiceGroup without processors) and the processors (a Processors)."""
+
+    def __init__(self, infra: Infrastructure, name: str, work_dir: Path):
+        suffix = f"{name}.{uuid.uuid4().hex[:6]}"
+        port = free_port()
+        self.infra = infra
+        self.api_url = f"http://{LOOPBACK}:{port}"
+        self.log_dir = work_dir / "logs" / name
+        self.storage_dir = work_dir / "images" / name
+        self.processor_group = f"bench-processor-{suffix}"
+        inherited = {k: v for k, v in os.environ.items()
+                     if not k.startswith("IMGPIPE_") and k not in ("DATABASE_URL", "KAFKA_BOOTSTRAP_SERVERS")}
+        self.env = {
+            **inherited,
+            # both spellings: whichever one a version of shared/settings.py prefers, it is this value
+            "KAFKA_BOOTSTRAP_SERVERS": infra.kafka_bootstrap_servers,
+            "IMGPIPE_KAFKA_BOOTSTRAP_SERVERS": infra.kafka_bootstrap_servers,
+            "DATABASE_URL": infra.database_url,
+            "IMGPIPE_DATABASE_URL": infra.database_url,
+            "IMGPIPE_TOPIC_REQUESTED": f"bench.{suffix}.requested",
+            "IMGPIPE_TOPIC_REQUESTED_BULK": f"bench.{suffix}.requested-bulk",
+            "IMGPIPE_TOPIC_PROCESSED": f"bench.{suffix}.processed",
+            "IMGPIPE_TOPIC_DEAD_LETTER": f"bench.{suffix}.requested-dlq",
+            "IMGPIPE_PROCESSOR_GROUP": self.processor_group,
+            "IMGPIPE_NOTIFIER_GROUP": f"bench-notifier-{suffix}",
+            "IMGPIPE_API_PORT": str(port),
+            "IMGPIPE_PUBLIC_BASE_URL": self.api_url,
+            "IMGPIPE_STORAGE_DIR": str(self.storage_dir),
+            "IMGPIPE_ALLOW_PRIVATE_ADDRESSES": "true",  # every image host and the webhook are on 127.0.0.1
+        }
+        self.core = ServiceGroup(self.env, self.log_dir, processors=0)
+        self.processors: Processors | None = None
+        self.kafka_admin = AdminClient({"bootstrap.servers": infra.kafka_bootstrap_servers, "log_level": 3})
+        self.processor_settings: dict[str, str] = {}
+
+    def start(self, processors: int, processor_settings: dict[str, str]) -> None:
+        self.core.start()
+        self.restart_processors(processors, processor_settings)
+        wait_for_api(self.api_url)
+
+    def restart_processors(self, count: int, processor_settings: dict[str, str]) -> None:
+        self._stop_processors()
+        self.processor_settings = processor_settings
+        self.processors = Processors({**self.env, **processor_settings}, self.log_dir, count)
+        self.processors.start()
+
+    def wait_for_processors(self, timeout: float = 30) -> bool:
+        """True once the processor group is stable with every processor holding partitions."""
+        wanted = len(self.processors.names)
+        deadline = time.monotonic() + timeout
+        while time.monotonic() < deadline:
+            try:
+                group = self.kafka_admin.describe_consumer_groups([self.processor_group])[self.processor_group].result(5)
+                if (group.state == ConsumerGroupState.STABLE and len(group.members) >= wanted
+                        and all(member.assignment.topic_partitions for member in group.members)):
+                    return True
+            except KafkaException:
+                pass
+            time.sleep(0.2)
+        return False
+
+    def pids(self) -> dict[str, int]:
+        groups = [self.core] + ([self.processors] if self.processors else [])
+        return {name: proc.pid for group in groups for name, proc in group.processes.items()}
+
+    def processor_pids(self) -> list[int]:
+        return [proc.pid for proc in self.processors.processes.values()]
+
+    def _stop_processors(self) -> None:
+        if self.processors:
+            # a processor killed after the timeout would leave its compression worker processes behind
+            workers = [child for pid in self.processor_pids() for child in descendants(pid)]
+            self.processors.stop(SERVICE_STOP_SECONDS)
+            kill_descendants(workers)
+
+    def stop(self) -> None:
+        self._stop_processors()
+        self.core.stop(SERVICE_STOP_SECONDS)
+        shutil.rmtree(self.storage_dir, ignore_errors=True)
+
+    def log_tails(self) -> str:
+        names = self.core.names + (self.processors.names if self.processors else [])
+        return "\n".join(f"--- {name} ---\n{self.core.log_tail(name, 15)}" for name in names)
