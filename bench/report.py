@@ -93,10 +93,14 @@ def markdown(report: dict) -> str:
                   f"{machine['cores']} cores."]
     if "scaling" in report["scenarios"] and "jobs" in report["scenarios"]["scaling"]:
         lines += ["", "## Scaling", "", "![scaling](scaling.png)", "",
-                  *_markdown_table(["processors", "in flight", "images/s"], [
-                      [p["processors"], p["in_flight"], _number(p["images_per_second"], 1)]
+                  *_markdown_table(["processors", "in flight", "compression", "images/s"], [
+                      [p["processors"], p["in_flight"], _compression(p), _number(p["images_per_second"], 1)]
                       for p in report["scenarios"]["scaling"]["jobs"]])]
     return "\n".join(lines) + "\n"
+
+
+def _compression(point: dict) -> str:
+    return "threads" if point.get("IMGPIPE_COMPRESS_PROCESSES") == "0" else "worker processes"
 
 
 def _unfinished(job: dict) -> str:
@@ -117,10 +121,14 @@ def scaling_figure(scaling: dict, path: Path) -> None:
     from matplotlib import pyplot
 
     figure, axes = pyplot.subplots(figsize=(7, 4.5), dpi=120)
-    for processors in sorted({p["processors"] for p in scaling["jobs"]}):
-        line = [p for p in scaling["jobs"] if p["processors"] == processors]
+    in_processes = [p for p in scaling["jobs"] if _compression(p) == "worker processes"]
+    for processors in sorted({p["processors"] for p in in_processes}):
+        line = [p for p in in_processes if p["processors"] == processors]
         axes.plot([p["in_flight"] for p in line], [p["images_per_second"] or 0 for p in line], marker="o",
                   label=f"{processors} processor process{'es' if processors > 1 else ''}")
+    for point in (p for p in scaling["jobs"] if _compression(p) == "threads"):
+        axes.plot([point["in_flight"]], [point["images_per_second"] or 0], marker="x", markersize=9, linestyle="",
+                  label="1 processor, compressing in threads")
     axes.axhline(scaling["baseline_2_processes_images_per_second"], color="grey", linestyle="--",
                  label="bare Pillow, 2 processes")
     settings = sorted({p["in_flight"] for p in scaling["jobs"]})

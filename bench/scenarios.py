@@ -18,7 +18,8 @@ from bench.servers import ImageServer, WebhookReceiver
 from bench.stack import Infrastructure, Services
 from deploy.local.services import DEFAULT_PROCESSORS
 
-IN_FLIGHT = "IMGPIPE_PROCESSOR_MAX_IN_FLIGHT"  # images in flight per processor process (the rewrite's setting)
+IN_FLIGHT = "IMGPIPE_PROCESSOR_MAX_IN_FLIGHT"  # images in flight per processor process
+COMPRESS_PROCESSES = "IMGPIPE_COMPRESS_PROCESSES"  # 0: compress in the processor's threads
 WARM_UP_IMAGES = 2
 LATENCY_JOB_WAIT = 10.0  # seconds one latency job may take before it counts as not finished
 DEAD_HOST_TARGET = 60.0  # seconds for all of the dead host's URLs to fail
@@ -324,20 +325,12 @@ def memory(bench: Bench) -> dict:
 def scaling(bench: Bench) -> dict:
     baseline = bench.pillow_baseline()
     points = []
-    waited = min(bench.max_wait, SCALING_POINT_WAIT)
     for processors, in_flight in itertools.product(bench.processor_counts, bench.in_flight):
-        with bench.stack("scaling", processors, {IN_FLIGHT: str(in_flight)}) as (_services, jobs):
-            job = jobs.upload(bench.mixed_urls(bench.sizes.scaling_images))
-            finished = jobs.wait(job, waited)
-            name = f"{processors} processor(s), in flight {in_flight}"
-            point = {"processors": processors, "in_flight": in_flight, **job.summary(name)}
-            if not finished:  # the rate of the images done so far; Bench.stack starts new services for the next point
-                counts = jobs.counts(job)
-                done = counts["processed"] + counts["failed"]
-                point.update(images_done=done, images_per_second=done / (time.monotonic() - job.uploaded_at))
-        points.append(point)
-        _log(f"{name}: {point['images_per_second']:.1f} img/s" + ("" if point["finished"] else
-             f" ({point['images_done']} of {job.images} images done in {waited:.0f} s)"))
+        points.append(_scaling_point(bench, processors, in_flight, {}, f"{processors} processor(s), in flight {in_flight}"))
+    # The same work with compression in the processor's own threads instead of worker processes.
+    in_flight = max(bench.in_flight)
+    threads = _scaling_point(bench, 1, in_flight, {COMPRESS_PROCESSES: "0"},
+                             f"1 processor, in flight {in_flight}, compressing in threads")
     knees = {}
     for processors in bench.processor_counts:
         line = [p for p in points if p["processors"] == processors and p["images_per_second"]]
@@ -350,9 +343,25 @@ def scaling(bench: Bench) -> dict:
     measured = "; ".join(f"{n} processor{'s' if n > 1 else ''}: knee at {k['in_flight']} "
                          f"({k['images_per_second']:.0f} img/s, best {k['best_images_per_second']:.0f})"
                          for n, k in knees.items()) or "no job finished"
+    measured += f"; compressing in threads: {threads['images_per_second']:.0f} img/s"
     return {"checks": [check("scaling", measured, "plotted; knee reported", None)],
-            "jobs": points, "knees": {str(n): k for n, k in knees.items()},
+            "jobs": points + [threads], "knees": {str(n): k for n, k in knees.items()},
             "baseline_2_processes_images_per_second": baseline["2_processes"]["images_per_second"]}
+
+
+def _scaling_point(bench: Bench, processors: int, in_flight: int, settings: dict[str, str], name: str) -> dict:
+    waited = min(bench.max_wait, SCALING_POINT_WAIT)
+    with bench.stack("scaling", processors, {IN_FLIGHT: str(in_flight), **settings}) as (_services, jobs):
+        job = jobs.upload(bench.mixed_urls(bench.sizes.scaling_images))
+        finished = jobs.wait(job, waited)
+        point = {"processors": processors, "in_flight": in_flight, **settings, **job.summary(name)}
+        if not finished:  # the rate of the images done so far; Bench.stack starts new services for the next point
+            counts = jobs.counts(job)
+            done = counts["processed"] + counts["failed"]
+            point.update(images_done=done, images_per_second=done / (time.monotonic() - job.uploaded_at))
+    _log(f"{name}: {point['images_per_second']:.1f} img/s" + ("" if point["finished"] else
+         f" ({point['images_done']} of {job.images} images done in {waited:.0f} s)"))
+    return point
 
 
 # In the order they run: those that leave work behind in the services (a black-hole URL, refused URLs)

@@ -1,5 +1,15 @@
 """python -m services.processor: consume image.requested until SIGTERM or SIGINT."""
+import ctypes
 import os
+
+# Buffers of an image's size (MBs) go back to the system when freed rather than stay in malloc's arenas,
+# one per download thread: peak RSS with 12-megapixel images in flight about a quarter lower
+# (docs/performance.md). The compression workers, spawned from here, read the variable when they start.
+MMAP_THRESHOLD_BYTES = 128 * 1024
+M_MMAP_THRESHOLD = -3  # glibc's mallopt() parameter
+mmap_threshold = int(os.environ.setdefault("MALLOC_MMAP_THRESHOLD_", str(MMAP_THRESHOLD_BYTES)))
+if hasattr(libc := ctypes.CDLL(None), "mallopt"):  # glibc; other C libraries keep their own ways
+    libc.mallopt(M_MMAP_THRESHOLD, mmap_threshold)
 
 # Pillow reads this once, when PIL.Image is first imported, so it is set before anything imports Pillow.
 # Keeping more freed image blocks for reuse cut allocation time in decode-heavy work (docs/performance.md).
