@@ -73,11 +73,16 @@ def infra(tmp_path_factory):
         started.append(postgres)
         return postgres.url("postgres")
 
-    with ThreadPoolExecutor(2) as pool:
-        kafka_future = None if kafka_servers else pool.submit(start_kafka)
-        database_future = None if server_url else pool.submit(start_postgres)
-        kafka_servers = kafka_future.result() if kafka_future else kafka_servers
-        server_url = database_future.result() if database_future else server_url
+    try:
+        with ThreadPoolExecutor(2) as pool:
+            kafka_future = None if kafka_servers else pool.submit(start_kafka)
+            database_future = None if server_url else pool.submit(start_postgres)
+            kafka_servers = kafka_future.result() if kafka_future else kafka_servers
+            server_url = database_future.result() if database_future else server_url
+    except BaseException:  # one of them failed: do not leave the other running
+        for component in started:
+            component.stop()
+        raise
 
     # Databases of this session's own, also on a server named by DATABASE_URL, so that other
     # sessions' jobs and webhook deliveries on the same server never meet this one's.
