@@ -9,16 +9,11 @@ from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from pathlib import Path
 from urllib.parse import urlsplit
 
+from deploy.local.probe import free_port
 from tests.support.http_servers import LoopbackServer
 
 LOOPBACK = "127.0.0.1"
 
-
-def free_port() -> int:
-    """A port nothing listens on (bound, then closed): also what a host that refuses connections looks like."""
-    with socket.socket() as sock:
-        sock.bind((LOOPBACK, 0))
-        return sock.getsockname()[1]
 
 
 class _ImageHandler(BaseHTTPRequestHandler):

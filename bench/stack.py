@@ -13,7 +13,7 @@ from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Iterator
-from urllib.parse import urlparse, urlunparse
+from urllib.parse import urlparse
 
 import psycopg
 from confluent_kafka import ConsumerGroupState, KafkaException
@@ -21,9 +21,11 @@ from confluent_kafka.admin import AdminClient
 from psycopg import sql
 
 from bench.proc import descendants, kill_descendants, listening_pid
-from bench.servers import LOOPBACK, free_port
+from bench.servers import LOOPBACK
 from deploy.local.kafka import KafkaBroker
 from deploy.local.postgres import LocalPostgres, ensure_installed
+from deploy.local.postgres import database_url as database_url_of
+from deploy.local.probe import free_port
 from deploy.local.services import ServiceGroup
 from deploy.local.stack import wait_for_api
 from shared.db import migrate
@@ -53,10 +55,6 @@ class Infrastructure:
             return conn.execute("SHOW server_version").fetchone()[0]
 
 
-def _with_database(url: str, name: str) -> str:
-    return urlunparse(urlparse(url)._replace(path=f"/{name}"))
-
-
 @contextmanager
 def infrastructure(work_dir: Path, kafka_bootstrap_servers: str | None, database_url: str | None
                    ) -> Iterator[Infrastructure]:
@@ -80,7 +78,7 @@ def infrastructure(work_dir: Path, kafka_bootstrap_servers: str | None, database
         with psycopg.connect(database_url, autocommit=True) as conn:
             conn.execute(sql.SQL("CREATE DATABASE {}").format(sql.Identifier(name)))
         try:
-            own_database = _with_database(database_url, name)
+            own_database = database_url_of(database_url, name)
             migrate(own_database)
             yield Infrastructure(kafka_bootstrap_servers, own_database, started_here=kafka is not None)
         finally:

@@ -36,9 +36,6 @@ class OffsetTracker:
     def is_open(self, partition: Partition, offset: int, epoch: int) -> bool:
         return epoch == self._epoch.get(partition, 0) and offset in self._open.get(partition, ())
 
-    def open_count(self) -> int:
-        return sum(len(offsets) for offsets in self._open.values())
-
     def committable(self, partitions: list[Partition] | None = None) -> list[TopicPartition]:
         """The offsets to commit that are past what was last handed out (of the partitions given, or
         of those where a message finished since); marks them as handed out."""

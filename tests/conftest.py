@@ -1,12 +1,11 @@
 """Session fixtures: real Kafka and PostgreSQL on 127.0.0.1, started here unless
 KAFKA_BOOTSTRAP_SERVERS / DATABASE_URL name running ones; and the three services as processes."""
 import os
-import socket
 import uuid
 from concurrent.futures import ThreadPoolExecutor
 from contextlib import ExitStack, contextmanager
 from dataclasses import dataclass
-from urllib.parse import urlparse, urlunparse
+from urllib.parse import urlparse
 
 import httpx
 import psycopg
@@ -14,7 +13,8 @@ import pytest
 from psycopg import sql
 
 from deploy.local.kafka import KafkaBroker
-from deploy.local.postgres import LocalPostgres, ensure_installed
+from deploy.local.postgres import LocalPostgres, database_url, ensure_installed
+from deploy.local.probe import free_port
 from deploy.local.services import ServiceGroup
 from deploy.local.stack import wait_for_api
 from shared.db import make_pool, migrate
@@ -23,16 +23,6 @@ from shared.settings import Settings
 from tests.support.http_servers import ImageHost, WebhookReceiver
 from tests.support.jobs import Jobs
 from tests.support.settings import make_test_settings, service_env
-
-
-def free_port() -> int:
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return sock.getsockname()[1]
-
-
-def database_url(server_url: str, name: str) -> str:
-    return urlunparse(urlparse(server_url)._replace(path=f"/{name}"))
 
 
 @dataclass

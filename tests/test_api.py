@@ -1,6 +1,5 @@
 """The API in-process (TestClient runs the real app and its lifespan) on real PostgreSQL and Kafka."""
 import json
-import socket
 import uuid
 
 import jsonschema
@@ -9,6 +8,7 @@ import pytest
 from fastapi.testclient import TestClient
 from psycopg.rows import dict_row
 
+from deploy.local.probe import free_port
 from services.api import jobs
 from services.api.app import create_app
 from services.api.csv_input import parse_csv
@@ -335,15 +335,9 @@ def test_empty_webhook_url_means_none(client, db):
     }
 
 
-def closed_port() -> int:
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return sock.getsockname()[1]
-
-
 def test_upload_answers_503_and_stores_nothing_when_kafka_is_unreachable(client, settings, db):
     unreachable = make_producer(
-        make_test_settings(kafka_bootstrap_servers=f"127.0.0.1:{closed_port()}"), **{"message.timeout.ms": 1500}
+        make_test_settings(kafka_bootstrap_servers=f"127.0.0.1:{free_port()}"), **{"message.timeout.ms": 1500}
     )
     working, client.app.state.producer = client.app.state.producer, unreachable
     token = uuid.uuid4().hex

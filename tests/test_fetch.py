@@ -9,6 +9,7 @@ from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 import httpx
 import pytest
 
+from deploy.local.probe import free_port
 from services.processor.failures import ImageFailure, TransientFailure
 from services.processor.fetch import fetch_image, make_http_client
 from shared.addresses import ForbiddenAddress, private_host_guard
@@ -173,10 +174,7 @@ def test_empty_body(fetch, server):
 
 
 def test_refused_connection_is_a_connect_error(fetch):
-    with socket.socket() as probe:  # a port that was free a moment ago and has no listener
-        probe.bind(("127.0.0.1", 0))
-        port = probe.getsockname()[1]
-    caught = failure(fetch, f"http://127.0.0.1:{port}/image.jpg")
+    caught = failure(fetch, f"http://127.0.0.1:{free_port()}/image.jpg")
     assert isinstance(caught, TransientFailure) and caught.code == "connect_error" and caught.host_unreachable
 
 

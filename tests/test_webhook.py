@@ -1,7 +1,6 @@
 """Webhook delivery against real HTTP receivers on 127.0.0.1 and a real PostgreSQL."""
 import base64
 import os
-import socket
 import threading
 import time
 
@@ -10,6 +9,7 @@ import pytest
 from pydantic import SecretStr
 from standardwebhooks import Webhook, WebhookVerificationError
 
+from deploy.local.probe import free_port
 from services.notifier.results import apply_results
 from services.notifier.webhook import MAX_BACKOFF_SECONDS, deliver_due, make_webhook_client
 from shared.settings import Settings
@@ -127,10 +127,7 @@ def test_receiver_slower_than_the_timeout_is_a_failed_attempt(pool, settings, jo
 
 def test_unreachable_receiver_is_a_failed_attempt_with_capped_backoff(pool, settings, jobs):
     settings = settings.model_copy(update={"webhook_backoff_seconds": 100_000.0})
-    with socket.socket() as probe:  # a port that was free a moment ago: nothing listens there
-        probe.bind(("127.0.0.1", 0))
-        port = probe.getsockname()[1]
-    job_id, _, _ = completed_job(jobs, f"http://127.0.0.1:{port}/hook")
+    job_id, _, _ = completed_job(jobs, f"http://127.0.0.1:{free_port()}/hook")
 
     with httpx.Client() as client:
         deliver_due(pool, client, settings)

@@ -38,6 +38,7 @@ import subprocess
 import sys
 from functools import cached_property
 from pathlib import Path
+from urllib.parse import urlparse, urlunparse
 
 from deploy.local.probe import port_open, tail
 
@@ -194,6 +195,11 @@ class LocalPostgres:
                 conn.execute(sql.SQL("CREATE DATABASE {}").format(sql.Identifier(name)))
             except (errors.DuplicateDatabase, errors.UniqueViolation):  # created concurrently
                 pass
+
+
+def database_url(server_url: str, name: str) -> str:
+    """The URL of database `name` on the server of `server_url`."""
+    return urlunparse(urlparse(server_url)._replace(path=f"/{name}"))
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -35,11 +35,6 @@ class ServiceGroup:
         """The exit status of the service once it has ended (negative: the signal that ended it)."""
         return self.processes[name].wait(timeout)
 
-    def kill(self, name: str) -> None:
-        """SIGKILL, as a crash would: no clean shutdown, no final commit."""
-        self.processes[name].kill()
-        self.processes[name].wait()
-
     def restart_exited(self) -> list[str]:
         exited = [name for name, proc in self.processes.items() if proc.poll() is not None]
         for name in exited:

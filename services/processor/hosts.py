@@ -52,21 +52,24 @@ class HostGuard:
         with self._lock:
             state.consecutive_failures += 1
             if state.consecutive_failures >= self.failure_threshold:
-                if self.clock() >= state.open_until:
+                if not self._is_open(state):
                     log.warning("%s failed %d times in a row: its images fail as host_unavailable for %g s",
                                 host, self.failure_threshold, self.cooldown_seconds)
                 state.open_until = self.clock() + self.cooldown_seconds
                 state.consecutive_failures = self.failure_threshold - 1  # after the cooldown, one failure reopens it
 
     def is_open(self, host: str) -> bool:
-        return self.clock() < self._host(host).open_until
+        return self._is_open(self._host(host))
 
     def refuse_if_open(self, host: str) -> None:
         """Raise ImageFailure(host_unavailable) while the host's breaker is open."""
         self._refuse_if_open(host, self._host(host))
 
+    def _is_open(self, state: _Host) -> bool:
+        return self.clock() < state.open_until
+
     def _refuse_if_open(self, host: str, state: _Host) -> None:
-        if self.clock() < state.open_until:
+        if self._is_open(state):
             raise ImageFailure(
                 failures.HOST_UNAVAILABLE,
                 f"{host} failed {self.failure_threshold} times in a row; not tried again for {self.cooldown_seconds:g} s",

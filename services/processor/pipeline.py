@@ -7,7 +7,7 @@ again without limit (it is not the image's fault), keeping the compressed bytes 
 import logging
 import threading
 from contextlib import contextmanager
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from urllib.parse import urlsplit
 
 import httpx
@@ -42,11 +42,15 @@ class ImageTask:
     event: ImageRequested
     priority: int  # NORMAL or BULK (services/processor/priority.py)
     epoch: int = 0  # the OffsetTracker's epoch of the partition when the message was taken
+    origin: str = field(init=False)  # what per-host limits and the circuit breaker count by
     fetch_attempts: int = 0
     unexpected_errors: int = 0
     storage_attempts: int = 0
     bytes_in: int = 0
     compressed: Compressed | None = None  # kept while the storage is unavailable, so it is not fetched again
+
+    def __post_init__(self):
+        self.origin = origin(self.event.input_url)
 
 
 @dataclass
@@ -157,7 +161,7 @@ class ImagePipeline:
         ))
 
     def _fetch_and_compress(self, task: ImageTask) -> None:
-        host = origin(task.event.input_url)
+        host = task.origin
         self.memory.wait_below_limit(task.priority)
         with self.hosts.slot(host, task.priority):
             task.fetch_attempts += 1
@@ -177,7 +181,7 @@ class ImagePipeline:
         """A failed result at once, without a thread, for a host whose breaker is open (its opening
         was logged; thousands of lines saying so again would cost more than the images)."""
         try:
-            self.hosts.refuse_if_open(origin(task.event.input_url))
+            self.hosts.refuse_if_open(task.origin)
         except ImageFailure as failure:
             return self._failed(task, failure, logging.DEBUG)
         return None
