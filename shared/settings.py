@@ -63,6 +63,7 @@ class Settings(BaseSettings):
     max_download_bytes: int = Field(50_000_000, ge=1)
     fetch_connect_timeout: float = Field(5.0, gt=0)
     fetch_read_timeout: float = Field(15.0, gt=0)
+    fetch_total_timeout: float = Field(60.0, gt=0)  # a whole download, however slowly the server trickles it
     fetch_max_redirects: int = Field(5, ge=0)
     fetch_attempts: int = Field(3, ge=1)
     fetch_per_host_limit: int = Field(8, ge=1)  # concurrent downloads from one host, per process

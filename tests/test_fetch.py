@@ -12,19 +12,21 @@ import pytest
 from deploy.local.probe import free_port
 from services.processor.failures import ImageFailure, TransientFailure
 from services.processor.fetch import fetch_image, make_http_client
-from shared.addresses import ForbiddenAddress, private_host_guard
 from shared.settings import Settings
 from tests.support.settings import make_test_settings
 
 BODY = b"\xff\xd8\xff\xe0 pretend image bytes"
 MAX_BYTES = 1000
 SLOW_SECONDS = 1.0
+TRICKLE_BYTES = 200
+TRICKLE_SECONDS = 0.05  # well under the read timeout: only a total deadline stops it (10 s in all)
 
 
 class ImageServer(BaseHTTPRequestHandler):
     """Each path is one behaviour; `attempts` counts the requests per path."""
 
     attempts: Counter = Counter()
+    trickled: Counter = Counter()  # bytes sent by the trickle paths
 
     def do_GET(self):
         self.attempts[self.path] += 1
@@ -66,6 +68,14 @@ class ImageServer(BaseHTTPRequestHandler):
             self.reply(200, b"x" * MAX_BYTES)
         elif name == "empty":
             self.reply(200, b"")
+        elif name == "trickle":  # a whole body, one byte per TRICKLE_SECONDS: each read is quick, the total is not
+            self.send_response(200)
+            self.send_header("Content-Length", str(TRICKLE_BYTES))
+            self.end_headers()
+            self.trickle(b"x" * TRICKLE_BYTES)
+        elif name == "trickle-headers":  # even the headers never end
+            self.wfile.write(b"HTTP/1.1 200 OK\r\n")
+            self.trickle(b"X-Slow: " + b"x" * TRICKLE_BYTES)
         else:
             self.reply(500, b"unknown test path")
 
@@ -75,6 +85,13 @@ class ImageServer(BaseHTTPRequestHandler):
         self.send_header("Content-Length", str(len(body)))
         self.end_headers()
         self.wfile.write(body)
+
+    def trickle(self, data: bytes):
+        for byte in data:
+            self.wfile.write(bytes([byte]))
+            self.wfile.flush()
+            self.trickled[self.path] += 1
+            time.sleep(TRICKLE_SECONDS)
 
     def log_message(self, *args):
         pass
@@ -196,14 +213,6 @@ def test_private_addresses_are_refused_before_any_connection(server, host):
     assert sum(ImageServer.attempts.values()) == before
 
 
-@pytest.mark.parametrize("url", ["http://169.254.169.254/latest/meta-data", "http://10.1.2.3/a.jpg",
-                                 "https://192.168.0.1/a.jpg", "http://[fd00::1]/a.jpg"])
-def test_private_and_link_local_addresses_are_classified_as_forbidden(url):
-    # The hook alone, called on a request object: nothing is sent anywhere, whatever it decides.
-    with pytest.raises(ForbiddenAddress):
-        private_host_guard()(httpx.Request("GET", url))
-
-
 def test_a_redirect_to_a_private_address_is_refused(server):
     """The first hop is a host the operator allowed (an internal image server); it redirects to
     another private host, which the default rule still refuses before connecting."""
@@ -221,3 +230,15 @@ def test_a_redirect_to_a_private_address_is_refused(server):
         listener.setblocking(False)
         with pytest.raises(BlockingIOError):
             listener.accept()  # no connection was ever made to it
+
+
+@pytest.mark.parametrize("path", ["/trickle", "/trickle-headers"])
+def test_a_server_trickling_bytes_is_cut_off_at_the_total_deadline(server, settings, path):
+    """Each byte comes well within the read timeout; the total deadline still ends the download,
+    long before the server is done (it counts what it managed to send)."""
+    with make_http_client(settings) as client, pytest.raises(TransientFailure) as caught:
+        fetch_image(client, server + path, settings.max_download_bytes, total_seconds=0.5)
+    assert caught.value.code == "timeout"
+    assert "longer than 0.5s in total" in caught.value.message
+    assert not caught.value.host_unreachable  # the host answers; the breaker is for hosts that do not
+    assert ImageServer.trickled[path] < TRICKLE_BYTES / 2

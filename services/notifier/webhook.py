@@ -10,7 +10,8 @@ from psycopg import Connection
 from psycopg_pool import ConnectionPool
 from standardwebhooks import Webhook
 
-from shared.addresses import outbound_hooks
+from shared.addresses import AddressRule
+from shared.outbound import CheckedBackend, address_checked_client, total_deadline
 from shared.settings import Settings
 
 log = logging.getLogger(__name__)
@@ -107,7 +108,7 @@ def deliver_due(
 
 
 def make_webhook_client(settings: Settings) -> httpx.Client:
-    return httpx.Client(event_hooks=outbound_hooks(settings.allow_private_addresses, settings.allowed_private_hosts))
+    return address_checked_client(CheckedBackend(AddressRule(settings.allow_private_addresses, settings.allowed_private_hosts)))
 
 
 def _post(client: httpx.Client, url: str, job_id: uuid.UUID, payload: dict, settings: Settings) -> str | None:
@@ -124,7 +125,8 @@ def _post(client: httpx.Client, url: str, job_id: uuid.UUID, payload: dict, sett
         headers["webhook-signature"] = signer.sign(str(job_id), sent_at, body)
     try:
         # Streamed so that the receiver's answer body is never read: only its status matters.
-        with client.stream(
+        # webhook_timeout bounds the whole request: a receiver trickling its answer cannot hold the sender.
+        with total_deadline(settings.webhook_timeout), client.stream(
             "POST", url, content=body.encode(), headers=headers, timeout=settings.webhook_timeout,
             follow_redirects=False,
         ) as response:

@@ -1,28 +1,31 @@
 """Download one image over HTTP(S) in one attempt, with limits on time, redirects and size.
 Whether and when to try again is the caller's decision (TransientFailure says it may help)."""
+import time
+
 import httpx
 
 from services.processor import failures
 from services.processor.failures import ImageFailure, TransientFailure
-from shared.addresses import ForbiddenAddress, outbound_hooks
+from shared.addresses import AddressRule, ForbiddenAddress
+from shared.outbound import CheckedBackend, address_checked_client, total_deadline
 from shared.settings import Settings
 
 
-def make_http_client(settings: Settings) -> httpx.Client:
-    """The client fetch_image expects: its timeouts and redirect limit come from the settings.
-    One client is shared by every download thread of a process (httpx.Client is thread-safe)."""
-    return httpx.Client(
+def make_http_client(settings: Settings, backend: CheckedBackend | None = None) -> httpx.Client:
+    """The client fetch_image expects: its timeouts, redirect limit and address rule come from the
+    settings. One client is shared by every download thread of a process (httpx.Client is thread-safe)."""
+    return address_checked_client(
+        backend or CheckedBackend(AddressRule(settings.allow_private_addresses, settings.allowed_private_hosts)),
+        limits=httpx.Limits(max_connections=None, max_keepalive_connections=settings.processor_max_in_flight),
         timeout=httpx.Timeout(
             connect=settings.fetch_connect_timeout,
             read=settings.fetch_read_timeout,
             write=settings.fetch_read_timeout,
             pool=settings.fetch_connect_timeout,
         ),
-        limits=httpx.Limits(max_connections=None, max_keepalive_connections=settings.processor_max_in_flight),
         follow_redirects=True,
         max_redirects=settings.fetch_max_redirects,
         headers={"User-Agent": "imgpipe-processor/1", "Accept": "image/*"},
-        event_hooks=outbound_hooks(settings.allow_private_addresses, settings.allowed_private_hosts),
     )
 
 
@@ -36,11 +39,12 @@ def check_url(url: str) -> httpx.URL:
     return parsed
 
 
-def fetch_image(client: httpx.Client, url: str, max_bytes: int) -> bytearray:
-    """The body of `url`, or ImageFailure (a TransientFailure when another attempt may succeed)."""
+def fetch_image(client: httpx.Client, url: str, max_bytes: int, total_seconds: float | None = None) -> bytearray:
+    """The body of `url`, or ImageFailure (a TransientFailure when another attempt may succeed).
+    total_seconds bounds the whole download, redirects included, however slowly the server sends."""
     check_url(url)
     try:
-        with client.stream("GET", url) as response:
+        with total_deadline(total_seconds) as deadline, client.stream("GET", url) as response:
             status = response.status_code
             if status == 429 or status >= 500:
                 raise TransientFailure(failures.http_status(status), f"the server answered {status} {response.reason_phrase}")
@@ -53,6 +57,8 @@ def fetch_image(client: httpx.Client, url: str, max_bytes: int) -> bytearray:
     except ForbiddenAddress as exc:
         raise ImageFailure(failures.FORBIDDEN_ADDRESS, str(exc)) from None
     except httpx.TimeoutException as exc:
+        if deadline is not None and time.monotonic() >= deadline:
+            raise TransientFailure(failures.TIMEOUT, f"the download took longer than {total_seconds:g}s in total") from None
         raise TransientFailure(failures.TIMEOUT, f"timed out ({type(exc).__name__})", host_unreachable=True) from None
     except httpx.TooManyRedirects:
         raise ImageFailure(failures.TOO_MANY_REDIRECTS, "the redirect limit was reached") from None

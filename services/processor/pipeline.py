@@ -166,7 +166,9 @@ class ImagePipeline:
         with self.hosts.slot(host, task.priority):
             task.fetch_attempts += 1
             try:
-                data = fetch_image(self.client, task.event.input_url, self.settings.max_download_bytes)
+                data = fetch_image(
+                    self.client, task.event.input_url, self.settings.max_download_bytes, self.settings.fetch_total_timeout
+                )
             except TransientFailure as failure:
                 if failure.host_unreachable:
                     self.hosts.failed(host)
