@@ -28,5 +28,9 @@ bench: install
 schemas: install
 	$(PY) -m shared.events
 
+# Everything `make run` keeps: the PostgreSQL cluster (as root it lives in /var/tmp/imgpipe-postgres,
+# outside .local), Kafka's log, stored images and logs. The installs (.venv, Kafka's jars in .cache) stay.
 clean:
+	-$(PYTHON) -m deploy.local.kafka stop
+	$(PYTHON) -m deploy.local.postgres remove
 	rm -rf .local

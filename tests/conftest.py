@@ -70,8 +70,7 @@ def infra(tmp_path_factory):
             kafka_servers = kafka_future.result() if kafka_future else kafka_servers
             server_url = database_future.result() if database_future else server_url
     except BaseException:  # one of them failed: do not leave the other running
-        for component in started:
-            component.stop()
+        _shut_down(started)
         raise
 
     # Databases of this session's own, also on a server named by DATABASE_URL, so that other
@@ -87,8 +86,17 @@ def infra(tmp_path_factory):
     yield infrastructure
     for name in (template, shared_database):
         infrastructure.drop_database(database_url(server_url, name))
-    for component in reversed(started):
-        component.stop()
+    _shut_down(started)
+
+
+def _shut_down(components) -> None:
+    """Stop what the session started; a PostgreSQL cluster is also deleted (as root it lives outside
+    pytest's temporary folders, in /var/tmp/imgpipe-postgres, so nothing else would delete it)."""
+    for component in reversed(components):
+        if isinstance(component, LocalPostgres):
+            component.remove()
+        else:
+            component.stop()
 
 
 @pytest.fixture

@@ -22,7 +22,7 @@ As a non-root user the cluster lives in data_dir itself and runs as that user.
 
 Layout of a cluster home: pgdata/ (PGDATA), socket/ (unix socket), postgres.log.
 
-CLI: python -m deploy.local.postgres {start,stop,status} [--data-dir D] [--port P] [--database NAME]
+CLI: python -m deploy.local.postgres {start,stop,status,remove} [--data-dir D] [--port P] [--database NAME]
 """
 from __future__ import annotations
 
@@ -184,6 +184,12 @@ class LocalPostgres:
         if self.running_port() is not None:
             self._run("pg_ctl", "stop", "-D", str(self.pgdata), "-m", "fast", "-w", "-t", str(int(timeout)))
 
+    def remove(self) -> None:
+        """Stop the server and delete the cluster with all its data (`make clean`, test teardown)."""
+        self.stop()
+        shutil.rmtree(self.home, ignore_errors=True)
+        (self.data_dir / "cluster").unlink(missing_ok=True)
+
     def create_database(self, name: str) -> None:
         import psycopg
         from psycopg import errors, sql
@@ -204,7 +210,7 @@ def database_url(server_url: str, name: str) -> str:
 
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="python -m deploy.local.postgres", description=__doc__.splitlines()[0])
-    parser.add_argument("command", choices=["start", "stop", "status"])
+    parser.add_argument("command", choices=["start", "stop", "status", "remove"])
     parser.add_argument("--data-dir", type=Path, default=DEFAULT_DATA_DIR)
     parser.add_argument("--port", type=int, default=55432)
     parser.add_argument("--database", default="imgpipe")
@@ -217,6 +223,9 @@ def main(argv: list[str] | None = None) -> int:
     elif args.command == "stop":
         pg.stop()
         print("postgres stopped")
+    elif args.command == "remove":
+        pg.remove()
+        print(f"postgres stopped and its cluster removed ({pg.home})")
     else:
         port = pg.running_port()
         if port is None:
