@@ -3,7 +3,7 @@ PYTHON ?= python3
 VENV := .venv
 PY := $(VENV)/bin/python
 
-.PHONY: install run test bench schemas clean
+.PHONY: install run run-cluster test bench schemas api-key clean
 
 install: $(VENV)/.installed
 
@@ -17,6 +17,10 @@ $(VENV)/.installed: requirements.txt
 run: install
 	$(PY) -m deploy.local.stack
 
+# The same on a three-node Kafka cluster (topics: replication factor 3, min.insync.replicas 2).
+run-cluster: install
+	$(PY) -m deploy.local.stack --kafka-cluster
+
 test: install
 	$(PY) -m pytest
 
@@ -27,6 +31,10 @@ bench: install
 # Regenerate schemas/events/*.json from shared/events.py (a test fails while they differ).
 schemas: install
 	$(PY) -m shared.events
+
+# Create an API key on the database of `make run` (printed once): make api-key NAME=shop
+api-key: install
+	$(PY) -m services.api.keys create "$(NAME)"
 
 # Everything `make run` keeps: the PostgreSQL cluster (as root it lives in /var/tmp/imgpipe-postgres,
 # outside .local), Kafka's log, stored images and logs. The installs (.venv, Kafka's jars in .cache) stay.

@@ -29,7 +29,12 @@ from deploy.local.probe import free_port
 from deploy.local.services import ServiceGroup
 from deploy.local.stack import wait_for_api
 from shared.db import migrate
+from shared.kafka import client_config
+from shared.settings import Settings
 
+# How to reach a secured Kafka named by KAFKA_BOOTSTRAP_SERVERS: passed on to the services as they are.
+KAFKA_SECURITY_VARIABLES = ("IMGPIPE_KAFKA_SECURITY_PROTOCOL", "IMGPIPE_KAFKA_SASL_MECHANISM", "IMGPIPE_KAFKA_SASL_USERNAME",
+                            "IMGPIPE_KAFKA_SASL_PASSWORD", "IMGPIPE_KAFKA_SSL_CA_LOCATION")
 SERVICE_STOP_SECONDS = 3  # a processor stuck on a host that never answers is killed after this; nothing is kept
 
 
@@ -111,7 +116,8 @@ class Services:
         self.storage_dir = work_dir / "images" / name
         self.processor_group = f"bench-processor-{suffix}"
         inherited = {k: v for k, v in os.environ.items()
-                     if not k.startswith("IMGPIPE_") and k not in ("DATABASE_URL", "KAFKA_BOOTSTRAP_SERVERS")}
+                     if (not k.startswith("IMGPIPE_") or k in KAFKA_SECURITY_VARIABLES)
+                     and k not in ("DATABASE_URL", "KAFKA_BOOTSTRAP_SERVERS")}
         self.env = {
             **inherited,
             # both spellings: whichever one a version of shared/settings.py prefers, it is this value
@@ -132,7 +138,8 @@ class Services:
         }
         self.core = ServiceGroup(self.env, self.log_dir, processors=0)
         self.processors: Processors | None = None
-        self.kafka_admin = AdminClient({"bootstrap.servers": infra.kafka_bootstrap_servers, "log_level": 3})
+        kafka = client_config(Settings(kafka_bootstrap_servers=infra.kafka_bootstrap_servers))  # security from the environment
+        self.kafka_admin = AdminClient({**kafka, "log_level": 3})
         self.processor_settings: dict[str, str] = {}
 
     def start(self, processors: int, processor_settings: dict[str, str]) -> None:

@@ -8,8 +8,11 @@ from yoyo import get_backend, read_migrations
 MIGRATIONS_DIR = Path(__file__).resolve().parent.parent / "schemas" / "migrations"
 
 
-def make_pool(database_url: str, max_size: int = 4) -> ConnectionPool:
-    pool = ConnectionPool(database_url, min_size=1, max_size=max_size, kwargs={"row_factory": dict_row}, open=False)
+def make_pool(database_url: str, max_size: int = 4, timeout: float = 30.0) -> ConnectionPool:
+    """timeout: how long pool.connection() waits for a connection (e.g. while the server is down).
+    Each connection is checked as it is handed out, so after a server restart no request gets a dead one."""
+    pool = ConnectionPool(database_url, min_size=1, max_size=max_size, kwargs={"row_factory": dict_row}, open=False,
+                          timeout=timeout, check=ConnectionPool.check_connection)
     pool.open(wait=True, timeout=30)
     return pool
 

@@ -33,6 +33,12 @@ class ImageRequested(ImageRef):
     event_type: Literal["image.requested"] = "image.requested"
 
 
+def image_requested(request_id: uuid.UUID, image) -> ImageRequested:
+    """The request event of one image row (a mapping with id, row_number, position, input_url)."""
+    return ImageRequested(request_id=request_id, image_id=image["id"], row_number=image["row_number"],
+                          position=image["position"], input_url=image["input_url"])
+
+
 class ImageStatus(str, Enum):
     processed = "processed"
     failed = "failed"

@@ -7,6 +7,7 @@ from confluent_kafka import Consumer, KafkaError, KafkaException, Producer, Topi
 from confluent_kafka.admin import AdminClient, NewTopic
 
 from shared.offsets import OffsetTracker
+from shared.runtime import StartupError
 from shared.settings import Settings
 
 log = logging.getLogger(__name__)
@@ -16,11 +17,72 @@ class DeliveryError(Exception):
     """At least one message was not acknowledged by the brokers."""
 
 
+class KafkaUnavailable(StartupError):
+    """The brokers cannot be used with these settings; the message says why."""
+
+
+def client_config(settings: Settings) -> dict:
+    """What every Kafka client (producer, consumer, admin) starts from: the brokers and how to reach them."""
+    config = {"bootstrap.servers": settings.kafka_bootstrap_servers, "security.protocol": settings.kafka_security_protocol}
+    if settings.kafka_security_protocol.startswith("SASL_"):
+        config.update({
+            "sasl.mechanism": settings.kafka_sasl_mechanism,
+            "sasl.username": settings.kafka_sasl_username,
+            "sasl.password": settings.kafka_sasl_password.get_secret_value(),
+        })
+    if settings.kafka_ssl_ca_location is not None:
+        config["ssl.ca.location"] = str(settings.kafka_ssl_ca_location)
+    return config
+
+
+class _ConnectionProblems:
+    """librdkafka's error callback and log lines, kept instead of printed (both are served by poll())."""
+
+    def __init__(self):
+        self.errors: list[KafkaError] = []
+        self.last_failure: str | None = None  # a failed connection is logged, not always reported as an error
+
+    def log(self, _level: int, _format: str, facility: str, _client: str, message: str) -> None:
+        if facility == "FAIL":
+            self.last_failure = message.split("]: ", 1)[-1] if message.startswith("[thrd:") else message
+
+
+def check_kafka(settings: Settings, timeout: float = 30) -> None:
+    """Raise KafkaUnavailable, with one line saying why, unless the brokers answer these settings within
+    `timeout`. Refused SASL credentials and failed TLS fail at once: librdkafka would retry them forever."""
+    where = f"Kafka at {settings.kafka_bootstrap_servers}"
+    problems = _ConnectionProblems()
+    try:
+        admin = AdminClient({**client_config(settings), "error_cb": problems.errors.append, "logger": problems})
+    except KafkaException as exc:
+        raise KafkaUnavailable(f"{where}: the client configuration is invalid: {exc.args[0].str()}") from None
+    deadline = time.monotonic() + timeout
+    while True:
+        try:
+            admin.list_topics(timeout=min(1.0, timeout))
+            return
+        except KafkaException as exc:
+            last = exc.args[0]
+        admin.poll(0)
+        for error in problems.errors:
+            if error.code() == KafkaError._AUTHENTICATION:
+                raise KafkaUnavailable(
+                    f"{where} refused the SASL authentication of user '{settings.kafka_sasl_username}' "
+                    f"({settings.kafka_sasl_mechanism}): {error.str()}")
+            if error.code() == KafkaError._SSL:
+                raise KafkaUnavailable(f"{where}: TLS failed (check kafka_ssl_ca_location): {error.str()}")
+        if time.monotonic() >= deadline:
+            reason = problems.last_failure or last.str()
+            if settings.kafka_security_protocol == "PLAINTEXT" and "in state UP" in reason:
+                reason += "; a listener that wants TLS or SASL closes PLAINTEXT connections so: see kafka_security_protocol"
+            raise KafkaUnavailable(f"{where} did not answer within {timeout:g}s: {reason}")
+
+
 def producer_config(settings: Settings, **overrides) -> dict:
     """Every service's producer: acknowledged only once every in-sync replica has the message (acks=all),
     idempotent, so retries inside librdkafka never duplicate or reorder."""
     config = {
-        "bootstrap.servers": settings.kafka_bootstrap_servers,
+        **client_config(settings),
         "acks": "all",
         "enable.idempotence": True,
         "linger.ms": 5,
@@ -72,7 +134,7 @@ def make_consumer(
     waits on librdkafka's main thread, too slow for a loop)."""
     assigned = set() if assigned is None else assigned
     config = {
-        "bootstrap.servers": settings.kafka_bootstrap_servers,
+        **client_config(settings),
         "group.id": group_id,
         "enable.auto.commit": True,
         "enable.auto.offset.store": False,
@@ -130,11 +192,14 @@ def commit_stored(consumer: Consumer) -> None:
 
 def ensure_topics(settings: Settings, timeout: float = 30) -> None:
     """Create the service's topics if they are missing (the brokers do not auto-create them)."""
-    admin = AdminClient({"bootstrap.servers": settings.kafka_bootstrap_servers})
+    admin = AdminClient(client_config(settings))
     wanted = [settings.topic_requested, settings.topic_requested_bulk, settings.topic_processed,
               settings.topic_dead_letter]
     existing = admin.list_topics(timeout=timeout).topics
-    missing = [NewTopic(t, num_partitions=settings.topic_partitions) for t in wanted if t not in existing]
+    missing = [NewTopic(t, num_partitions=settings.topic_partitions,
+                        replication_factor=settings.kafka_replication_factor,
+                        config={"min.insync.replicas": str(settings.kafka_min_insync_replicas)})
+               for t in wanted if t not in existing]
     if not missing:
         return
     for topic, future in admin.create_topics(missing, operation_timeout=timeout).items():

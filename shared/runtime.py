@@ -1,7 +1,11 @@
-"""What every long-running service needs: logging, and a flag that SIGTERM/SIGINT set."""
+"""What every long-running service needs: logging, a flag that SIGTERM/SIGINT set, and a clean exit when
+it cannot start."""
 import logging
 import signal
+import sys
 import threading
+from collections.abc import Iterator
+from contextlib import contextmanager
 
 
 def setup_logging(level: str) -> None:
@@ -18,3 +22,18 @@ def stop_on_signals() -> threading.Event:
     signal.signal(signal.SIGTERM, handle)
     signal.signal(signal.SIGINT, handle)
     return stop
+
+
+class StartupError(Exception):
+    """The service cannot start as configured; the message says why in one line."""
+
+
+@contextmanager
+def exit_on_startup_error() -> Iterator[None]:
+    """Around a service's start-up checks: a StartupError is logged as one line and the process exits
+    with status 1, without a traceback."""
+    try:
+        yield
+    except StartupError as exc:
+        logging.getLogger("imgpipe").error("cannot start: %s", exc)
+        sys.exit(1)

@@ -3,7 +3,7 @@ from functools import lru_cache
 from pathlib import Path
 from typing import Annotated, Literal
 
-from pydantic import AliasChoices, Field, SecretStr, field_validator
+from pydantic import AliasChoices, Field, SecretStr, field_validator, model_validator
 from pydantic_settings import BaseSettings, NoDecode, SettingsConfigDict
 
 REPO_ROOT = Path(__file__).resolve().parent.parent
@@ -16,7 +16,9 @@ def _env(name: str) -> AliasChoices:
 
 class Settings(BaseSettings):
     # validate_by_name: Settings(database_url=...) sets the field by its own name, not through an alias.
-    model_config = SettingsConfigDict(env_prefix="IMGPIPE_", extra="ignore", validate_by_name=True)
+    # hide_input_in_errors: a validation error would otherwise print the whole environment's values, secrets too.
+    model_config = SettingsConfigDict(env_prefix="IMGPIPE_", extra="ignore", validate_by_name=True,
+                                      hide_input_in_errors=True)
 
     # Infrastructure
     kafka_bootstrap_servers: str = Field("127.0.0.1:9092", validation_alias=_env("KAFKA_BOOTSTRAP_SERVERS"))
@@ -34,6 +36,24 @@ class Settings(BaseSettings):
     create_topics: bool = True
     kafka_session_timeout_ms: int = Field(10_000, ge=1)  # a crashed member's partitions wait this long
     kafka_auto_commit_interval_ms: int = Field(5_000, ge=1)
+    # Of the topics imgpipe creates: on a three-broker cluster 3 and 2, so that acks=all survives one broker's loss.
+    kafka_replication_factor: int = Field(1, ge=1)
+    kafka_min_insync_replicas: int = Field(1, ge=1)
+    # Secured Kafka, applied to every Kafka client (shared/kafka.py client_config). The SASL credentials
+    # are needed with SASL_PLAINTEXT and SASL_SSL; the CA file (PEM) checks the brokers' certificates
+    # with SSL and SASL_SSL (the system's CAs when unset).
+    kafka_security_protocol: Literal["PLAINTEXT", "SSL", "SASL_PLAINTEXT", "SASL_SSL"] = "PLAINTEXT"
+    kafka_sasl_mechanism: Literal["PLAIN", "SCRAM-SHA-256", "SCRAM-SHA-512"] = "PLAIN"
+    kafka_sasl_username: str | None = None
+    kafka_sasl_password: SecretStr | None = None
+    kafka_ssl_ca_location: Path | None = None
+
+    @model_validator(mode="after")
+    def _sasl_needs_credentials(self):
+        if self.kafka_security_protocol.startswith("SASL_") and not (self.kafka_sasl_username and self.kafka_sasl_password):
+            raise ValueError(f"kafka_security_protocol {self.kafka_security_protocol} needs "
+                             "kafka_sasl_username and kafka_sasl_password")
+        return self
 
     # API
     api_host: str = "127.0.0.1"
@@ -45,6 +65,14 @@ class Settings(BaseSettings):
     # Jobs stored by an API that died before Kafka acknowledged their events are published again.
     republish_interval_seconds: float = Field(30.0, gt=0)
     republish_after_seconds: float = Field(60.0, gt=0)
+    # PostgreSQL is the outbox: an upload waits this long for Kafka's acknowledgements, then answers 202
+    # with events "queued" and the API's relay publishes them once Kafka accepts them.
+    upload_publish_wait_seconds: float = Field(0.5, ge=0)
+    # How long the API's producer tries to deliver a job's events before that attempt fails and the
+    # relay starts another (librdkafka's message.timeout.ms).
+    publish_attempt_seconds: float = Field(30.0, gt=0)
+    # When set, every endpoint but /healthz needs "Authorization: Bearer <key>" (python -m services.api.keys).
+    api_keys_required: bool = False
 
     # Processor
     processor_group: str = "imgpipe-processor"
@@ -80,6 +108,10 @@ class Settings(BaseSettings):
 
     # Notifier
     notifier_group: str = "imgpipe-notifier"
+    # Lost events: every reconcile_interval_seconds, images that cannot still be on their way (see
+    # services/notifier/reconciler.py) are requested again, up to reconcile_max_requests times, then fail as lost.
+    reconcile_interval_seconds: float = Field(60.0, gt=0)
+    reconcile_max_requests: int = Field(2, ge=0)
     webhook_secret: SecretStr | None = None
     webhook_timeout: float = Field(10.0, gt=0)
     webhook_max_attempts: int = Field(8, ge=1)
@@ -101,6 +133,10 @@ class Settings(BaseSettings):
     # Fault injection for the crash tests: "<point>" or "<point>:<n>" makes the service SIGKILL itself the
     # n-th time it reaches that point (shared/faults.py). Unset in production.
     crash_at: str | None = None
+
+    def request_topic(self, job_images: int) -> str:
+        """The lane of a job's image.requested events: the bulk lane for large jobs."""
+        return self.topic_requested_bulk if job_images >= self.bulk_job_min_images else self.topic_requested
 
 
 @lru_cache

@@ -23,6 +23,8 @@ from shared.settings import Settings
 from tests.support.http_servers import ImageHost, WebhookReceiver
 from tests.support.jobs import Jobs
 from tests.support.settings import make_test_settings, service_env
+from tests.support.stack import Stack
+
 
 
 @dataclass
@@ -136,13 +138,6 @@ def own_database(infra):
     url = infra.new_database()
     yield url
     infra.drop_database(url)
-
-
-@dataclass
-class Stack:
-    settings: Settings
-    services: ServiceGroup
-    api: httpx.Client
 
 
 @pytest.fixture

@@ -1,5 +1,6 @@
 """The API in-process (TestClient runs the real app and its lifespan) on real PostgreSQL and Kafka."""
 import json
+import time
 import uuid
 
 import jsonschema
@@ -8,12 +9,11 @@ import pytest
 from fastapi.testclient import TestClient
 from psycopg.rows import dict_row
 
-from deploy.local.probe import free_port
 from services.api import jobs
 from services.api.app import create_app
 from services.api.csv_input import parse_csv
+from services.api.outbox import Outbox
 from shared.events import schema_path
-from shared.kafka import make_producer
 from shared.settings import Settings
 from tests.support.kafka import read_to_end
 from tests.support.settings import make_test_settings
@@ -45,6 +45,8 @@ def settings(infra, database, tmp_path_factory):
         max_images_per_job=MAX_IMAGES,
         status_page_size=2,
         bulk_job_min_images=5,
+        upload_publish_wait_seconds=30,  # Kafka is up: every upload here is answered "published"
+        allowed_private_hosts=["127.0.0.1"],  # the tests' webhook URLs; other private hosts are refused
     )
 
 
@@ -110,6 +112,7 @@ def test_upload_stores_the_job_and_produces_one_event_per_image(client, settings
     assert reply == {
         "request_id": request_id,
         "total_images": 4,
+        "events": "published",
         "status_url": f"/status/{request_id}",
         "output_csv_url": f"/output_csv/{request_id}",
     }
@@ -165,6 +168,7 @@ def test_status_of_a_fresh_job_pages_its_images(client):
     report = first.json()
     assert report["request_id"] == request_id
     assert report["status"] == "pending"
+    assert report["events"] == "published"
     assert report["counts"] == {"total": 3, "processed": 0, "failed": 0, "pending": 3}
     assert report["webhook"] is None
     assert report["created_at"] and report["updated_at"] and report["completed_at"] is None
@@ -308,6 +312,11 @@ BAD_UPLOADS = {
     "webhook_relative": (lambda t: url_csv(t, 1), "/hook/{t}", 422, "invalid_webhook_url", None),
     "webhook_no_host": (lambda t: url_csv(t, 1), "http:///{t}", 422, "invalid_webhook_url", None),
     "webhook_too_long": (lambda t: url_csv(t, 1), "http://h/{t}" + "a" * 2048, 422, "invalid_webhook_url", None),
+    # Private addresses are refused at upload as the notifier would refuse them when sending (nothing is sent here).
+    "webhook_metadata": (lambda t: url_csv(t, 1), "http://169.254.169.254/latest/{t}", 422, "invalid_webhook_url", None),
+    "webhook_localhost": (lambda t: url_csv(t, 1), "http://localhost:9/{t}", 422, "invalid_webhook_url", None),
+    "webhook_nat64": (lambda t: url_csv(t, 1), "http://[64:ff9b::a9fe:a9fe]/{t}", 422, "invalid_webhook_url", None),
+    "webhook_private": (lambda t: url_csv(t, 1), "https://10.0.0.1:8443/{t}", 422, "invalid_webhook_url", None),
 }
 
 
@@ -335,47 +344,38 @@ def test_empty_webhook_url_means_none(client, db):
     }
 
 
-def test_upload_answers_503_and_stores_nothing_when_kafka_is_unreachable(client, settings, db):
-    unreachable = make_producer(
-        make_test_settings(kafka_bootstrap_servers=f"127.0.0.1:{free_port()}"), **{"message.timeout.ms": 1500}
-    )
-    working, client.app.state.producer = client.app.state.producer, unreachable
+def test_the_relay_publishes_due_jobs_and_leaves_leased_ones_alone(client, settings, db):
+    """A job whose lease has ended (its API died between the commit and Kafka's acknowledgement) is
+    published by the relay; a job whose upload is still producing (leased) is not touched."""
+    pool = client.app.state.pool
     token = uuid.uuid4().hex
+    stale_id, stale_images = jobs.insert_job(pool, parse_csv(url_csv(token, 3), 10), None, publish_lease_seconds=1)
+    db.execute("UPDATE processing_jobs SET publish_due_at = now() - interval '1 second' WHERE job_id = %s", (stale_id,))
+    leased_id, _ = jobs.insert_job(pool, parse_csv(url_csv(token, 2), 10), None, publish_lease_seconds=3600)
+    relay = Outbox(pool, client.app.state.outbox.producer, settings)  # the app's own relay scans every 30 s only
     try:
-        response = post_csv(client, url_csv(token, 3), webhook_url=f"http://127.0.0.1:9/hook/{token}")
-    finally:
-        client.app.state.producer = working
-    assert_error(response, 503, "events_unavailable")
-    assert job_rows_with_token(db, token) == 0
-
-
-def test_republish_produces_the_events_of_a_job_left_unpublished(client, settings, db):
-    pool, producer = client.app.state.pool, client.app.state.producer
-    token = uuid.uuid4().hex
-    # What create_job leaves behind when the API dies between its commit and Kafka's acknowledgement.
-    # 30 s old: past this call's 10 s threshold but not the app's own republisher's 60 s, so the
-    # background thread cannot take the job first.
-    stale_id, stale_images = jobs.insert_job(pool, parse_csv(url_csv(token, 3), 10), None)
-    db.execute(
-        "UPDATE processing_jobs SET created_at = now() - interval '30 seconds' WHERE job_id = %s", (stale_id,)
-    )
-    in_flight_id, _ = jobs.insert_job(pool, parse_csv(url_csv(token, 2), 10), None)  # an upload still producing
-    try:
-        assert jobs.republish_unpublished(pool, producer, settings, older_than_seconds=10) >= 1
+        assert relay.publish_due() == 1
+        deadline = time.monotonic() + 30
+        while not published_at(db, stale_id):
+            assert time.monotonic() < deadline, "the stale job was never marked published"
+            client.app.state.outbox.producer.poll(0.1)
+            relay.settle_finished()
 
         events = requested_events(settings, str(stale_id))
         assert sorted((e["image_id"], e["row_number"], e["input_url"]) for e in events) == sorted(
             (str(i["id"]), i["row_number"], i["input_url"]) for i in stale_images
         )
-        published = db.execute(
-            "SELECT job_id, published_at FROM processing_jobs WHERE job_id IN (%s, %s)", (stale_id, in_flight_id)
-        ).fetchall()
-        published_at = {row["job_id"]: row["published_at"] for row in published}
-        assert published_at[stale_id] is not None
-        assert published_at[in_flight_id] is None
-        assert requested_events(settings, str(in_flight_id)) == []
+        assert db.execute("SELECT publish_attempts FROM processing_jobs WHERE job_id = %s", (stale_id,)).fetchone() == {
+            "publish_attempts": 2  # the upload's, then the relay's
+        }
+        assert published_at(db, leased_id) is None
+        assert requested_events(settings, str(leased_id)) == []
     finally:
-        jobs.delete_job(pool, in_flight_id)
+        db.execute("DELETE FROM processing_jobs WHERE job_id = %s", (leased_id,))
+
+
+def published_at(db, job_id):
+    return db.execute("SELECT published_at FROM processing_jobs WHERE job_id = %s", (job_id,)).fetchone()["published_at"]
 
 
 def test_large_jobs_go_to_the_bulk_lane(client, settings):

@@ -3,7 +3,6 @@ an image host and a webhook receiver on 127.0.0.1; and what survives each servic
 import csv
 import io
 import json
-import signal
 import time
 from pathlib import Path
 
@@ -14,55 +13,12 @@ from confluent_kafka.admin import AdminClient
 from PIL import Image
 
 from deploy.local.stack import wait_for_api
-from tests.conftest import Stack
-from tests.support.http_servers import WebhookReceiver
+from tests.support.stack import (
+    CRASH_TEST_SETTINGS, JOB_TIMEOUT, KILLED, all_images, assert_settled_with_one_webhook, upload, url_csv,
+    wait_for_status,
+)
 from tests.support.images import jpeg_bytes, png_bytes
-from tests.support.kafka import committed_offsets, end_offsets, read_to_end, wait_until_consumed
-
-JOB_TIMEOUT = 120
-KILLED = -signal.SIGKILL
-CRASH_TEST_SETTINGS = dict(kafka_auto_commit_interval_ms=100, kafka_session_timeout_ms=2000)
-
-
-def upload(api: httpx.Client, csv_text: str, webhook_url: str | None) -> str:
-    data = {"webhook_url": webhook_url} if webhook_url else {}
-    response = api.post("/upload", files={"file": ("job.csv", csv_text, "text/csv")}, data=data)
-    assert response.status_code == 202, response.text
-    return response.json()["request_id"]
-
-
-def all_images(api: httpx.Client, request_id: str) -> tuple[dict, list[dict]]:
-    images, offset = [], 0
-    while offset is not None:
-        page = api.get(f"/status/{request_id}", params={"offset": offset}).json()
-        images += page["images"]
-        offset = page["page"]["next_offset"]
-    return page, images
-
-
-def url_csv(urls: list[str]) -> str:
-    return "url\n" + "\n".join(urls) + "\n"
-
-
-def wait_for_status(api: httpx.Client, request_id: str, done, timeout: float = JOB_TIMEOUT) -> dict:
-    deadline = time.monotonic() + timeout
-    while not done(status := api.get(f"/status/{request_id}").json()):
-        assert time.monotonic() < deadline, f"job {request_id} never reached the expected state: {status}"
-        time.sleep(0.1)
-    return status
-
-
-def assert_settled_with_one_webhook(stack: Stack, request_id: str, receiver: WebhookReceiver) -> None:
-    """Wait until every request is processed and every result applied (committed offsets at the ends of
-    the topics: the services commit only finished work), then check the webhook was sent exactly once."""
-    settings = stack.settings
-    wait_until_consumed(settings.kafka_bootstrap_servers, settings.processor_group,
-                        [settings.topic_requested, settings.topic_requested_bulk])
-    wait_until_consumed(settings.kafka_bootstrap_servers, settings.notifier_group, [settings.topic_processed])
-    webhook = wait_for_status(stack.api, request_id, lambda s: s["webhook"]["status"] != "pending")["webhook"]
-    assert (webhook["status"], webhook["attempts"]) == ("delivered", 1)
-    assert len(receiver.posts_to()) == 1
-
+from tests.support.kafka import committed_offsets, end_offsets, read_to_end
 
 def children_of(pid: int) -> set[int]:
     children = set()
@@ -179,16 +135,18 @@ def test_a_job_with_broken_urls_still_completes_and_names_each_failure(running_s
 
 
 def test_private_addresses_are_refused_by_default(start_stack, image_host, receivers):
-    stack = start_stack(allow_private_addresses=False, webhook_max_attempts=1)
+    """As shipped: a webhook on a private address is refused at upload; an image on one fails unfetched."""
+    stack = start_stack(allow_private_addresses=False)
     receiver = receivers()
     url = image_host.add("/local.jpg", jpeg_bytes(300, 200, 1))
 
-    request_id = upload(stack.api, url_csv([url]), receiver.url)
-    status = wait_for_status(stack.api, request_id, lambda s: s["webhook"]["status"] == "failed")
+    refused = stack.api.post("/upload", files={"file": ("images.csv", url_csv([url]))}, data={"webhook_url": receiver.url})
+    assert refused.status_code == 422 and refused.json()["error"]["code"] == "invalid_webhook_url"
+    request_id = upload(stack.api, url_csv([url]), None)
+    status = wait_for_status(stack.api, request_id, lambda s: s["status"] == "completed")
 
     assert status["counts"] == {"total": 1, "processed": 0, "failed": 1, "pending": 0}
     assert status["images"][0]["error"]["code"] == "forbidden_address"
-    assert status["webhook"]["last_error"].startswith("ForbiddenAddress")
     assert image_host.requests == {} and receiver.posts_to() == []
 
 

@@ -13,7 +13,15 @@ providers and falls back to its no-op logger. The broker logs to
 `KafkaBroker(data_dir).start()` is idempotent: a broker already running from
 the same data dir (pid file) and answering is reused.
 
+`KafkaCluster(data_dir, ports, controller_ports).start()` runs several such nodes as one cluster
+(three for `make run-cluster` and the fault tests), each in a data dir of its own.
+
+With `scram=ScramListener(port, users)` the broker also listens on a SASL_PLAINTEXT port that
+authenticates with SCRAM; its users are created when the storage is formatted (a data dir formatted
+before keeps its users). The PLAINTEXT listener stays, for the controller and the local tools.
+
 CLI: python -m deploy.local.kafka {start,stop,status} [--data-dir D] [--port P] [--controller-port C]
+     [--sasl-port S --scram-user NAME:PASSWORD ...]
 """
 from __future__ import annotations
 
@@ -28,6 +36,8 @@ import subprocess
 import sys
 import time
 import uuid
+from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass, field
 from pathlib import Path
 
 from deploy.local.probe import port_open, tail
@@ -131,12 +141,40 @@ def _new_cluster_id() -> str:
 
 
 
+@dataclass(frozen=True)
+class ScramListener:
+    """An extra SASL_PLAINTEXT listener on 127.0.0.1:port, authenticating the users (name -> password)
+    with `mechanism` (SCRAM-SHA-256 or SCRAM-SHA-512)."""
+    port: int
+    users: dict[str, str] = field(repr=False)
+    mechanism: str = "SCRAM-SHA-256"
+
+    def format_args(self) -> list[str]:
+        return [arg for name, password in self.users.items()
+                for arg in ("--add-scram", f"{self.mechanism}=[name={name},password={password}]")]
+
+    def properties(self) -> str:
+        mechanism = self.mechanism.lower()
+        return (f"sasl.enabled.mechanisms={self.mechanism}\n"
+                f"listener.name.sasl_plaintext.{mechanism}.sasl.jaas.config="
+                "org.apache.kafka.common.security.scram.ScramLoginModule required;\n")
+
+
 class KafkaBroker:
-    def __init__(self, data_dir: Path, port: int = 9092, controller_port: int = 9093, partitions: int = 12):
+    def __init__(self, data_dir: Path, port: int = 9092, controller_port: int = 9093, partitions: int = 12,
+                 scram: ScramListener | None = None, node_id: int = 1, quorum_voters: str | None = None,
+                 initial_cluster_id: str | None = None):
         self.data_dir = Path(data_dir).resolve()
         self.port = port
         self.controller_port = controller_port
         self.partitions = partitions
+        self.scram = scram
+        # As a node of a KafkaCluster: its id, the controller quorum ("1@127.0.0.1:9093,2@...") and the
+        # cluster id its storage is formatted with (all nodes share one).
+        self.node_id = node_id
+        self.quorum_voters = quorum_voters or f"{node_id}@127.0.0.1:{controller_port}"
+        self.initial_cluster_id = initial_cluster_id
+        self.internal_replicas = min(3, len(self.quorum_voters.split(",")))  # of Kafka's own topics
         self.pid_file = self.data_dir / "kafka.pid"
         self.properties_file = self.data_dir / "server.properties"
         self.log_file = self.data_dir / "server.log"  # log4j2 output
@@ -197,7 +235,7 @@ class KafkaBroker:
                 return self
             raise RuntimeError(f"Kafka pid {self.pid()} from {self.data_dir} is running but not answering "
                                f"on {self.bootstrap_servers}:\n{tail(self.log_file)}")
-        for port in (self.port, self.controller_port):
+        for port in (self.port, self.controller_port, *([self.scram.port] if self.scram else [])):
             if port_open(port):
                 raise RuntimeError(f"cannot start Kafka from {self.data_dir}: 127.0.0.1:{port} is already in use")
         classpath = resolve_classpath()
@@ -206,7 +244,9 @@ class KafkaBroker:
                 f"-Dlog4j2.configurationFile={self.data_dir / 'log4j2.properties'}", "-cp", classpath]
         if self.cluster_id() is None:
             fmt = subprocess.run([*java, "kafka.tools.StorageTool", "format", "--ignore-formatted",
-                                  "--cluster-id", _new_cluster_id(), "--config", str(self.properties_file)],
+                                  "--cluster-id", self.initial_cluster_id or _new_cluster_id(),
+                                  "--config", str(self.properties_file),
+                                  *(self.scram.format_args() if self.scram else [])],
                                  capture_output=True, text=True)
             if fmt.returncode != 0:
                 raise RuntimeError(f"kafka storage format failed:\n{fmt.stdout}{fmt.stderr}")
@@ -226,7 +266,8 @@ class KafkaBroker:
     def _configured_port(self) -> int | None:
         for line in self.properties_file.read_text().splitlines():
             if line.startswith("advertised.listeners="):
-                return int(line.rsplit(":", 1)[1])
+                plaintext = next(url for url in line.split("=", 1)[1].split(",") if url.startswith("PLAINTEXT://"))
+                return int(plaintext.rsplit(":", 1)[1])
         return None
 
     def _wait_ready(self, deadline: float) -> bool:
@@ -242,27 +283,28 @@ class KafkaBroker:
 
     def _write_config(self) -> None:
         (self.data_dir / "log4j2.properties").write_text(_LOG4J2.format(log_file=self.log_file))
+        sasl = f",SASL_PLAINTEXT://127.0.0.1:{self.scram.port}" if self.scram else ""
         self.properties_file.write_text(f"""\
 process.roles=broker,controller
-node.id=1
-controller.quorum.voters=1@127.0.0.1:{self.controller_port}
-listeners=PLAINTEXT://127.0.0.1:{self.port},CONTROLLER://127.0.0.1:{self.controller_port}
-advertised.listeners=PLAINTEXT://127.0.0.1:{self.port}
+node.id={self.node_id}
+controller.quorum.voters={self.quorum_voters}
+listeners=PLAINTEXT://127.0.0.1:{self.port},CONTROLLER://127.0.0.1:{self.controller_port}{sasl}
+advertised.listeners=PLAINTEXT://127.0.0.1:{self.port}{sasl}
 controller.listener.names=CONTROLLER
 inter.broker.listener.name=PLAINTEXT
-listener.security.protocol.map=PLAINTEXT:PLAINTEXT,CONTROLLER:PLAINTEXT
-log.dirs={self.log_dirs}
+listener.security.protocol.map=PLAINTEXT:PLAINTEXT,CONTROLLER:PLAINTEXT,SASL_PLAINTEXT:SASL_PLAINTEXT
+{self.scram.properties() if self.scram else ""}log.dirs={self.log_dirs}
 num.partitions={self.partitions}
 auto.create.topics.enable=false
-offsets.topic.replication.factor=1
-transaction.state.log.replication.factor=1
-transaction.state.log.min.isr=1
-share.coordinator.state.topic.replication.factor=1
-share.coordinator.state.topic.min.isr=1
+offsets.topic.replication.factor={self.internal_replicas}
+transaction.state.log.replication.factor={self.internal_replicas}
+transaction.state.log.min.isr={min(2, self.internal_replicas)}
+share.coordinator.state.topic.replication.factor={self.internal_replicas}
+share.coordinator.state.topic.min.isr={min(2, self.internal_replicas)}
 group.initial.rebalance.delay.ms=0
 # lets the tests shorten the consumers' session (the broker's default minimum is 6 s)
 group.min.session.timeout.ms=1000
-""")
+{_CLUSTER_FAILURE_DETECTION if self.internal_replicas > 1 else ""}""")
 
     def stop(self, timeout: float = 30) -> None:
         pid = self.pid()
@@ -291,17 +333,99 @@ group.min.session.timeout.ms=1000
         return False
 
 
+# A node of a cluster that dies is fenced, and its partitions get new leaders, after 4 s rather than
+# Kafka's 9 s: the nodes are on one machine's loopback.
+_CLUSTER_FAILURE_DETECTION = """\
+broker.session.timeout.ms=4000
+broker.heartbeat.interval.ms=500
+"""
+
+
+class KafkaCluster:
+    """KRaft nodes on 127.0.0.1 that form one cluster: each is broker and controller (combined mode)
+    and a voter of the controller quorum, so three survive the loss of any one. Node n (from 1) keeps
+    its data in <data_dir>/node-<n> and listens on ports[n-1] and controller_ports[n-1]. Kafka's own
+    topics get min(3, nodes) replicas; imgpipe's get the settings kafka_replication_factor and
+    kafka_min_insync_replicas (shared.kafka.ensure_topics)."""
+
+    def __init__(self, data_dir: Path, ports: list[int], controller_ports: list[int], partitions: int = 12):
+        self.data_dir = Path(data_dir).resolve()
+        voters = ",".join(f"{n}@127.0.0.1:{port}" for n, port in enumerate(controller_ports, start=1))
+        self.nodes = [KafkaBroker(self.data_dir / f"node-{n}", port, controller_port, partitions,
+                                  node_id=n, quorum_voters=voters)
+                      for n, (port, controller_port) in enumerate(zip(ports, controller_ports, strict=True), start=1)]
+        formatted = {node.cluster_id() for node in self.nodes} - {None}
+        if len(formatted) > 1:
+            raise RuntimeError(f"the nodes under {self.data_dir} belong to different clusters: {formatted}")
+        cluster_id = formatted.pop() if formatted else _new_cluster_id()
+        for node in self.nodes:  # a node formatted later (its data dir removed) joins the same cluster
+            node.initial_cluster_id = cluster_id
+
+    @property
+    def bootstrap_servers(self) -> str:
+        return ",".join(node.bootstrap_servers for node in self.nodes)
+
+    def start(self, timeout: float = 120) -> "KafkaCluster":
+        """Start the nodes that are not running, all at once (a node answers only once a majority of
+        the quorum runs), and wait until every node is a live broker of the cluster. Idempotent: also
+        brings back a node that died."""
+        with ThreadPoolExecutor(len(self.nodes)) as pool:
+            failures = [exc for exc in pool.map(_start_node, self.nodes, [timeout] * len(self.nodes)) if exc]
+        if failures:
+            self.stop()
+            raise failures[0]
+        self._wait_for_brokers(time.monotonic() + timeout)
+        return self
+
+    def _wait_for_brokers(self, deadline: float) -> None:
+        from confluent_kafka.admin import AdminClient
+
+        admin = AdminClient({"bootstrap.servers": self.bootstrap_servers})
+        wanted = {node.node_id for node in self.nodes}
+        while True:
+            try:
+                live = set(admin.list_topics(timeout=2).brokers)
+            except Exception:
+                live = set()
+            if live >= wanted:
+                return
+            if time.monotonic() > deadline:
+                self.stop()
+                raise RuntimeError(f"Kafka nodes {sorted(wanted - live)} did not join the cluster "
+                                   f"under {self.data_dir}")
+            time.sleep(0.3)
+
+    def stop(self, timeout: float = 30) -> None:
+        with ThreadPoolExecutor(len(self.nodes)) as pool:
+            list(pool.map(lambda node: node.stop(timeout), self.nodes))
+
+
+def _start_node(node: KafkaBroker, timeout: float) -> Exception | None:
+    try:
+        node.start(timeout)
+    except Exception as exc:
+        return exc
+    return None
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="python -m deploy.local.kafka", description=__doc__.splitlines()[0])
     parser.add_argument("command", choices=["start", "stop", "status"])
     parser.add_argument("--data-dir", type=Path, default=DEFAULT_DATA_DIR)
     parser.add_argument("--port", type=int, default=9092)
     parser.add_argument("--controller-port", type=int, default=9093)
+    parser.add_argument("--sasl-port", type=int, help="also listen for SASL_PLAINTEXT (SCRAM-SHA-256) here")
+    parser.add_argument("--scram-user", action="append", default=[], metavar="NAME:PASSWORD",
+                        help="a SCRAM user created when the storage is formatted (repeatable)")
     args = parser.parse_args(argv)
-    broker = KafkaBroker(args.data_dir, port=args.port, controller_port=args.controller_port)
+    scram = None
+    if args.sasl_port:
+        scram = ScramListener(args.sasl_port, dict(user.split(":", 1) for user in args.scram_user))
+    broker = KafkaBroker(args.data_dir, port=args.port, controller_port=args.controller_port, scram=scram)
     if args.command == "start":
         broker.start()
-        print(f"kafka running on {broker.bootstrap_servers} (pid {broker.pid()}, data {broker.data_dir})")
+        sasl = f", SASL_PLAINTEXT (SCRAM) on 127.0.0.1:{scram.port}" if scram else ""
+        print(f"kafka running on {broker.bootstrap_servers}{sasl} (pid {broker.pid()}, data {broker.data_dir})")
     elif args.command == "stop":
         broker.stop()
         print("kafka stopped")

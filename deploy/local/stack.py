@@ -1,7 +1,12 @@
 """`make run`: PostgreSQL, Kafka and the three services on 127.0.0.1, in the foreground until Ctrl-C.
 
 Everything it keeps lives under .local/ (data, logs, stored images); a second run reuses it.
-Settings come from the environment like the services' own (see the README)."""
+Settings come from the environment like the services' own (see the README).
+
+`--kafka-cluster` (`make run-cluster`) runs three Kafka nodes instead of one, on the port pairs from
+KAFKA_BOOTSTRAP_SERVERS's port up (9092/9093, 9094/9095, 9096/9097 by default), data in
+.local/kafka-cluster/; imgpipe's topics then get replication factor 3 and min.insync.replicas 2."""
+import argparse
 import logging
 import os
 import time
@@ -9,13 +14,13 @@ from urllib.parse import urlparse
 
 import httpx
 
-from deploy.local.kafka import KafkaBroker
+from deploy.local.kafka import KafkaBroker, KafkaCluster
 from deploy.local.postgres import LocalPostgres, ensure_installed
 from deploy.local.services import REPO_ROOT, ServiceGroup
 from shared.db import migrate
 from shared.kafka import ensure_topics
 from shared.runtime import setup_logging, stop_on_signals
-from shared.settings import get_settings
+from shared.settings import Settings, get_settings
 
 log = logging.getLogger("imgpipe.stack")
 LOCAL_DIR = REPO_ROOT / ".local"
@@ -33,17 +38,33 @@ def wait_for_api(base_url: str, timeout: float = 60) -> None:
     raise RuntimeError(f"the API did not answer on {base_url} within {timeout}s (see .local/logs/api.log)")
 
 
-def main() -> None:
+def use_kafka_cluster(nodes: int = 3) -> None:
+    """Point this process's settings, and the services', at `nodes` Kafka nodes on consecutive port pairs."""
+    first_port = int(Settings().kafka_bootstrap_servers.split(",")[0].rsplit(":", 1)[1])
+    os.environ["IMGPIPE_KAFKA_BOOTSTRAP_SERVERS"] = ",".join(f"127.0.0.1:{first_port + 2 * n}" for n in range(nodes))
+    os.environ.setdefault("IMGPIPE_KAFKA_REPLICATION_FACTOR", str(min(3, nodes)))
+    os.environ.setdefault("IMGPIPE_KAFKA_MIN_INSYNC_REPLICAS", str(min(2, nodes)))
+
+
+def main(argv: list[str] | None = None) -> None:
+    parser = argparse.ArgumentParser(prog="python -m deploy.local.stack", description=__doc__.splitlines()[0])
+    parser.add_argument("--kafka-cluster", action="store_true", help="three Kafka nodes instead of one")
+    if parser.parse_args(argv).kafka_cluster:
+        use_kafka_cluster()
     settings = get_settings()
     setup_logging(settings.log_level)
     stop = stop_on_signals()
 
     database = urlparse(settings.database_url)
-    kafka_port = int(settings.kafka_bootstrap_servers.rsplit(":", 1)[1])
+    kafka_ports = [int(address.rsplit(":", 1)[1]) for address in settings.kafka_bootstrap_servers.split(",")]
     ensure_installed()
     postgres = LocalPostgres(LOCAL_DIR / "postgres", port=database.port)
-    kafka = KafkaBroker(LOCAL_DIR / "kafka", port=kafka_port, controller_port=kafka_port + 1,
-                        partitions=settings.topic_partitions)
+    if len(kafka_ports) == 1:
+        kafka = KafkaBroker(LOCAL_DIR / "kafka", port=kafka_ports[0], controller_port=kafka_ports[0] + 1,
+                            partitions=settings.topic_partitions)
+    else:
+        kafka = KafkaCluster(LOCAL_DIR / "kafka-cluster", kafka_ports, [port + 1 for port in kafka_ports],
+                             partitions=settings.topic_partitions)
     services = ServiceGroup(dict(os.environ), LOCAL_DIR / "logs")
     try:
         postgres.start()

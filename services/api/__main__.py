@@ -4,13 +4,16 @@ import logging
 import uvicorn
 
 from services.api.app import create_app
-from shared.runtime import setup_logging
+from shared.kafka import check_kafka
+from shared.runtime import exit_on_startup_error, setup_logging
 from shared.settings import get_settings
 
 
 def main() -> None:
     settings = get_settings()
     setup_logging(settings.log_level)
+    with exit_on_startup_error():
+        check_kafka(settings)
     logging.getLogger(__name__).info("imgpipe API listening on http://%s:%d", settings.api_host, settings.api_port)
     uvicorn.run(
         create_app(settings), host=settings.api_host, port=settings.api_port, log_level=settings.log_level.lower()

@@ -9,40 +9,34 @@ import uuid
 from contextlib import asynccontextmanager
 from typing import Annotated
 
+import httpx
 import psycopg
 from fastapi import FastAPI, File, Form, Query, Request, UploadFile
 from fastapi.exceptions import RequestValidationError
-from fastapi.responses import JSONResponse, Response
+from fastapi.responses import Response
 from fastapi.staticfiles import StaticFiles
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
-from services.api import jobs
+from services.api import jobs, keys
 from services.api.csv_input import CsvError, TooManyImages, parse_csv
+from services.api.errors import ApiError, error_response
+from services.api.guards import RequireApiKey, UploadSizeLimit
+from services.api.outbox import Outbox
 from services.api.output_csv import render_output_csv
 from services.api.urls import MAX_URL_LENGTH, is_http_url
 from shared import db, kafka
-from shared.kafka import DeliveryError
+from shared.addresses import AddressRule, ForbiddenAddress
+from shared.faults import crash_point
 from shared.settings import Settings, get_settings
 
 log = logging.getLogger(__name__)
 
 MAX_STATUS_PAGE = 1000
+MAX_STATUS_OFFSET = 2**63 - 1  # PostgreSQL's OFFSET is a bigint
 HTTP_ERROR_CODES = {400: "invalid_request", 404: "not_found", 405: "method_not_allowed"}
-
-
-class ApiError(Exception):
-    """Raised by an endpoint to answer status_code with the JSON error body."""
-
-    def __init__(self, status_code: int, code: str, message: str, **details):
-        super().__init__(message)
-        self.status_code = status_code
-        self.code = code
-        self.message = message
-        self.details = details
-
-
-def error_response(status_code: int, code: str, message: str, headers=None, **details) -> JSONResponse:
-    return JSONResponse({"error": {"code": code, "message": message, **details}}, status_code, headers=headers)
+# Besides the CSV, an upload's body holds the multipart boundaries and part headers and the webhook_url field.
+MULTIPART_ALLOWANCE_BYTES = 64 * 1024
+DATABASE_WAIT_SECONDS = 5  # a request waits no longer for a database connection, then answers 503
 
 
 def create_app(settings: Settings | None = None) -> FastAPI:
@@ -53,34 +47,51 @@ def create_app(settings: Settings | None = None) -> FastAPI:
         db.migrate(settings.database_url)
         if settings.create_topics:
             kafka.ensure_topics(settings)
-        app.state.pool = db.make_pool(settings.database_url)
-        app.state.producer = kafka.make_producer(settings)
+        app.state.pool = db.make_pool(settings.database_url, timeout=DATABASE_WAIT_SECONDS)
+        producer = kafka.make_producer(settings, **{"message.timeout.ms": int(settings.publish_attempt_seconds * 1000)})
+        app.state.outbox = Outbox(app.state.pool, producer, settings)
         stop = threading.Event()
-        republisher = threading.Thread(target=_republish_loop, args=(app, settings, stop), daemon=True)
-        republisher.start()
+        relay = threading.Thread(target=app.state.outbox.run_relay, args=(stop,), name="outbox-relay", daemon=True)
+        relay.start()
         try:
             yield
         finally:
             stop.set()
-            republisher.join(timeout=10)
-            app.state.producer.flush(10)
+            relay.join(timeout=10)
+            app.state.outbox.close(timeout=10)
             app.state.pool.close()
 
     app = FastAPI(title="imgpipe", lifespan=lifespan)
     _install_error_handlers(app)
+    app.add_middleware(
+        UploadSizeLimit,
+        path="/upload",
+        max_body_bytes=settings.max_csv_bytes + MULTIPART_ALLOWANCE_BYTES,
+        too_large=lambda: error_response(413, *_csv_too_large(settings)),
+    )
+    # Added last, so it runs first: a request without a valid key is refused before its body is read.
+    app.add_middleware(
+        RequireApiKey,
+        required=settings.api_keys_required,
+        find_key=lambda presented: keys.find_active_key(app.state.pool, presented),
+    )
+
+    def caller(request: Request) -> uuid.UUID | None:
+        """The id of the key of the request (set by RequireApiKey); None when keys are not required."""
+        key_id = request.state.api_key_id
+        if settings.api_keys_required and key_id is None:  # never show every job for want of a key
+            raise ApiError(401, "unauthorized", "this API needs a valid key", headers={"WWW-Authenticate": "Bearer"})
+        return key_id
 
     @app.post("/upload", status_code=202)
     def upload(request: Request, file: Annotated[UploadFile, File()], webhook_url: Annotated[str, Form()] = ""):
+        owner = caller(request)
         data = file.file.read(settings.max_csv_bytes + 1)
         if len(data) > settings.max_csv_bytes:
-            raise ApiError(413, "csv_too_large", f"the CSV is larger than {settings.max_csv_bytes} bytes")
+            raise ApiError(413, *_csv_too_large(settings))
         webhook_url = webhook_url.strip() or None
-        if webhook_url is not None and not is_http_url(webhook_url):
-            raise ApiError(
-                422,
-                "invalid_webhook_url",
-                f"webhook_url must be an absolute http(s) URL with a host, at most {MAX_URL_LENGTH} characters",
-            )
+        if webhook_url is not None:
+            _check_webhook_url(webhook_url, settings)
         try:
             parsed = parse_csv(data, settings.max_images_per_job)
         except TooManyImages as exc:
@@ -88,14 +99,17 @@ def create_app(settings: Settings | None = None) -> FastAPI:
         except CsvError as exc:
             details = {"row": exc.row_number} if exc.row_number is not None else {}
             raise ApiError(422, "invalid_csv", exc.message, **details) from None
-        try:
-            job_id = jobs.create_job(request.app.state.pool, request.app.state.producer, settings, parsed, webhook_url)
-        except DeliveryError as exc:
-            log.error("upload refused, events not acknowledged by Kafka: %s", exc)
-            raise ApiError(503, "events_unavailable", "the event bus is unavailable; nothing was stored, retry later")
+        job_id, images = jobs.insert_job(
+            request.app.state.pool, parsed, webhook_url, owner, publish_lease_seconds=settings.republish_after_seconds
+        )
+        crash_point(settings, "api.after_job_commit")
+        published = request.app.state.outbox.publish_upload(job_id, images)
         return {
             "request_id": str(job_id),
             "total_images": parsed.total_images,
+            # published: Kafka has acknowledged every image's event; queued: the job is stored and its
+            # events wait in the outbox for Kafka (the relay publishes them). Processing follows either way.
+            "events": "published" if published else "queued",
             "status_url": f"/status/{job_id}",
             "output_csv_url": f"/output_csv/{job_id}",
         }
@@ -104,11 +118,11 @@ def create_app(settings: Settings | None = None) -> FastAPI:
     def status(
         request: Request,
         request_id: str,
-        offset: Annotated[int, Query(ge=0)] = 0,
+        offset: Annotated[int, Query(ge=0, le=MAX_STATUS_OFFSET)] = 0,
         limit: Annotated[int | None, Query(ge=1, le=MAX_STATUS_PAGE)] = None,
     ):
         page_size = limit or min(settings.status_page_size, MAX_STATUS_PAGE)
-        report = jobs.get_status(request.app.state.pool, _job_id(request_id), offset, page_size)
+        report = jobs.get_status(request.app.state.pool, _job_id(request_id), caller(request), offset, page_size)
         if report is None:
             raise _job_not_found(request_id)
         return report
@@ -117,7 +131,7 @@ def create_app(settings: Settings | None = None) -> FastAPI:
     def output_csv(request: Request, request_id: str):
         job_id = _job_id(request_id)
         pool = request.app.state.pool
-        job = jobs.get_job(pool, job_id)
+        job = jobs.get_job(pool, job_id, caller(request))
         if job is None:
             raise _job_not_found(request_id)
         if job["status"] != "completed":
@@ -151,6 +165,29 @@ def create_app(settings: Settings | None = None) -> FastAPI:
     return app
 
 
+def _csv_too_large(settings: Settings) -> tuple[str, str]:
+    return "csv_too_large", f"the CSV is larger than {settings.max_csv_bytes} bytes"
+
+
+def _check_webhook_url(url: str, settings: Settings) -> None:
+    """The rule the notifier applies when it sends, checked now: a webhook to a private address would
+    only fail later. A host that does not resolve now is accepted (DNS may come back); sending checks again."""
+    if not is_http_url(url):
+        raise ApiError(
+            422,
+            "invalid_webhook_url",
+            f"webhook_url must be an absolute http(s) URL with a host, at most {MAX_URL_LENGTH} characters",
+        )
+    parsed = httpx.URL(url)
+    rule = AddressRule(settings.allow_private_addresses, settings.allowed_private_hosts)
+    try:
+        rule.refuse_private_host(parsed.host, parsed.port or (443 if parsed.scheme == "https" else 80))
+    except ForbiddenAddress as exc:
+        raise ApiError(422, "invalid_webhook_url", f"webhook_url: {exc}; webhooks are sent to public addresses only") from None
+    except OSError:
+        pass
+
+
 def _job_id(request_id: str) -> uuid.UUID:
     try:
         return uuid.UUID(request_id)
@@ -165,7 +202,12 @@ def _job_not_found(request_id: str) -> ApiError:
 def _install_error_handlers(app: FastAPI) -> None:
     @app.exception_handler(ApiError)
     def api_error(_request, exc: ApiError):
-        return error_response(exc.status_code, exc.code, exc.message, **exc.details)
+        return error_response(exc.status_code, exc.code, exc.message, headers=exc.headers, **exc.details)
+
+    @app.exception_handler(psycopg.OperationalError)  # the server is down or unreachable (PoolTimeout included)
+    def database_unavailable(_request, exc: psycopg.OperationalError):
+        log.error("database unavailable: %s", exc)
+        return error_response(503, "database_unavailable", "the database does not answer; retry later")
 
     @app.exception_handler(RequestValidationError)
     def invalid_request(_request, exc: RequestValidationError):
@@ -185,15 +227,3 @@ def _install_error_handlers(app: FastAPI) -> None:
         log.error("unhandled error", exc_info=exc)
         return error_response(500, "internal_error", "internal error; see the API logs")
 
-
-def _republish_loop(app: FastAPI, settings: Settings, stop: threading.Event) -> None:
-    """Every republish_interval_seconds, produce the events of jobs an API crash left unpublished."""
-    while not stop.wait(settings.republish_interval_seconds):
-        try:
-            count = jobs.republish_unpublished(
-                app.state.pool, app.state.producer, settings, settings.republish_after_seconds
-            )
-            if count:
-                log.warning("republished the events of %d job(s) left unpublished", count)
-        except Exception:
-            log.exception("republishing unpublished jobs failed; retrying in %gs", settings.republish_interval_seconds)

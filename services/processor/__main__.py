@@ -17,13 +17,16 @@ if hasattr(libc := ctypes.CDLL(None), "mallopt"):  # glibc; other C libraries ke
 os.environ.setdefault("PILLOW_BLOCKS_MAX", "16")
 
 from services.processor.worker import run  # noqa: E402
-from shared.runtime import setup_logging, stop_on_signals  # noqa: E402
+from shared.kafka import check_kafka  # noqa: E402
+from shared.runtime import exit_on_startup_error, setup_logging, stop_on_signals  # noqa: E402
 from shared.settings import get_settings  # noqa: E402
 
 
 def main() -> None:
     settings = get_settings()
     setup_logging(settings.log_level)
+    with exit_on_startup_error():
+        check_kafka(settings)
     run(settings, stop_on_signals())
 
 

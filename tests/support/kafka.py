@@ -1,8 +1,18 @@
-"""Positions on the real broker that tests wait for, instead of sleeping."""
+"""Positions on the real broker that tests wait for, instead of sleeping.
+
+`kafka` is the bootstrap servers, or Settings: then the clients are configured as the services' are
+(secured Kafka too)."""
 import time
 
 from confluent_kafka import OFFSET_BEGINNING, Consumer, ConsumerGroupTopicPartitions, TopicPartition
 from confluent_kafka.admin import AdminClient, OffsetSpec
+
+from shared.kafka import client_config
+from shared.settings import Settings
+
+
+def _config(kafka: str | Settings) -> dict:
+    return client_config(kafka) if isinstance(kafka, Settings) else {"bootstrap.servers": kafka}
 
 
 def end_offsets(admin: AdminClient, topic: str) -> dict[int, int]:
@@ -20,12 +30,12 @@ def committed_offsets(admin: AdminClient, group: str, topic: str) -> dict[int, i
 
 
 def wait_until_consumed(
-    bootstrap_servers: str, group: str, topics: list[str], timeout: float = 60, partitions: list[int] | None = None
+    kafka: str | Settings, group: str, topics: list[str], timeout: float = 60, partitions: list[int] | None = None
 ) -> None:
     """Wait until the group's committed offsets reach the end of every partition of the topics (or of
     the partitions given), as they are now. The services commit only what they finished, so then
     every message was handled."""
-    admin = AdminClient({"bootstrap.servers": bootstrap_servers})
+    admin = AdminClient(_config(kafka))
     ends = {
         topic: {p: end for p, end in end_offsets(admin, topic).items() if end > 0 and (partitions is None or p in partitions)}
         for topic in topics
@@ -45,9 +55,9 @@ def wait_until_consumed(
 class TopicReader:
     """Reads a whole topic from the beginning, without a consumer group."""
 
-    def __init__(self, bootstrap_servers: str, topic: str):
+    def __init__(self, kafka: str | Settings, topic: str):
         self.messages = []
-        self.consumer = Consumer({"bootstrap.servers": bootstrap_servers, "group.id": "unused"})
+        self.consumer = Consumer({**_config(kafka), "group.id": "unused"})
         partitions = self.consumer.list_topics(topic, timeout=10).topics[topic].partitions
         self.consumer.assign([TopicPartition(topic, p, OFFSET_BEGINNING) for p in partitions])
 
@@ -64,11 +74,11 @@ class TopicReader:
         self.consumer.close()
 
 
-def read_to_end(bootstrap_servers: str, topic: str, timeout: float = 30) -> list:
+def read_to_end(kafka: str | Settings, topic: str, timeout: float = 30) -> list:
     """Every message of the topic up to its end offsets as they are now (what was acknowledged before)."""
-    admin = AdminClient({"bootstrap.servers": bootstrap_servers})
+    admin = AdminClient(_config(kafka))
     ends = {p: end for p, end in end_offsets(admin, topic).items() if end > 0}
-    consumer = Consumer({"bootstrap.servers": bootstrap_servers, "group.id": "unused", "enable.auto.commit": False})
+    consumer = Consumer({**_config(kafka), "group.id": "unused", "enable.auto.commit": False})
     consumer.assign([TopicPartition(topic, p, OFFSET_BEGINNING) for p in ends])
     messages, next_offsets = [], {p: 0 for p in ends}
     deadline = time.monotonic() + timeout

@@ -1,0 +1,107 @@
+"""API keys: create, revoke and list them (python -m services.api.keys), and find the key a request presents.
+
+A key reads `imgpipe_<key id: 32 hex digits>_<secret: 43 url-safe characters, 256 random bits>`; only
+the SHA-256 of the whole key is stored. The id part finds the key's row, and the hashes are compared
+with hmac.compare_digest, so how long a refusal takes says nothing about how close a guess was.
+"""
+import argparse
+import hashlib
+import hmac
+import secrets
+import sys
+import uuid
+
+import psycopg
+from psycopg.rows import dict_row
+from psycopg_pool import ConnectionPool
+
+from shared import db
+from shared.settings import get_settings
+
+PREFIX = "imgpipe_"
+_ID_END = len(PREFIX) + 32
+
+
+def key_sha256(key: str) -> bytes:
+    return hashlib.sha256(key.encode()).digest()
+
+
+def _key_id(key: str) -> uuid.UUID | None:
+    """The id a well-formed key names, else None."""
+    if not key.startswith(PREFIX) or key[_ID_END:_ID_END + 1] != "_" or len(key) <= _ID_END + 1:
+        return None
+    try:
+        return uuid.UUID(hex=key[len(PREFIX):_ID_END])
+    except ValueError:
+        return None
+
+
+def create_key(conn: psycopg.Connection, name: str) -> tuple[uuid.UUID, str]:
+    """Store a new key named `name` and return (its id, the key): the only time the key is known."""
+    key_id = uuid.uuid4()
+    key = f"{PREFIX}{key_id.hex}_{secrets.token_urlsafe(32)}"
+    conn.execute("INSERT INTO api_keys (id, name, key_sha256) VALUES (%s, %s, %s)", (key_id, name, key_sha256(key)))
+    return key_id, key
+
+
+def revoke_key(conn: psycopg.Connection, name: str) -> bool:
+    """Revoke the key named `name`; False if there is no such key not yet revoked."""
+    revoked = conn.execute(
+        "UPDATE api_keys SET revoked_at = now() WHERE name = %s AND revoked_at IS NULL RETURNING id", (name,)
+    ).fetchone()
+    return revoked is not None
+
+
+def list_keys(conn: psycopg.Connection) -> list[dict]:
+    return conn.execute("SELECT id, name, created_at, revoked_at FROM api_keys ORDER BY created_at").fetchall()
+
+
+def find_active_key(pool: ConnectionPool, presented: str) -> uuid.UUID | None:
+    """The id of the key `presented` if it is a stored key not revoked, else None."""
+    key_id = _key_id(presented)
+    if key_id is None:
+        return None
+    with pool.connection() as conn:
+        row = conn.execute(
+            "SELECT key_sha256 FROM api_keys WHERE id = %s AND revoked_at IS NULL", (key_id,)
+        ).fetchone()
+    if row is None:
+        return None
+    return key_id if hmac.compare_digest(bytes(row["key_sha256"]), key_sha256(presented)) else None
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(prog="python -m services.api.keys", description="Manage imgpipe API keys.")
+    commands = parser.add_subparsers(dest="command", required=True)
+    create = commands.add_parser("create", help="create a key and print it (shown only this once)")
+    create.add_argument("name", help="who or what the key is for; unique")
+    revoke = commands.add_parser("revoke", help="revoke a key: requests with it are refused from now on")
+    revoke.add_argument("name")
+    commands.add_parser("list", help="list the keys (names, ids, dates; never the keys themselves)")
+    args = parser.parse_args(argv)
+
+    database_url = get_settings().database_url
+    db.migrate(database_url)
+    with psycopg.connect(database_url, autocommit=True, row_factory=dict_row) as conn:
+        if args.command == "create":
+            try:
+                key_id, key = create_key(conn, args.name)
+            except psycopg.errors.UniqueViolation:
+                print(f"a key named {args.name!r} exists already", file=sys.stderr)
+                return 1
+            print(f"created API key {args.name!r} (id {key_id}); it is shown only this once:", file=sys.stderr)
+            print(key)
+        elif args.command == "revoke":
+            if not revoke_key(conn, args.name):
+                print(f"no active key named {args.name!r}", file=sys.stderr)
+                return 1
+            print(f"revoked API key {args.name!r}", file=sys.stderr)
+        else:
+            for key in list_keys(conn):
+                revoked = f"revoked {key['revoked_at']:%Y-%m-%d %H:%M:%S%z}" if key["revoked_at"] else "active"
+                print(f"{key['name']}\t{key['id']}\tcreated {key['created_at']:%Y-%m-%d %H:%M:%S%z}\t{revoked}")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,195 @@
+"""PostgreSQL is the outbox of the image.requested events: a job is committed first and its events are
+produced after; a relay thread publishes again whatever Kafka has not acknowledged, until it has.
+
+Each unpublished job says when its events are due to be (re)published (publish_due_at):
+- an upload sets it republish_after_seconds ahead: a lease, so that if this API dies before Kafka
+  acknowledges, another API (or this one, restarted) takes the job after that, and not before;
+- an attempt that fails (Kafka refused, or did not acknowledge within publish_attempt_seconds) makes
+  the job due at once: nobody waits for the lease of an attempt known to have failed;
+- the relay takes due jobs (FOR UPDATE SKIP LOCKED, so two APIs never take the same one), renews the
+  lease and produces the events again, as often as it takes.
+Kafka's acknowledgement of every event of a job sets published_at. An event may reach Kafka twice (an
+attempt that timed out after the broker wrote it, an API that died after producing): the processor
+and the notifier key everything by image id, so a repeat changes nothing.
+"""
+import logging
+import threading
+import time
+import uuid
+from collections.abc import Mapping, Sequence
+
+import psycopg
+from confluent_kafka import KafkaError, KafkaException, Producer
+from psycopg_pool import ConnectionPool
+
+from shared.events import image_requested
+from shared.settings import Settings
+
+log = logging.getLogger(__name__)
+
+RELAY_TICK_SECONDS = 0.1  # how often the relay serves delivery reports
+RETRY_DELAY_SECONDS = 1.0  # after a failed attempt, before the next one (each attempt itself takes up to publish_attempt_seconds)
+RELAY_MAX_JOBS_IN_FLIGHT = 20  # jobs the relay produces at once: during an outage, Kafka's local queue holds no more
+
+
+class Delivery:
+    """The delivery reports of one job's events, counted as they arrive (on whichever thread polls)."""
+
+    def __init__(self, events: int, upload_waiting: bool = False):
+        self.pending = events  # reports still to come
+        self.first_error: str | None = None
+        self.settled = threading.Event()  # every report is in: acknowledged, or failed if first_error is set
+        self.upload_waiting = upload_waiting  # while an upload waits for it, the upload records the outcome
+        self._lock = threading.Lock()
+
+    def report(self, error: KafkaError | None, _message=None) -> None:
+        self._count(1, error.str() if error is not None else None)
+
+    def give_up(self, unsent: int, reason: str) -> None:
+        """`unsent` events were never handed to the producer: the attempt has failed."""
+        self._count(unsent, reason)
+
+    def _count(self, reports: int, error: str | None) -> None:
+        with self._lock:
+            self.first_error = self.first_error or error
+            self.pending -= reports
+            if self.pending <= 0:
+                self.settled.set()
+
+    @property
+    def ok(self) -> bool:
+        return self.settled.is_set() and self.first_error is None
+
+
+class Outbox:
+    def __init__(self, pool: ConnectionPool, producer: Producer, settings: Settings):
+        self.pool = pool
+        self.producer = producer
+        self.settings = settings
+        self._in_flight: dict[uuid.UUID, Delivery] = {}
+        self._lock = threading.Lock()
+        self._next_scan = 0.0  # time.monotonic() of the relay's next look for due jobs
+
+    def publish_upload(self, job_id: uuid.UUID, images: Sequence[Mapping]) -> bool:
+        """Produce a freshly committed job's events and wait up to upload_publish_wait_seconds for
+        Kafka's acknowledgement; True if every event is acknowledged (published_at is set). Otherwise
+        the events stay queued in the producer and the relay sees the attempt through."""
+        deadline = time.monotonic() + self.settings.upload_publish_wait_seconds
+        delivery = self._produce(job_id, images, give_up_at=deadline, upload_waiting=True)
+        while not delivery.settled.is_set() and (remaining := deadline - time.monotonic()) > 0:
+            self.producer.poll(min(0.05, remaining))
+        delivery.upload_waiting = False
+        return self._settle(job_id) is True
+
+    def run_relay(self, stop: threading.Event) -> None:
+        """The relay thread: serve delivery reports, settle finished attempts, and publish due jobs
+        (at once after a failed attempt, otherwise every republish_interval_seconds)."""
+        while not stop.is_set():
+            self.producer.poll(RELAY_TICK_SECONDS)
+            try:
+                self.settle_finished()
+                if time.monotonic() >= self._next_scan:
+                    self._next_scan = time.monotonic() + self.settings.republish_interval_seconds
+                    count = self.publish_due()
+                    if count:
+                        log.warning("publishing again the events of %d job(s) Kafka has not acknowledged", count)
+            except Exception:
+                log.exception("the outbox relay failed; retrying in %gs", RETRY_DELAY_SECONDS)
+                self._retry_soon()
+
+    def settle_finished(self) -> None:
+        with self._lock:
+            finished = [job_id for job_id, delivery in self._in_flight.items()
+                        if delivery.settled.is_set() and not delivery.upload_waiting]
+        for job_id in finished:
+            self._settle(job_id)
+
+    def publish_due(self) -> int:
+        """Take the jobs whose events are due (not being produced here), renew their lease and produce
+        their events again; return how many jobs."""
+        with self._lock:
+            in_flight = list(self._in_flight)
+        room = RELAY_MAX_JOBS_IN_FLIGHT - len(in_flight)
+        if room <= 0:
+            return 0
+        with self.pool.connection() as conn, conn.transaction():
+            due = conn.execute(
+                "UPDATE processing_jobs SET publish_due_at = now() + make_interval(secs => %(lease)s),"
+                " publish_attempts = publish_attempts + 1"
+                " WHERE job_id IN (SELECT job_id FROM processing_jobs"
+                "   WHERE published_at IS NULL AND publish_due_at <= now() AND NOT job_id = ANY(%(in_flight)s::uuid[])"
+                "   ORDER BY publish_due_at LIMIT %(room)s FOR UPDATE SKIP LOCKED)"
+                " RETURNING job_id",
+                {"lease": self.settings.republish_after_seconds, "in_flight": in_flight, "room": room},
+            ).fetchall()
+            images_by_job: dict[uuid.UUID, list] = {row["job_id"]: [] for row in due}
+            if due:
+                for image in conn.execute(
+                    "SELECT id, job_id, row_number, position, input_url FROM images WHERE job_id = ANY(%s)"
+                    " ORDER BY job_id, row_number, position",
+                    (list(images_by_job),),
+                ):
+                    images_by_job[image["job_id"]].append(image)
+        give_up_at = time.monotonic() + self.settings.publish_attempt_seconds
+        for job_id, images in images_by_job.items():
+            self._produce(job_id, images, give_up_at)
+        return len(images_by_job)
+
+    def close(self, timeout: float) -> None:
+        """Wait up to `timeout` for the events still queued, and record the jobs they complete."""
+        self.producer.flush(timeout)
+        self.settle_finished()
+
+    def _produce(
+        self, job_id: uuid.UUID, images: Sequence[Mapping], give_up_at: float, upload_waiting: bool = False
+    ) -> Delivery:
+        """Hand every event of the job to the producer, keyed by image id so that a job spreads over all
+        partitions, on the bulk lane when the job is large. Reports arrive later, on poll()."""
+        settings = self.settings
+        topic = settings.request_topic(len(images))
+        delivery = Delivery(len(images), upload_waiting)
+        with self._lock:
+            self._in_flight[job_id] = delivery
+        for sent, image in enumerate(images):
+            event = image_requested(job_id, image)
+            while True:
+                try:
+                    self.producer.produce(topic, value=event.model_dump_json().encode(), key=str(image["id"]),
+                                          on_delivery=delivery.report)
+                    break
+                except BufferError:  # Kafka's local queue is full (Kafka slow or away): wait a little
+                    if time.monotonic() >= give_up_at:
+                        delivery.give_up(len(images) - sent, "the producer's local queue stayed full")
+                        return delivery
+                    self.producer.poll(0.05)
+                except KafkaException as exc:  # e.g. a fatal producer error
+                    delivery.give_up(len(images) - sent, str(exc))
+                    return delivery
+        self.producer.poll(0)
+        return delivery
+
+    def _settle(self, job_id: uuid.UUID) -> bool | None:
+        """Record a finished attempt once: published_at if every event was acknowledged, due at once
+        otherwise. None if the attempt has not finished (or another thread recorded it)."""
+        with self._lock:
+            delivery = self._in_flight.get(job_id)
+            if delivery is None or not delivery.settled.is_set():
+                return None
+            del self._in_flight[job_id]
+        if not delivery.ok:
+            log.warning("events of job %s not acknowledged by Kafka (%s); publishing them again", job_id,
+                        delivery.first_error)
+            self._retry_soon()
+        try:
+            with self.pool.connection() as conn:
+                if delivery.ok:
+                    conn.execute("UPDATE processing_jobs SET published_at = now() WHERE job_id = %s", (job_id,))
+                else:
+                    conn.execute("UPDATE processing_jobs SET publish_due_at = now()"
+                                 " WHERE job_id = %s AND published_at IS NULL", (job_id,))
+        except psycopg.Error as exc:  # the job keeps its lease: published again when the lease ends
+            log.warning("could not record the publication attempt of job %s: %s", job_id, exc)
+        return delivery.ok
+
+    def _retry_soon(self) -> None:
+        self._next_scan = min(self._next_scan, time.monotonic() + RETRY_DELAY_SECONDS)

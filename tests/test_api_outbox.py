@@ -1,0 +1,138 @@
+"""PostgreSQL is the outbox: with Kafka down an upload is still accepted (202, events "queued") and
+completes once Kafka is back; only PostgreSQL down refuses an upload (503). Real processes throughout:
+a Kafka broker of the test's own, stopped and started again; a PostgreSQL of the test's own, likewise."""
+import shutil
+import time
+import uuid
+
+import httpx
+import psycopg
+import pytest
+
+from deploy.local.kafka import KafkaBroker
+from deploy.local.postgres import LocalPostgres
+from deploy.local.probe import free_port
+from services.api.app import create_app
+from shared.events import ImageRequested
+from shared.kafka import make_producer, produce_and_wait
+from tests.support.api_server import ApiServer
+from tests.support.images import jpeg_bytes
+from tests.support.kafka import wait_until_consumed
+from tests.support.settings import make_test_settings
+
+JOB_TIMEOUT = 120
+
+
+@pytest.fixture
+def own_broker(tmp_path):
+    broker = KafkaBroker(tmp_path / "kafka", port=free_port(), controller_port=free_port(), partitions=4)
+    broker.start()
+    yield broker
+    broker.stop()
+
+
+def upload(api: httpx.Client, urls: list[str], webhook_url: str) -> dict:
+    response = api.post("/upload", files={"file": ("job.csv", "url\n" + "\n".join(urls) + "\n", "text/csv")},
+                        data={"webhook_url": webhook_url})
+    assert response.status_code == 202, response.text
+    return response.json()
+
+
+def job_row(database_url: str, request_id: str) -> dict:
+    with psycopg.connect(database_url, row_factory=psycopg.rows.dict_row) as conn:
+        return conn.execute("SELECT * FROM processing_jobs WHERE job_id = %s", (request_id,)).fetchone()
+
+
+def test_kafka_down_at_upload_the_job_is_queued_then_completes_once_kafka_is_back(
+    start_stack, own_broker, image_host, receivers
+):
+    stack = start_stack(
+        processors=1, kafka_bootstrap_servers=own_broker.bootstrap_servers, topic_partitions=4,
+        publish_attempt_seconds=1,  # each attempt gives up after 1 s: several fail while Kafka is down
+        republish_after_seconds=3600, republish_interval_seconds=3600,  # so only failed attempts bring retries
+    )
+    settings, receiver = stack.settings, receivers()
+    urls = [image_host.add(f"/outbox/{n}.jpg", jpeg_bytes(120, 80, n)) for n in range(6)]
+
+    own_broker.stop()
+    reply = upload(stack.api, urls, receiver.url)
+    assert reply["events"] == "queued"
+    request_id = reply["request_id"]
+    assert job_row(settings.database_url, request_id)["published_at"] is None
+    status = stack.api.get(f"/status/{request_id}").json()
+    assert (status["status"], status["events"]) == ("pending", "queued")
+
+    # The relay keeps trying while Kafka is away, without waiting for republish_after_seconds.
+    deadline = time.monotonic() + 60
+    while job_row(settings.database_url, request_id)["publish_attempts"] < 3:
+        assert time.monotonic() < deadline, "the relay stopped trying"
+        time.sleep(0.1)
+
+    own_broker.start()
+    [webhook] = receiver.wait_for(1, JOB_TIMEOUT)
+    assert webhook.json()["request_id"] == request_id
+    assert [image["status"] for image in webhook.json()["output_images"]] == ["processed"] * len(urls)
+    job = job_row(settings.database_url, request_id)
+    assert job["published_at"] is not None
+    assert (job["status"], job["processed_images"], job["failed_images"]) == ("completed", len(urls), 0)
+    assert stack.api.get(f"/status/{request_id}").json()["events"] == "published"
+
+    # Publishing again is harmless: every event of the job once more, as a relay whose acknowledgement
+    # was lost would send it. The processor does the work again into the same files; the notifier
+    # ignores the second result of each image; no second webhook.
+    outputs = {image["input_url"]: image["output_url"] for image in webhook.json()["output_images"]}
+    stored = sorted((settings.storage_dir / request_id).iterdir())
+    with psycopg.connect(settings.database_url, row_factory=psycopg.rows.dict_row) as conn:
+        images = conn.execute("SELECT * FROM images WHERE job_id = %s", (request_id,)).fetchall()
+    events = [
+        (str(image["id"]), ImageRequested(request_id=request_id, image_id=image["id"], row_number=image["row_number"],
+                                          position=image["position"], input_url=image["input_url"]).model_dump_json())
+        for image in images
+    ]
+    producer = make_producer(settings)
+    produce_and_wait(producer, settings.topic_requested, events)
+    wait_until_consumed(settings, settings.processor_group, [settings.topic_requested], JOB_TIMEOUT)
+    wait_until_consumed(settings, settings.notifier_group, [settings.topic_processed], JOB_TIMEOUT)
+    assert len(receiver.posts_to()) == 1
+    after = stack.api.get(f"/status/{request_id}").json()
+    assert after["counts"] == {"total": len(urls), "processed": len(urls), "failed": 0, "pending": 0}
+    assert {image["input_url"]: image["output_url"] for image in after["images"]} == outputs
+    assert sorted((settings.storage_dir / request_id).iterdir()) == stored
+
+
+@pytest.fixture
+def own_postgres(tmp_path):
+    postgres = LocalPostgres(tmp_path / "postgres", port=free_port(), fast_unsafe=True)
+    postgres.start()
+    postgres.create_database("imgpipe")
+    yield postgres
+    postgres.stop()
+    shutil.rmtree(postgres.home, ignore_errors=True)
+
+
+def test_postgres_down_at_upload_answers_503_and_stores_nothing(infra, own_postgres, tmp_path):
+    suffix = uuid.uuid4().hex[:8]
+    database_url = own_postgres.url("imgpipe")
+    settings = make_test_settings(
+        kafka_bootstrap_servers=infra.kafka_bootstrap_servers, database_url=database_url,
+        topic_requested=f"image.requested.pgdown-{suffix}", topic_requested_bulk=f"image.requested.bulk.pgdown-{suffix}",
+        topic_processed=f"image.processed.pgdown-{suffix}", topic_dead_letter=f"image.requested.dlq.pgdown-{suffix}",
+        topic_partitions=1, storage_dir=tmp_path / "images", upload_publish_wait_seconds=30,
+    )
+    body = {"file": ("job.csv", "url\nhttps://127.0.0.1:9/a.jpg\n", "text/csv")}
+    with ApiServer(create_app(settings)) as server, httpx.Client(base_url=server.base_url, timeout=60) as api:
+        own_postgres.stop()
+        response = api.post("/upload", files=body)
+        assert response.status_code == 503, response.text
+        assert response.json()["error"]["code"] == "database_unavailable"
+        assert api.get(f"/status/{uuid.uuid4()}").json()["error"]["code"] == "database_unavailable"
+
+        own_postgres.start()
+        with psycopg.connect(database_url) as conn:
+            assert conn.execute("SELECT count(*) FROM processing_jobs").fetchone()[0] == 0
+            assert conn.execute("SELECT count(*) FROM images").fetchone()[0] == 0
+        deadline = time.monotonic() + 60
+        while (response := api.post("/upload", files=body)).status_code == 503:  # the pool reconnects
+            assert time.monotonic() < deadline, response.text
+        assert response.status_code == 202, response.text
+        assert response.json()["events"] == "published"
