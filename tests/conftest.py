@@ -8,6 +8,7 @@ from dataclasses import dataclass
 from urllib.parse import urlparse
 
 import httpx
+import hypothesis
 import psycopg
 import pytest
 from psycopg import sql
@@ -25,6 +26,12 @@ from tests.support.jobs import Jobs
 from tests.support.settings import make_test_settings, service_env
 from tests.support.stack import Stack
 
+# Property tests (hypothesis, schemathesis) draw the same examples on every run, so CI is deterministic and
+# a failure is seen again by rerunning; HYPOTHESIS_PROFILE=explore searches afresh with more examples.
+# No deadline: on a shared 2-core machine a slow example is not a failure.
+hypothesis.settings.register_profile("deterministic", derandomize=True, database=None, deadline=None, print_blob=True)
+hypothesis.settings.register_profile("explore", max_examples=1000, database=None, deadline=None, print_blob=True)
+hypothesis.settings.load_profile(os.environ.get("HYPOTHESIS_PROFILE", "deterministic"))
 
 
 @dataclass
