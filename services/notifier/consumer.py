@@ -6,12 +6,13 @@ from confluent_kafka import Consumer, KafkaException, Message
 from psycopg_pool import ConnectionPool
 from standardwebhooks import Webhook
 
+from services.notifier.reconciler import Reconciler, reconcile_until
 from services.notifier.results import apply_results
 from services.notifier.webhook import deliver_due, make_webhook_client
 from shared.db import make_pool, migrate
 from shared.events import ImageProcessed
 from shared.faults import crash_point
-from shared.kafka import commit_stored, ensure_topics, make_consumer, store_offsets
+from shared.kafka import commit_stored, ensure_topics, make_consumer, make_producer, store_offsets
 from shared.offsets import OffsetTracker
 from shared.settings import Settings
 
@@ -38,11 +39,17 @@ def run(settings: Settings, stop: threading.Event) -> None:
     tracker = OffsetTracker()
     consumer = make_consumer(settings, settings.notifier_group, [settings.topic_processed], tracker)
     deliveries_due = threading.Event()
-    stop_sender = threading.Event()
+    stop_helpers = threading.Event()
     sender = threading.Thread(
-        target=_send_webhooks, args=(pool, settings, deliveries_due, stop_sender), name="webhook-sender", daemon=True
+        target=_send_webhooks, args=(pool, settings, deliveries_due, stop_helpers), name="webhook-sender", daemon=True
     )
     sender.start()
+    producer = make_producer(settings)
+    reconciler = threading.Thread(
+        target=reconcile_until, args=(stop_helpers, Reconciler(settings, pool, producer), settings.reconcile_interval_seconds),
+        name="reconciler", daemon=True,
+    )
+    reconciler.start()
     try:
         while not stop.is_set():
             messages = _take(consumer)
@@ -62,9 +69,11 @@ def run(settings: Settings, stop: threading.Event) -> None:
             store_offsets(consumer, tracker)
     finally:
         consumer.close()
-        stop_sender.set()
+        stop_helpers.set()
         deliveries_due.set()
         sender.join()
+        reconciler.join()
+        producer.flush(10)
         pool.close()
 
 

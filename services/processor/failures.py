@@ -16,6 +16,7 @@ DECODE_ERROR = "decode_error"  # corrupt or truncated image data
 HOST_UNAVAILABLE = "host_unavailable"  # the host's circuit breaker is open after repeated connection failures
 STORAGE_ERROR = "storage_error"  # the storage refused this image for good (e.g. bad credentials)
 INTERNAL_ERROR = "internal_error"  # an unexpected error, still there after image_max_attempts tries
+LOST = "lost"  # its events were lost, and again after reconcile_max_requests new requests (the notifier's reconciler)
 
 
 def http_status(status: int) -> str:
