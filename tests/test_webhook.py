@@ -1,6 +1,7 @@
 """Webhook delivery against real HTTP receivers on 127.0.0.1 and a real PostgreSQL."""
 import base64
 import os
+import socket
 import threading
 import time
 
@@ -180,3 +181,35 @@ def test_webhook_to_a_private_address_is_refused_without_sending(pool, settings,
     [delivery] = jobs.deliveries(job_id)
     assert delivery["status"] == "failed"
     assert delivery["last_error"].startswith("ForbiddenAddress: 127.0.0.1 resolves to 127.0.0.1")
+
+
+def test_a_receiver_trickling_its_answer_is_cut_off_at_the_webhook_timeout(pool, settings, jobs):
+    """Each header byte comes well within the read timeout; the attempt still ends at webhook_timeout,
+    long before the receiver is done (it counts what it managed to send)."""
+    settings = settings.model_copy(update={"webhook_timeout": 0.5, "allow_private_addresses": True})
+    sent = []
+    with socket.socket() as listener:
+        listener.bind(("127.0.0.1", 0))
+        listener.listen()
+
+        def trickle():
+            conn, _ = listener.accept()
+            with conn:
+                conn.recv(65536)
+                try:
+                    conn.sendall(b"HTTP/1.1 200 OK\r\nX-Slow: ")
+                    for _ in range(200):  # 10 s in all
+                        conn.sendall(b"x")
+                        sent.append(1)
+                        time.sleep(0.05)
+                except OSError:  # the sender hung up
+                    pass
+
+        receiver = threading.Thread(target=trickle, daemon=True)
+        receiver.start()
+        job_id, _, _ = completed_job(jobs, f"http://127.0.0.1:{listener.getsockname()[1]}/hook")
+        with make_webhook_client(settings) as client:
+            deliver_due(pool, client, settings)
+        [delivery] = jobs.deliveries(job_id)
+        assert (delivery["status"], delivery["attempts"], delivery["last_error"]) == ("pending", 1, "timeout")
+        assert len(sent) < 100
