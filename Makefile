@@ -28,9 +28,9 @@ test: install
 bench: install
 	$(PY) -m bench
 
-# Regenerate schemas/events/*.json from shared/events.py (a test fails while they differ).
+# Regenerate schemas/events/ and schemas/webhooks/ from their models (shared/schemas.py; a test fails while they differ).
 schemas: install
-	$(PY) -m shared.events
+	$(PY) -m shared.schemas
 
 # Create an API key on the database of `make run` (printed once): make api-key NAME=shop
 api-key: install

@@ -1,9 +1,14 @@
 """PostgreSQL access: a connection pool and the schema migrations (yoyo, from schemas/migrations)."""
+import time
 from pathlib import Path
 
+import psycopg
+from psycopg.conninfo import conninfo_to_dict
 from psycopg.rows import dict_row
 from psycopg_pool import ConnectionPool
 from yoyo import get_backend, read_migrations
+
+from shared.runtime import StartupError
 
 MIGRATIONS_DIR = Path(__file__).resolve().parent.parent / "schemas" / "migrations"
 
@@ -15,6 +20,28 @@ def make_pool(database_url: str, max_size: int = 4, timeout: float = 30.0) -> Co
                           timeout=timeout, check=ConnectionPool.check_connection)
     pool.open(wait=True, timeout=30)
     return pool
+
+
+class DatabaseUnavailable(StartupError):
+    """PostgreSQL cannot be used with these settings; the message says why."""
+
+
+def check_database(database_url: str, timeout: float = 30) -> None:
+    """Raise DatabaseUnavailable, with one line saying why (never the URL's password), unless PostgreSQL
+    accepts a connection within `timeout`. Refused credentials and a missing database fail at once."""
+    info = conninfo_to_dict(database_url)
+    where = f"PostgreSQL at {info.get('host', 'localhost')}:{info.get('port', 5432)}/{info.get('dbname', '')}"
+    deadline = time.monotonic() + timeout
+    while True:
+        try:
+            with psycopg.connect(database_url, connect_timeout=5):
+                return
+        except psycopg.Error as exc:
+            refused = exc.sqlstate is not None and (exc.sqlstate.startswith("28") or exc.sqlstate == "3D000")
+            if refused or time.monotonic() >= deadline:
+                raise DatabaseUnavailable(f"{where} {'refused the connection' if refused else f'did not answer within {timeout:g}s'}: "
+                                          f"{' '.join(str(exc).split())}") from None
+        time.sleep(1)
 
 
 def migrate(database_url: str) -> None:

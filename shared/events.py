@@ -1,15 +1,12 @@
-"""The events on the Kafka topics. schemas/events/*.json are generated from these models."""
-import json
+"""The events on the Kafka topics. schemas/events/*.json are generated from these models (shared/schemas.py)."""
 import uuid
 from datetime import datetime, timezone
 from enum import Enum
-from pathlib import Path
 from typing import Literal
 
 from pydantic import BaseModel, Field
 
-SCHEMA_DIR = Path(__file__).resolve().parent.parent / "schemas" / "events"
-
+from shared.failures import CODE_DESCRIPTION
 
 def _now() -> datetime:
     return datetime.now(timezone.utc)
@@ -45,7 +42,7 @@ class ImageStatus(str, Enum):
 
 
 class ImageError(BaseModel):
-    code: str = Field(description="Stable machine-readable reason, e.g. http_404, timeout, not_an_image, internal_error")
+    code: str = Field(description=CODE_DESCRIPTION)
     message: str = Field(description="Human-readable detail")
 
 
@@ -61,28 +58,19 @@ class ImageProcessed(ImageRef):
     error: ImageError | None = None
 
 
-EVENT_MODELS: dict[str, type[BaseModel]] = {
-    "image.requested": ImageRequested,
-    "image.processed": ImageProcessed,
-}
+class JobRequested(BaseModel):
+    """A job created over Kafka, by a service with no HTTP access to the API (topic job.requested, key: the
+    request_id). It is stored, processed, tracked and reported exactly as an upload is."""
 
-
-def json_schema(event_type: str) -> dict:
-    schema = EVENT_MODELS[event_type].model_json_schema()
-    schema["$schema"] = "https://json-schema.org/draft/2020-12/schema"
-    schema["$id"] = f"https://imgpipe.local/schemas/events/{event_type}.v1.json"
-    return schema
-
-
-def schema_path(event_type: str) -> Path:
-    return SCHEMA_DIR / f"{event_type}.v1.json"
-
-
-def write_schemas() -> None:
-    SCHEMA_DIR.mkdir(parents=True, exist_ok=True)
-    for event_type in EVENT_MODELS:
-        schema_path(event_type).write_text(json.dumps(json_schema(event_type), indent=2) + "\n")
-
-
-if __name__ == "__main__":
-    write_schemas()
+    schema_version: Literal[1] = 1
+    event_type: Literal["job.requested"] = "job.requested"
+    event_id: uuid.UUID = Field(default_factory=uuid.uuid4, description="Unique per event; duplicates share it")
+    occurred_at: datetime = Field(default_factory=_now)
+    request_id: uuid.UUID = Field(
+        description="Chosen by the producer: the job's id in GET /status/{request_id}, GET /output_csv/{request_id} "
+        "and the webhook. The same request_id again creates nothing new."
+    )
+    image_urls: list[str] = Field(
+        min_length=1, description="Absolute http(s) URLs, in order; the output CSV has one row per URL (column url)"
+    )
+    webhook_url: str | None = Field(None, description="Called once every image is processed or failed")

@@ -3,7 +3,7 @@ import logging
 import time
 from collections.abc import Iterable
 
-from confluent_kafka import Consumer, KafkaError, KafkaException, Producer, TopicPartition
+from confluent_kafka import Consumer, KafkaError, KafkaException, Message, Producer, TopicPartition
 from confluent_kafka.admin import AdminClient, NewTopic
 
 from shared.offsets import OffsetTracker
@@ -32,6 +32,10 @@ def client_config(settings: Settings) -> dict:
         })
     if settings.kafka_ssl_ca_location is not None:
         config["ssl.ca.location"] = str(settings.kafka_ssl_ca_location)
+    if settings.log_format == "json":
+        # librdkafka writes its own lines to stderr; with a logger they become JSON lines like every
+        # other (handed over when the client is polled, which every long-lived client here is).
+        config["logger"] = logging.getLogger("librdkafka")
     return config
 
 
@@ -124,6 +128,16 @@ def produce_and_wait(producer: Producer, topic: str, messages: Iterable[tuple], 
     return sent
 
 
+def dead_letter_headers(message: Message, error: str) -> list[tuple[str, bytes]]:
+    """The headers of a message passed on unchanged to a dead-letter topic: its own, why, and where from."""
+    return list(message.headers() or []) + [
+        ("error", error.encode()),
+        ("source_topic", message.topic().encode()),
+        ("source_partition", str(message.partition()).encode()),
+        ("source_offset", str(message.offset()).encode()),
+    ]
+
+
 def make_consumer(
     settings: Settings, group_id: str, topics: list[str], tracker: OffsetTracker,
     assigned: set[tuple[str, int]] | None = None, **overrides
@@ -194,7 +208,8 @@ def ensure_topics(settings: Settings, timeout: float = 30) -> None:
     """Create the service's topics if they are missing (the brokers do not auto-create them)."""
     admin = AdminClient(client_config(settings))
     wanted = [settings.topic_requested, settings.topic_requested_bulk, settings.topic_processed,
-              settings.topic_dead_letter]
+              settings.topic_dead_letter, settings.topic_processed_dead_letter, settings.topic_job_requested,
+              settings.topic_job_dead_letter]
     existing = admin.list_topics(timeout=timeout).topics
     missing = [NewTopic(t, num_partitions=settings.topic_partitions,
                         replication_factor=settings.kafka_replication_factor,

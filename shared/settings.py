@@ -32,6 +32,11 @@ class Settings(BaseSettings):
     bulk_job_min_images: int = Field(100, ge=1)
     topic_processed: str = "image.processed"
     topic_dead_letter: str = "image.requested.dlq"
+    topic_processed_dead_letter: str = "image.processed.dlq"  # results the notifier cannot read
+    # Jobs created over Kafka by services with no HTTP access to the API (shared/events.py JobRequested).
+    topic_job_requested: str = "job.requested"
+    topic_job_dead_letter: str = "job.requested.dlq"
+    intake_group: str = "imgpipe-api-intake"
     topic_partitions: int = Field(12, ge=1)
     create_topics: bool = True
     kafka_session_timeout_ms: int = Field(10_000, ge=1)  # a crashed member's partitions wait this long
@@ -100,11 +105,23 @@ class Settings(BaseSettings):
     host_failure_threshold: int = Field(5, ge=1)
     host_cooldown_seconds: float = Field(30.0, gt=0)
     image_max_attempts: int = Field(3, ge=1)  # tries after an unexpected error, then the image fails as internal_error
-    storage: Literal["local", "cloudinary"] = "local"
+    storage: Literal["local", "cloudinary", "s3"] = "local"
     storage_dir: Path = REPO_ROOT / ".local" / "images"
     cloudinary_url: SecretStr | None = None
     cloudinary_upload_prefix: str | None = None
     cloudinary_folder: str = "imgpipe"
+    # S3, or an S3-compatible store at s3_endpoint_url. Objects are <s3_prefix><request id>/<image id>.<ext>.
+    # Credentials: both keys, or when neither is set boto3's default chain (AWS_* variables, ~/.aws, a role).
+    # Output URLs: <s3_public_base_url>/<key> when set (a public bucket or a CDN in front of it), else
+    # presigned GET URLs valid s3_presigned_url_expiry_seconds (SigV4 allows at most 7 days).
+    s3_bucket: str | None = None
+    s3_prefix: str = "imgpipe/"
+    s3_region: str | None = None
+    s3_endpoint_url: str | None = None
+    s3_access_key_id: SecretStr | None = None
+    s3_secret_access_key: SecretStr | None = None
+    s3_public_base_url: str | None = None
+    s3_presigned_url_expiry_seconds: int = Field(604_800, ge=1, le=604_800)
 
     # Notifier
     notifier_group: str = "imgpipe-notifier"
@@ -129,6 +146,13 @@ class Settings(BaseSettings):
         return [host.strip() for host in value.split(",") if host.strip()] if isinstance(value, str) else value
 
     log_level: str = "INFO"
+    # json: one JSON object per line (time, level, logger, message, and request_id / image_id on the
+    # lines about a job or an image), for a log collector; text: readable lines, for a terminal.
+    log_format: Literal["text", "json"] = "text"
+    # The processor's and the notifier's /healthz, /readyz and /metrics (the API serves them on its own
+    # port). 0 turns it off; several processes on one machine need one port each (deploy/local/services.py).
+    health_host: str = "127.0.0.1"
+    health_port: int = Field(8081, ge=0, le=65535)
 
     # Fault injection for the crash tests: "<point>" or "<point>:<n>" makes the service SIGKILL itself the
     # n-th time it reaches that point (shared/faults.py). Unset in production.

@@ -162,6 +162,7 @@ def start_stack(make_settings, own_database, tmp_path):
             })
             services = ServiceGroup(service_env(settings), tmp_path / "logs", processors=processors)
             services.env_overrides.update(env_overrides or {})
+            services.health_ports = {name: free_port() for name in services.health_ports}  # never a busy 8081
             cleanup.enter_context(_running(services))
             wait_for_api(settings.public_base_url)
             api = cleanup.enter_context(httpx.Client(base_url=settings.public_base_url, timeout=30))

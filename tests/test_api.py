@@ -13,7 +13,7 @@ from services.api import jobs
 from services.api.app import create_app
 from services.api.csv_input import parse_csv
 from services.api.outbox import Outbox
-from shared.events import schema_path
+from shared.schemas import schema_path
 from shared.settings import Settings
 from tests.support.kafka import read_to_end
 from tests.support.settings import make_test_settings

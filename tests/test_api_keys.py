@@ -81,9 +81,12 @@ def test_without_a_valid_key_every_endpoint_but_health_answers_401(api, settings
         assert_unauthorized(api.post("/upload", files={"file": CSV}, headers=headers))
         assert_unauthorized(api.get(f"/status/{job}", headers=headers))
         assert_unauthorized(api.get(f"/output_csv/{job}", headers=headers))
+        assert_unauthorized(api.get("/metrics", headers=headers))
     assert_unauthorized(api.get(f"/status/{job}", headers={"Authorization": key}))  # no scheme
     assert_unauthorized(api.get(f"/status/{job}", headers={"Authorization": f"Basic {key}"}))
     assert api.get("/healthz").status_code == 200
+    assert api.get("/readyz").status_code == 200  # probes carry no key
+    assert api.get("/metrics", headers=bearer(key)).status_code == 200
     assert api.get(f"/status/{job}", headers=bearer(key)).json()["error"]["code"] == "job_not_found"
 
 

@@ -71,7 +71,7 @@ def test_kafka_down_at_upload_the_job_is_queued_then_completes_once_kafka_is_bac
     own_broker.start()
     [webhook] = receiver.wait_for(1, JOB_TIMEOUT)
     assert webhook.json()["request_id"] == request_id
-    assert [image["status"] for image in webhook.json()["output_images"]] == ["processed"] * len(urls)
+    assert [image["status"] for image in webhook.json()["images"]] == ["processed"] * len(urls)
     job = job_row(settings.database_url, request_id)
     assert job["published_at"] is not None
     assert (job["status"], job["processed_images"], job["failed_images"]) == ("completed", len(urls), 0)
@@ -80,7 +80,7 @@ def test_kafka_down_at_upload_the_job_is_queued_then_completes_once_kafka_is_bac
     # Publishing again is harmless: every event of the job once more, as a relay whose acknowledgement
     # was lost would send it. The processor does the work again into the same files; the notifier
     # ignores the second result of each image; no second webhook.
-    outputs = {image["input_url"]: image["output_url"] for image in webhook.json()["output_images"]}
+    outputs = {image["input_url"]: image["output_url"] for image in webhook.json()["images"]}
     stored = sorted((settings.storage_dir / request_id).iterdir())
     with psycopg.connect(settings.database_url, row_factory=psycopg.rows.dict_row) as conn:
         images = conn.execute("SELECT * FROM images WHERE job_id = %s", (request_id,)).fetchall()

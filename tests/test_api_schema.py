@@ -122,16 +122,6 @@ def api(infra, tmp_path_factory):
         infra.drop_database(database_url)
 
 
-# Breaks of the schema seen today; the fix belongs to app.py (response declarations, issue 8). strict: once
-# fixed, the test passes, fails as XPASS, and its entry must go.
-KNOWN_SCHEMA_BREAKS = {
-    ("/status/{request_id}", "status_code_conformance"):
-        "404 job_not_found is not in the schema (documented: 200, 422)",
-    ("/output_csv/{request_id}", "status_code_conformance"):
-        "404 job_not_found and 409 job_not_completed are not in the schema",
-    ("/output_csv/{request_id}", "content_type_conformance"):
-        "200 answers text/csv; the schema documents application/json",
-}
 BIGINT_MAX = 2**63 - 1
 
 
@@ -173,17 +163,13 @@ def conformance_cases() -> list:
     cases = []
     for method, path in OPERATIONS:
         for check in (status_code_conformance, content_type_conformance, response_schema_conformance):
-            reason = KNOWN_SCHEMA_BREAKS.get((path, check.__name__))
-            marks = [pytest.mark.xfail(strict=True, reason=reason)] if reason else []
-            cases.append(pytest.param(method, path, check, marks=marks, id=f"{method}-{path}-{check.__name__}"))
+            cases.append(pytest.param(method, path, check, id=f"{method}-{path}-{check.__name__}"))
     return cases
 
 
 @pytest.mark.parametrize("method, path, check", conformance_cases())
 def test_every_answer_is_the_one_the_schema_documents(api, method, path, check):
-    """Status code, content type and body as documented. The responses have no response models yet (issue 8):
-    the documented bodies are {} (anything) for 2xx and FastAPI's HTTPValidationError, which requires no field,
-    for 422, so the body check holds little today."""
+    """Status code, content type and body as documented: every answer, errors included, has its model."""
     run_operation(api, method, path, GenerationMode.POSITIVE, [check])
 
 

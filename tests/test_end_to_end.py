@@ -104,7 +104,8 @@ def test_a_job_of_jpegs_and_pngs_is_compressed_and_reported(running_stack, image
 
     assert hook["request_id"] == request_id and hook["status"] == "completed"
     assert hook["failed_images"] == 0
-    assert [i["output_url"] for i in hook["output_images"]] == [i["output_url"] for i in images]
+    assert hook["output_images"] == [i["output_url"] for i in images]  # URL strings, in input order
+    assert hook["images"] == images  # the same outcome, field for field, as the status answer's
     assert_settled_with_one_webhook(running_stack, request_id, webhooks)
 
 
@@ -132,6 +133,11 @@ def test_a_job_with_broken_urls_still_completes_and_names_each_failure(running_s
         "failed:not_an_image", by_url[good[2]]["output_url"],
     ]
     assert hook["failed_images"] == 2 and hook["processed_images"] == 3
+    # output_images holds URL strings only: the processed images' outputs, in input order; failures are in images
+    assert hook["output_images"] == [by_url[url]["output_url"] for url in good]
+    assert [(i["input_url"], i["status"]) for i in hook["images"]] == [
+        (good[0], "processed"), (missing, "failed"), (good[1], "processed"), (not_an_image, "failed"), (good[2], "processed"),
+    ]
 
 
 def test_private_addresses_are_refused_by_default(start_stack, image_host, receivers):
@@ -192,8 +198,7 @@ def test_a_notifier_killed_after_completing_a_job_and_before_storing_offsets_sen
     for message in read_to_end(settings.kafka_bootstrap_servers, settings.topic_processed):
         first_results.setdefault(json.loads(message.value())["image_id"], message)
     completing = max(first_results.values(), key=lambda m: m.offset())
-    admin = AdminClient({"bootstrap.servers": settings.kafka_bootstrap_servers})
-    assert committed_offsets(admin, settings.notifier_group, settings.topic_processed)[completing.partition()] <= completing.offset()
+    assert committed_offsets(settings, settings.notifier_group, settings.topic_processed)[completing.partition()] <= completing.offset()
 
     stack.services.env_overrides.pop("notifier")
     stack.services.restart_exited()

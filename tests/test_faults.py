@@ -111,7 +111,7 @@ def assert_completed_once(stack: Stack, request_id: str, urls: list[str], receiv
     lines = list(csv.reader(io.StringIO(stack.api.get(f"/output_csv/{request_id}").text)))
     assert lines == [["url", "Output Image Urls"]] + [list(pair) for pair in zip(urls, output_urls)]
     [webhook] = receiver.posts_to()
-    assert [(i["input_url"], i["output_url"]) for i in webhook.json()["output_images"]] == list(zip(urls, output_urls))
+    assert [(i["input_url"], i["output_url"]) for i in webhook.json()["images"]] == list(zip(urls, output_urls))
 
 
 def test_one_of_three_brokers_killed_in_the_middle_of_a_job(cluster, start_stack, image_host, receivers):
@@ -152,7 +152,7 @@ def test_postgres_stopped_and_started_in_the_middle_of_a_job(own_postgres, start
     wait_until_consumed(settings.kafka_bootstrap_servers, settings.processor_group,
                         [settings.topic_requested, settings.topic_requested_bulk], timeout=JOB_TIMEOUT)
     partition = results_partition(admin, settings.topic_processed)
-    committed = committed_offsets(admin, settings.notifier_group, settings.topic_processed)[partition]
+    committed = committed_offsets(settings, settings.notifier_group, settings.topic_processed)[partition]
     # What the notifier could not record, it did not commit.
     assert committed < end_offsets(admin, settings.topic_processed)[partition]
     own_postgres.start()

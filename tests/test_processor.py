@@ -266,7 +266,7 @@ def test_results_kafka_refuses_keep_their_offsets_uncommitted_until_accepted(
         workers(settings)
         # The broker refused the results twice; auto-commit ran every 100 ms meanwhile.
         wait_for_log(caplog, "too large", count=2)
-        committed = committed_offsets(admin(settings), settings.processor_group, settings.topic_requested)
+        committed = committed_offsets(settings, settings.processor_group, settings.topic_requested)
         assert all(offset <= 0 for offset in committed.values()), committed  # none past the first image
         assert sum(end_offsets(admin(settings), settings.topic_processed).values()) == 0
 
@@ -402,7 +402,6 @@ def test_out_of_order_completion_commits_only_up_to_the_lowest_unfinished_image(
     slow, *fast = [requested(request_id, row, url) for row, url in enumerate([slow_url] + [fast_url] * 5, start=1)]
     send_to(settings, settings.topic_requested, 0, [slow, *fast])  # offsets 0 (slow) to 5
     processed = read_topic(settings, settings.topic_processed)
-    kafka = admin(settings)
 
     workers(settings)
     processed.wait_for(lambda got: {r.image_id for r in results_for(got, request_id)} >= {e.image_id for e in fast})
@@ -412,12 +411,12 @@ def test_out_of_order_completion_commits_only_up_to_the_lowest_unfinished_image(
     send_to(settings, settings.topic_requested, 1, later)
     wait_until_consumed(settings.kafka_bootstrap_servers, settings.processor_group, [settings.topic_requested],
                         partitions=[1])
-    assert committed_offsets(kafka, settings.processor_group, settings.topic_requested)[0] <= 0  # the slow one is open
+    assert committed_offsets(settings, settings.processor_group, settings.topic_requested)[0] <= 0  # the slow one is open
     assert slow.image_id not in {r.image_id for r in results_for(processed.messages, request_id)}
 
     processed.wait_for(lambda got: slow.image_id in {r.image_id for r in results_for(got, request_id)})
     wait_until_consumed(settings.kafka_bootstrap_servers, settings.processor_group, [settings.topic_requested])
-    assert committed_offsets(kafka, settings.processor_group, settings.topic_requested)[0] == 6
+    assert committed_offsets(settings, settings.processor_group, settings.topic_requested)[0] == 6
 
 
 def test_a_retry_waits_while_the_images_behind_it_proceed(make_settings, image_host, read_topic, workers):

@@ -44,7 +44,7 @@ def test_images_lost_every_time_fail_as_lost_and_the_job_ends(start_stack, jobs,
 
     payload = webhook.json()
     assert payload["failed_images"] == 3
-    assert {image["error"]["code"] for image in payload["output_images"]} == {"lost"}
+    assert {image["error"]["code"] for image in payload["images"]} == {"lost"}
     response = stack.api.get(f"/output_csv/{job_id}")
     assert response.status_code == 200 and response.text.count("failed:lost") == 3
 

@@ -1,11 +1,13 @@
 """Webhook delivery against real HTTP receivers on 127.0.0.1 and a real PostgreSQL."""
 import base64
+import json
 import os
 import socket
 import threading
 import time
 
 import httpx
+import jsonschema
 import pytest
 from pydantic import SecretStr
 from standardwebhooks import Webhook, WebhookVerificationError
@@ -13,6 +15,7 @@ from standardwebhooks import Webhook, WebhookVerificationError
 from deploy.local.probe import free_port
 from services.notifier.results import apply_results
 from services.notifier.webhook import MAX_BACKOFF_SECONDS, deliver_due, make_webhook_client
+from shared.schemas import schema_path
 from shared.settings import Settings
 from tests.support.jobs import Jobs, expected_payload, result
 from tests.support.settings import make_test_settings
@@ -59,7 +62,9 @@ def test_delivery_is_signed_and_carries_the_job_result(pool, settings, jobs, rec
     assert request.path == "/hook"
     assert request.headers["Content-Type"] == "application/json"
     assert request.headers["webhook-id"] == str(job_id)
-    assert Webhook(secret).verify(request.body, request.headers) == expected_payload(job_id, images, failed_ids)
+    payload = Webhook(secret).verify(request.body, request.headers)
+    assert payload == expected_payload(job_id, images, failed_ids)
+    jsonschema.validate(payload, json.loads(schema_path("job.completed").read_text()))  # the published contract
     with pytest.raises(WebhookVerificationError):
         Webhook("whsec_" + base64.b64encode(os.urandom(24)).decode()).verify(request.body, request.headers)
     [delivery] = jobs.deliveries(job_id)

@@ -5,6 +5,8 @@ import sys
 import time
 from pathlib import Path
 
+from shared.settings import Settings
+
 REPO_ROOT = Path(__file__).resolve().parents[2]
 MODULES = {"api": "services.api", "processor": "services.processor", "notifier": "services.notifier"}
 # One processor process keeps both cores busy (it compresses in a worker process per core); more
@@ -20,12 +22,17 @@ class ServiceGroup:
         self.names = ["api", "notifier"] + [f"processor-{n}" for n in range(1, processors + 1)]
         self.processes: dict[str, subprocess.Popen] = {}
         self.env_overrides: dict[str, dict[str, str]] = {}  # service name -> variables for that one only
+        # /healthz, /readyz and /metrics: the API serves them on its own port; the notifier gets
+        # IMGPIPE_HEALTH_PORT (8081 by default) and processor-n the n-th port after it (0: all off).
+        first = int(self.env.get("IMGPIPE_HEALTH_PORT", Settings.model_fields["health_port"].default))
+        self.health_ports = {name: first + n if first else 0 for n, name in enumerate(self.names[1:])}
 
     def start(self, name: str | None = None) -> None:
         self.log_dir.mkdir(parents=True, exist_ok=True)
         for service in [name] if name else self.names:
             module = MODULES[service.split("-")[0]]
-            env = {**self.env, **self.env_overrides.get(service, {})}
+            health = {"IMGPIPE_HEALTH_PORT": str(self.health_ports[service])} if service in self.health_ports else {}
+            env = {**self.env, **health, **self.env_overrides.get(service, {})}
             with open(self.log_dir / f"{service}.log", "ab") as log:
                 self.processes[service] = subprocess.Popen(
                     [sys.executable, "-m", module], cwd=REPO_ROOT, env=env, stdout=log, stderr=subprocess.STDOUT

@@ -38,6 +38,16 @@ def wait_for_api(base_url: str, timeout: float = 60) -> None:
     raise RuntimeError(f"the API did not answer on {base_url} within {timeout}s (see .local/logs/api.log)")
 
 
+def endpoints(settings: Settings, services: ServiceGroup) -> str:
+    """Where each service answers: the API, and the health ports of the others (health_port 0: none)."""
+    lines = ["imgpipe is up:", f"  {'api':<13} http://{settings.api_host}:{settings.api_port}  "
+             "(docs at /docs; /healthz, /readyz, /metrics)"]
+    for name, port in services.health_ports.items():
+        if port:
+            lines.append(f"  {name:<13} http://{settings.health_host}:{port}  (/healthz, /readyz, /metrics)")
+    return "\n".join(lines)
+
+
 def use_kafka_cluster(nodes: int = 3) -> None:
     """Point this process's settings, and the services', at `nodes` Kafka nodes on consecutive port pairs."""
     first_port = int(Settings().kafka_bootstrap_servers.split(",")[0].rsplit(":", 1)[1])
@@ -52,7 +62,7 @@ def main(argv: list[str] | None = None) -> None:
     if parser.parse_args(argv).kafka_cluster:
         use_kafka_cluster()
     settings = get_settings()
-    setup_logging(settings.log_level)
+    setup_logging(settings.log_level, settings.log_format)
     stop = stop_on_signals()
 
     database = urlparse(settings.database_url)
@@ -76,8 +86,7 @@ def main(argv: list[str] | None = None) -> None:
         log.info("Kafka ready at %s", kafka.bootstrap_servers)
         services.start()
         wait_for_api(f"http://{settings.api_host}:{settings.api_port}")
-        print(f"\nimgpipe is up: API at http://{settings.api_host}:{settings.api_port} "
-              f"(docs at /docs), logs in {LOCAL_DIR / 'logs'}. Ctrl-C stops everything.\n", flush=True)
+        print(f"\n{endpoints(settings, services)}\nlogs in {LOCAL_DIR / 'logs'}. Ctrl-C stops everything.\n", flush=True)
         while not stop.wait(1):
             for name in services.restart_exited():
                 log.warning("%s exited; restarted it (see %s)", name, LOCAL_DIR / "logs" / f"{name}.log")

@@ -11,12 +11,13 @@ from shared.settings import get_settings
 
 def main() -> None:
     settings = get_settings()
-    setup_logging(settings.log_level)
+    setup_logging(settings.log_level, settings.log_format)
     with exit_on_startup_error():
         check_kafka(settings)
     logging.getLogger(__name__).info("imgpipe API listening on http://%s:%d", settings.api_host, settings.api_port)
-    uvicorn.run(
-        create_app(settings), host=settings.api_host, port=settings.api_port, log_level=settings.log_level.lower()
+    uvicorn.run(  # log_config=None: uvicorn's lines (access log included) go through setup_logging's format
+        create_app(settings), host=settings.api_host, port=settings.api_port, log_level=settings.log_level.lower(),
+        log_config=None,
     )
 
 

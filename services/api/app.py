@@ -9,7 +9,6 @@ import uuid
 from contextlib import asynccontextmanager
 from typing import Annotated
 
-import httpx
 import psycopg
 from fastapi import FastAPI, File, Form, Query, Request, UploadFile
 from fastapi.exceptions import RequestValidationError
@@ -17,15 +16,16 @@ from fastapi.responses import Response
 from fastapi.staticfiles import StaticFiles
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
-from services.api import jobs, keys
+from services.api import jobs, keys, operations
+from services.api.models import Health, JobStatus, UploadAccepted, errors
 from services.api.csv_input import CsvError, TooManyImages, parse_csv
 from services.api.errors import ApiError, error_response
 from services.api.guards import RequireApiKey, UploadSizeLimit
+from services.api.intake import JobIntake
 from services.api.outbox import Outbox
 from services.api.output_csv import render_output_csv
-from services.api.urls import MAX_URL_LENGTH, is_http_url
+from services.api.urls import check_webhook_url
 from shared import db, kafka
-from shared.addresses import AddressRule, ForbiddenAddress
 from shared.faults import crash_point
 from shared.settings import Settings, get_settings
 
@@ -53,10 +53,14 @@ def create_app(settings: Settings | None = None) -> FastAPI:
         stop = threading.Event()
         relay = threading.Thread(target=app.state.outbox.run_relay, args=(stop,), name="outbox-relay", daemon=True)
         relay.start()
+        intake = JobIntake(settings, app.state.pool, app.state.outbox, producer)
+        intake_thread = threading.Thread(target=intake.run, args=(stop,), name="job-intake", daemon=True)
+        intake_thread.start()
         try:
             yield
         finally:
             stop.set()
+            intake_thread.join(timeout=10)
             relay.join(timeout=10)
             app.state.outbox.close(timeout=10)
             app.state.pool.close()
@@ -83,7 +87,7 @@ def create_app(settings: Settings | None = None) -> FastAPI:
             raise ApiError(401, "unauthorized", "this API needs a valid key", headers={"WWW-Authenticate": "Bearer"})
         return key_id
 
-    @app.post("/upload", status_code=202)
+    @app.post("/upload", status_code=202, response_model=UploadAccepted, responses=errors(401, 413, 422, 503))
     def upload(request: Request, file: Annotated[UploadFile, File()], webhook_url: Annotated[str, Form()] = ""):
         owner = caller(request)
         data = file.file.read(settings.max_csv_bytes + 1)
@@ -91,7 +95,7 @@ def create_app(settings: Settings | None = None) -> FastAPI:
             raise ApiError(413, *_csv_too_large(settings))
         webhook_url = webhook_url.strip() or None
         if webhook_url is not None:
-            _check_webhook_url(webhook_url, settings)
+            check_webhook_url(webhook_url, settings)
         try:
             parsed = parse_csv(data, settings.max_images_per_job)
         except TooManyImages as exc:
@@ -114,7 +118,7 @@ def create_app(settings: Settings | None = None) -> FastAPI:
             "output_csv_url": f"/output_csv/{job_id}",
         }
 
-    @app.get("/status/{request_id}")
+    @app.get("/status/{request_id}", response_model=JobStatus, responses=errors(401, 404, 422, 503))
     def status(
         request: Request,
         request_id: str,
@@ -127,7 +131,15 @@ def create_app(settings: Settings | None = None) -> FastAPI:
             raise _job_not_found(request_id)
         return report
 
-    @app.get("/output_csv/{request_id}")
+    @app.get(
+        "/output_csv/{request_id}",
+        response_class=Response,
+        responses={
+            200: {"description": "The input CSV with an `Output Image Urls` column",
+                  "content": {CsvResponse.media_type: {"schema": {"type": "string"}}}},
+            **errors(401, 404, 409, 422, 503),
+        },
+    )
     def output_csv(request: Request, request_id: str):
         job_id = _job_id(request_id)
         pool = request.app.state.pool
@@ -143,20 +155,17 @@ def create_app(settings: Settings | None = None) -> FastAPI:
                 counts=jobs.job_counts(job),
             )
         header, rows, images = jobs.get_output_rows(pool, job_id)
-        return Response(
+        return CsvResponse(
             render_output_csv(header, rows, images),
-            media_type="text/csv; charset=utf-8",
             headers={"Content-Disposition": f'attachment; filename="{job_id}.csv"'},
         )
 
-    @app.get("/healthz")
-    def healthz(request: Request):
-        try:
-            with request.app.state.pool.connection(timeout=5) as conn:
-                conn.execute("SELECT 1")
-        except psycopg.Error as exc:
-            raise ApiError(503, "database_unavailable", f"the database does not answer: {exc}") from None
+    @app.get("/healthz", response_model=Health)
+    def healthz():
+        """Alive: the process answers. Whether it can work (PostgreSQL, Kafka) is /readyz."""
         return {"status": "ok"}
+
+    operations.install(app, settings)  # /readyz, /metrics and the count of uploads by outcome
 
     if settings.storage == "local":
         settings.storage_dir.mkdir(parents=True, exist_ok=True)
@@ -165,27 +174,12 @@ def create_app(settings: Settings | None = None) -> FastAPI:
     return app
 
 
+class CsvResponse(Response):
+    media_type = "text/csv; charset=utf-8"
+
+
 def _csv_too_large(settings: Settings) -> tuple[str, str]:
     return "csv_too_large", f"the CSV is larger than {settings.max_csv_bytes} bytes"
-
-
-def _check_webhook_url(url: str, settings: Settings) -> None:
-    """The rule the notifier applies when it sends, checked now: a webhook to a private address would
-    only fail later. A host that does not resolve now is accepted (DNS may come back); sending checks again."""
-    if not is_http_url(url):
-        raise ApiError(
-            422,
-            "invalid_webhook_url",
-            f"webhook_url must be an absolute http(s) URL with a host, at most {MAX_URL_LENGTH} characters",
-        )
-    parsed = httpx.URL(url)
-    rule = AddressRule(settings.allow_private_addresses, settings.allowed_private_hosts)
-    try:
-        rule.refuse_private_host(parsed.host, parsed.port or (443 if parsed.scheme == "https" else 80))
-    except ForbiddenAddress as exc:
-        raise ApiError(422, "invalid_webhook_url", f"webhook_url: {exc}; webhooks are sent to public addresses only") from None
-    except OSError:
-        pass
 
 
 def _job_id(request_id: str) -> uuid.UUID:

@@ -13,6 +13,7 @@ from psycopg.types.json import Jsonb
 from psycopg_pool import ConnectionPool
 
 from services.api.csv_input import ParsedCsv
+from shared.outcomes import ImageOutcome
 
 # A job created by another key is reported exactly like a job that does not exist.
 VISIBLE = "job_id = %(job_id)s AND (%(visible_to)s::uuid IS NULL OR owner_key_id = %(visible_to)s::uuid)"
@@ -20,11 +21,12 @@ VISIBLE = "job_id = %(job_id)s AND (%(visible_to)s::uuid IS NULL OR owner_key_id
 
 def insert_job(
     pool: ConnectionPool, parsed: ParsedCsv, webhook_url: str | None, owner_key_id: uuid.UUID | None = None,
-    publish_lease_seconds: float = 0,
-) -> tuple[uuid.UUID, list[dict]]:
+    publish_lease_seconds: float = 0, job_id: uuid.UUID | None = None,
+) -> tuple[uuid.UUID, list[dict]] | None:
     """Insert the job, its CSV rows and its images in one transaction, unpublished: the outbox relay
-    publishes its events after publish_lease_seconds unless the caller's attempt succeeds first."""
-    job_id = uuid.uuid4()
+    publishes its events after publish_lease_seconds unless the caller's attempt succeeds first.
+    job_id: the id a producer chose (jobs over Kafka); None if a job with that id exists already."""
+    job_id = job_id or uuid.uuid4()
     images = [
         {"id": uuid.uuid4(), "row_number": row.row_number, "position": position, "input_url": url}
         for row in parsed.rows
@@ -33,10 +35,13 @@ def insert_job(
     with pool.connection() as conn, conn.transaction(), conn.cursor() as cur:
         cur.execute(
             "INSERT INTO processing_jobs (job_id, webhook_url, csv_header, url_column, total_images, owner_key_id,"
-            " publish_attempts, publish_due_at) VALUES (%s, %s, %s, %s, %s, %s, %s, now() + make_interval(secs => %s))",
+            " publish_attempts, publish_due_at) VALUES (%s, %s, %s, %s, %s, %s, %s, now() + make_interval(secs => %s))"
+            " ON CONFLICT (job_id) DO NOTHING",
             (job_id, webhook_url, Jsonb(parsed.header), parsed.url_column, len(images), owner_key_id,
              1 if publish_lease_seconds else 0, publish_lease_seconds),
         )
+        if cur.rowcount == 0:
+            return None
         with cur.copy("COPY csv_rows (job_id, row_number, cells) FROM STDIN") as copy:
             for row in parsed.rows:
                 copy.write_row((job_id, row.row_number, Jsonb(row.cells)))
@@ -94,7 +99,7 @@ def get_status(
         "completed_at": job["completed_at"],
         "counts": job_counts(job),
         "webhook": _webhook_view(job["webhook_url"], delivery),
-        "images": [_image_view(image) for image in images],
+        "images": [ImageOutcome.from_row(image) for image in images],
         "page": {
             "offset": offset,
             "limit": limit,
@@ -109,14 +114,6 @@ def _webhook_view(webhook_url: str | None, delivery: Mapping | None) -> dict | N
     if delivery is None:  # the notifier creates the delivery when the job completes
         return {"url": webhook_url, "status": "waiting", "attempts": 0, "last_error": None}
     return {key: delivery[key] for key in ("url", "status", "attempts", "last_error")}
-
-
-def _image_view(image: Mapping) -> dict:
-    error = None
-    if image["error_code"] is not None:
-        error = {"code": image["error_code"], "message": image["error_message"]}
-    keys = ("row_number", "position", "input_url", "output_url", "status", "format", "bytes_in", "bytes_out")
-    return {**{key: image[key] for key in keys}, "error": error}
 
 
 def get_output_rows(pool: ConnectionPool, job_id: uuid.UUID) -> tuple[list[str], list[dict], list[dict]] | None:

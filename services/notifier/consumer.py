@@ -6,13 +6,19 @@ from confluent_kafka import Consumer, KafkaException, Message
 from psycopg_pool import ConnectionPool
 from standardwebhooks import Webhook
 
+from services.notifier import metrics
 from services.notifier.reconciler import Reconciler, reconcile_until
 from services.notifier.results import apply_results
 from services.notifier.webhook import deliver_due, make_webhook_client
 from shared.db import make_pool, migrate
 from shared.events import ImageProcessed
 from shared.faults import crash_point
-from shared.kafka import commit_stored, ensure_topics, make_consumer, make_producer, store_offsets
+from shared.health import consumer_check, readiness
+from shared.kafka import (
+    DeliveryError, commit_stored, dead_letter_headers, ensure_topics, make_consumer, make_producer, produce_and_wait,
+    store_offsets,
+)
+from shared.metrics import CONSUMER_LAG
 from shared.offsets import OffsetTracker
 from shared.settings import Settings
 
@@ -37,7 +43,10 @@ def run(settings: Settings, stop: threading.Event) -> None:
         ensure_topics(settings)
     pool = make_pool(settings.database_url)
     tracker = OffsetTracker()
-    consumer = make_consumer(settings, settings.notifier_group, [settings.topic_processed], tracker)
+    assigned: set[tuple[str, int]] = set()
+    consumer = make_consumer(settings, settings.notifier_group, [settings.topic_processed], tracker, assigned,
+                             **CONSUMER_LAG.consumer_config(settings.notifier_group))
+    readiness.add("consumer", consumer_check(assigned))
     deliveries_due = threading.Event()
     stop_helpers = threading.Event()
     sender = threading.Thread(
@@ -56,14 +65,19 @@ def run(settings: Settings, stop: threading.Event) -> None:
             if not messages:
                 continue
             started = [(m, tracker.start((m.topic(), m.partition()), m.offset())) for m in messages if m.error() is None]
-            results = _parse(messages)
+            results, unreadable = _parse(messages)
             completed = _apply_until_committed(pool, results, stop)
             if completed is None:
                 break  # stopping before the batch was committed: its offsets stay unstored
+            metrics.RESULTS_APPLIED.inc(len(results))
             if completed:
-                log.info("jobs completed: %s", ", ".join(map(str, completed)))
+                for job_id in completed:
+                    log.info("job %s completed", job_id, extra={"request_id": str(job_id)})
+                metrics.JOBS_COMPLETED.inc(len(completed))
                 crash_point(settings, "notifier.after_completing_commit", lambda: commit_stored(consumer))
                 deliveries_due.set()
+            if unreadable and not _dead_letter_until_sent(producer, settings, unreadable, stop):
+                break  # stopping before they were passed on: their offsets stay unstored
             for message, epoch in started:
                 tracker.finish((message.topic(), message.partition()), message.offset(), epoch)
             store_offsets(consumer, tracker)
@@ -83,8 +97,9 @@ def _take(consumer: Consumer) -> list[Message]:
     return [] if first is None else [first] + consumer.consume(BATCH_SIZE - 1, timeout=BATCH_WINDOW_SECONDS)
 
 
-def _parse(messages: list[Message]) -> list[ImageProcessed]:
-    results = []
+def _parse(messages: list[Message]) -> tuple[list[ImageProcessed], list[tuple[Message, str]]]:
+    """The results, and the messages that are not results with why."""
+    results, unreadable = [], []
     for message in messages:
         if message.error() is not None:
             if message.error().fatal():
@@ -92,11 +107,29 @@ def _parse(messages: list[Message]) -> list[ImageProcessed]:
             log.warning("consumer error: %s", message.error())
             continue
         try:
-            results.append(ImageProcessed.model_validate_json(message.value()))
+            results.append(ImageProcessed.model_validate_json(message.value() or b""))
         except ValueError as exc:
-            log.error("skipping unparseable result at %s[%d]@%d: %s",
-                      message.topic(), message.partition(), message.offset(), exc)
-    return results
+            unreadable.append((message, f"not an image.processed event: {exc}"[:1000]))
+    return results, unreadable
+
+
+def _dead_letter_until_sent(producer, settings: Settings, unreadable: list[tuple[Message, str]], stop) -> bool:
+    """Pass unreadable messages on unchanged to the results' dead-letter topic, with why; retry while Kafka
+    refuses. False if stopped first."""
+    for message, error in unreadable:
+        log.error("result at %s[%d]@%d sent to %s: %s", message.topic(), message.partition(), message.offset(),
+                  settings.topic_processed_dead_letter, error)
+    letters = [(m.key(), m.value(), dead_letter_headers(m, error)) for m, error in unreadable]
+    delay = 0.5
+    while True:
+        try:
+            produce_and_wait(producer, settings.topic_processed_dead_letter, letters)
+            return True
+        except DeliveryError as exc:
+            log.warning("dead letters not acknowledged (%s); retrying in %gs", exc, delay)
+            if stop.wait(delay):
+                return False
+            delay = min(delay * 2, MAX_RETRY_DELAY_SECONDS)
 
 
 def _apply_until_committed(pool: ConnectionPool, results: list[ImageProcessed], stop: threading.Event) -> list | None:

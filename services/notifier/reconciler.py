@@ -21,10 +21,10 @@ from confluent_kafka import Producer
 from confluent_kafka.admin import AdminClient
 from psycopg_pool import ConnectionPool
 
-from services.processor.failures import LOST
+from shared.failures import FailureCode
 from shared import kafka
 from shared.events import ImageError, ImageProcessed, ImageStatus, image_requested
-from shared.positions import Positions, committed_offsets, end_offsets, reached
+from shared.positions import Positions, committed_offsets, end_offsets, offset_reader, reached
 from shared.settings import Settings
 
 log = logging.getLogger(__name__)
@@ -64,12 +64,18 @@ class Reconciler:
         self.pool = pool
         self.producer = producer
         self.admin = AdminClient(kafka.client_config(settings))
+        self.processors = offset_reader(settings, settings.processor_group)
+        self.notifiers = offset_reader(settings, settings.notifier_group)
         self.request_topics = [settings.topic_requested, settings.topic_requested_bulk]
         self.passes: deque[Pass] = deque(maxlen=PASSES_KEPT)
 
+    def close(self) -> None:
+        self.processors.close()
+        self.notifiers.close()
+
     def run_once(self) -> int:
         """One pass: return how many lost images were requested again or failed."""
-        notifiers_committed = committed_offsets(self.admin, self.settings.notifier_group, [self.settings.topic_processed])
+        notifiers_committed = committed_offsets(self.notifiers, [self.settings.topic_processed])
         cutoff = self._cutoff(notifiers_committed)
         self.passes.append(self._take_pass())
         return 0 if cutoff is None else self._handle_lost_before(cutoff)
@@ -80,7 +86,7 @@ class Reconciler:
         return Pass(
             database_time,
             end_offsets(self.admin, self.request_topics),
-            committed_offsets(self.admin, self.settings.processor_group, self.request_topics),
+            committed_offsets(self.processors, self.request_topics),
             end_offsets(self.admin, [self.settings.topic_processed]),
         )
 
@@ -108,7 +114,7 @@ class Reconciler:
                 self._fail(given_up)
                 conn.execute(MARK_REQUESTED_AGAIN, [[image["id"] for image in lost]])
             log.warning("%d image(s) whose events were lost: %d requested again, %d failed as %s",
-                        len(lost), len(again), len(given_up), LOST)
+                        len(lost), len(again), len(given_up), FailureCode.LOST)
             handled += len(lost)
 
     def _request_again(self, images: list[dict]) -> None:
@@ -118,7 +124,7 @@ class Reconciler:
             kafka.produce_and_wait(self.producer, self.settings.request_topic(of_job[0]["total_images"]), messages)
 
     def _fail(self, images: list[dict]) -> None:
-        error = ImageError(code=LOST, message=f"its events were lost {self.settings.reconcile_max_requests + 1} time(s)")
+        error = ImageError(code=FailureCode.LOST, message=f"its events were lost {self.settings.reconcile_max_requests + 1} time(s)")
         messages = [
             (
                 str(image["id"]),
@@ -135,8 +141,11 @@ def _place(image: dict) -> dict:
 
 
 def reconcile_until(stop: threading.Event, reconciler: Reconciler, interval: float) -> None:
-    while not stop.wait(interval):
-        try:
-            reconciler.run_once()
-        except Exception:
-            log.exception("reconciling lost images failed; trying again in %gs", interval)
+    try:
+        while not stop.wait(interval):
+            try:
+                reconciler.run_once()
+            except Exception:
+                log.exception("reconciling lost images failed; trying again in %gs", interval)
+    finally:
+        reconciler.close()

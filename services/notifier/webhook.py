@@ -10,8 +10,11 @@ from psycopg import Connection
 from psycopg_pool import ConnectionPool
 from standardwebhooks import Webhook
 
+from services.notifier import metrics
 from shared.addresses import AddressRule
 from shared.outbound import CheckedBackend, address_checked_client, total_deadline
+from shared.outcomes import ImageOutcome, JobCompleted
+from shared.runtime import log_context
 from shared.settings import Settings
 
 log = logging.getLogger(__name__)
@@ -44,37 +47,23 @@ WHERE job_id = %s
 JOB = "SELECT job_id, total_images, processed_images, failed_images FROM processing_jobs WHERE job_id = %s"
 
 IMAGES = """
-SELECT row_number, position, input_url, output_url, status, error_code, error_message
+SELECT row_number, position, input_url, output_url, status, format, bytes_in, bytes_out, error_code, error_message
 FROM images WHERE job_id = %s ORDER BY row_number, position
 """
 
 
 def build_payload(conn: Connection, job_id: uuid.UUID, public_base_url: str) -> dict:
     job = conn.execute(JOB, [job_id]).fetchone()
-    images = conn.execute(IMAGES, [job_id]).fetchall()
-    return {
-        "request_id": str(job["job_id"]),
-        "status": "completed",
-        "total_images": job["total_images"],
-        "processed_images": job["processed_images"],
-        "failed_images": job["failed_images"],
-        "output_csv_url": f"{public_base_url}/output_csv/{job['job_id']}",
-        "output_images": [
-            {
-                "row_number": image["row_number"],
-                "position": image["position"],
-                "input_url": image["input_url"],
-                "output_url": image["output_url"],
-                "status": image["status"],
-                "error": (
-                    {"code": image["error_code"], "message": image["error_message"]}
-                    if image["error_code"] is not None
-                    else None
-                ),
-            }
-            for image in images
-        ],
-    }
+    images = [ImageOutcome.from_row(image) for image in conn.execute(IMAGES, [job_id])]
+    return JobCompleted(
+        request_id=str(job["job_id"]),
+        total_images=job["total_images"],
+        processed_images=job["processed_images"],
+        failed_images=job["failed_images"],
+        output_csv_url=f"{public_base_url}/output_csv/{job['job_id']}",
+        output_images=[image.output_url for image in images if image.status == "processed"],
+        images=images,
+    ).model_dump(mode="json")
 
 
 def deliver_due(
@@ -90,11 +79,13 @@ def deliver_due(
                 break
             job_id = delivery["job_id"]
             payload = build_payload(conn, job_id, settings.public_base_url)
-            error = _post(client, delivery["url"], job_id, payload, settings)
+            with log_context(request_id=job_id):
+                error = _post(client, delivery["url"], job_id, payload, settings)
             attempts = delivery["attempts"] + 1
             if error is None:
                 conn.execute(MARK_DELIVERED, [job_id])
-                log.info("webhook for job %s delivered (attempt %d)", job_id, attempts)
+                log.info("webhook for job %s delivered (attempt %d)", job_id, attempts, extra={"request_id": str(job_id)})
+                metrics.WEBHOOK_ATTEMPTS.labels(outcome="delivered").inc()
             else:
                 gave_up = attempts >= settings.webhook_max_attempts
                 delay = min(settings.webhook_backoff_seconds * 2 ** (attempts - 1), MAX_BACKOFF_SECONDS)
@@ -102,7 +93,8 @@ def deliver_due(
                     MARK_FAILED_ATTEMPT, ["failed" if gave_up else "pending", attempts, error, delay, job_id]
                 )
                 log.warning("webhook for job %s attempt %d failed: %s%s", job_id, attempts, error,
-                            "; giving up" if gave_up else f"; retrying in {delay:g}s")
+                            "; giving up" if gave_up else f"; retrying in {delay:g}s", extra={"request_id": str(job_id)})
+                metrics.WEBHOOK_ATTEMPTS.labels(outcome="gave_up" if gave_up else "retrying").inc()
         attempted.append(job_id)
     return len(attempted)
 

@@ -17,6 +17,7 @@ if hasattr(libc := ctypes.CDLL(None), "mallopt"):  # glibc; other C libraries ke
 os.environ.setdefault("PILLOW_BLOCKS_MAX", "16")
 
 from services.processor.worker import run  # noqa: E402
+from shared.health import serve_health  # noqa: E402
 from shared.kafka import check_kafka  # noqa: E402
 from shared.runtime import exit_on_startup_error, setup_logging, stop_on_signals  # noqa: E402
 from shared.settings import get_settings  # noqa: E402
@@ -24,8 +25,9 @@ from shared.settings import get_settings  # noqa: E402
 
 def main() -> None:
     settings = get_settings()
-    setup_logging(settings.log_level)
+    setup_logging(settings.log_level, settings.log_format)
     with exit_on_startup_error():
+        serve_health(settings, "kafka", "consumer")  # first: /readyz says what is missing while Kafka is awaited
         check_kafka(settings)
     run(settings, stop_on_signals())
 

@@ -7,7 +7,7 @@ from dataclasses import dataclass
 
 from PIL import Image, UnidentifiedImageError
 
-from services.processor import failures
+from shared.failures import FailureCode
 from services.processor.failures import ImageFailure
 from shared.settings import Settings
 
@@ -54,18 +54,18 @@ def compress(data: bytes | bytearray, options: CompressOptions) -> Compressed:
             with Image.open(io.BytesIO(data)) as image:
                 image_format = SAVED_AS.get(image.format, image.format)
                 if image_format not in SUPPORTED_FORMATS:
-                    raise ImageFailure(failures.UNSUPPORTED_FORMAT, f"{image.format} images are not supported")
+                    raise ImageFailure(FailureCode.UNSUPPORTED_FORMAT, f"{image.format} images are not supported")
                 _check_total_pixels(image, options.max_image_pixels)
                 animated = image_format != "JPEG" and getattr(image, "n_frames", 1) > 1
                 encoded = _encode(image, image_format, animated, options)
     except Image.DecompressionBombError as exc:
-        raise ImageFailure(failures.TOO_LARGE, str(exc)) from None
+        raise ImageFailure(FailureCode.TOO_LARGE, str(exc)) from None
     except UnidentifiedImageError:
-        raise ImageFailure(failures.NOT_AN_IMAGE, "the content is not an image Pillow recognises") from None
+        raise ImageFailure(FailureCode.NOT_AN_IMAGE, "the content is not an image Pillow recognises") from None
     except MemoryError:
-        raise ImageFailure(failures.TOO_LARGE, "the image needs more memory than this processor has") from None
+        raise ImageFailure(FailureCode.TOO_LARGE, "the image needs more memory than this processor has") from None
     except CORRUPT_DATA_ERRORS as exc:
-        raise ImageFailure(failures.DECODE_ERROR, f"the image is corrupt or truncated: {exc}") from None
+        raise ImageFailure(FailureCode.DECODE_ERROR, f"the image is corrupt or truncated: {exc}") from None
     extension, content_type = SUPPORTED_FORMATS[image_format]
     if len(encoded) >= len(data):
         encoded = bytes(data)  # already as small as we can make it (an MPO stays as it was; it is still a valid JPEG)
@@ -77,7 +77,7 @@ def _check_total_pixels(image: Image.Image, max_pixels: int) -> None:
     frames = getattr(image, "n_frames", 1)
     width, height = image.size
     if frames * width * height > max_pixels:
-        raise ImageFailure(failures.TOO_LARGE, f"{frames} frames of {width}x{height} exceed {max_pixels} pixels in total")
+        raise ImageFailure(FailureCode.TOO_LARGE, f"{frames} frames of {width}x{height} exceed {max_pixels} pixels in total")
 
 
 def _encode(image: Image.Image, image_format: str, animated: bool, options: CompressOptions) -> bytes:

@@ -4,7 +4,7 @@ import time
 
 import httpx
 
-from services.processor import failures
+from shared.failures import FailureCode, http_status
 from services.processor.failures import ImageFailure, TransientFailure
 from shared.addresses import AddressRule, ForbiddenAddress
 from shared.outbound import CheckedBackend, address_checked_client, total_deadline
@@ -33,9 +33,9 @@ def check_url(url: str) -> httpx.URL:
     try:
         parsed = httpx.URL(url)
     except httpx.InvalidURL as exc:
-        raise ImageFailure(failures.INVALID_URL, f"not a valid URL: {exc}") from None
+        raise ImageFailure(FailureCode.INVALID_URL, f"not a valid URL: {exc}") from None
     if parsed.scheme not in ("http", "https") or not parsed.host:
-        raise ImageFailure(failures.INVALID_URL, "only absolute http:// and https:// URLs can be fetched")
+        raise ImageFailure(FailureCode.INVALID_URL, "only absolute http:// and https:// URLs can be fetched")
     return parsed
 
 
@@ -47,27 +47,27 @@ def fetch_image(client: httpx.Client, url: str, max_bytes: int, total_seconds: f
         with total_deadline(total_seconds) as deadline, client.stream("GET", url) as response:
             status = response.status_code
             if status == 429 or status >= 500:
-                raise TransientFailure(failures.http_status(status), f"the server answered {status} {response.reason_phrase}")
+                raise TransientFailure(http_status(status), f"the server answered {status} {response.reason_phrase}")
             if not 200 <= status < 300:
-                raise ImageFailure(failures.http_status(status), f"the server answered {status} {response.reason_phrase}")
+                raise ImageFailure(http_status(status), f"the server answered {status} {response.reason_phrase}")
             declared = response.headers.get("Content-Length", "")
             if declared.isdigit() and int(declared) > max_bytes:
-                raise ImageFailure(failures.TOO_LARGE, f"the server declares {declared} bytes; the limit is {max_bytes}")
+                raise ImageFailure(FailureCode.TOO_LARGE, f"the server declares {declared} bytes; the limit is {max_bytes}")
             body = _read_body(response, max_bytes)
     except ForbiddenAddress as exc:
-        raise ImageFailure(failures.FORBIDDEN_ADDRESS, str(exc)) from None
+        raise ImageFailure(FailureCode.FORBIDDEN_ADDRESS, str(exc)) from None
     except httpx.TimeoutException as exc:
         if deadline is not None and time.monotonic() >= deadline:
-            raise TransientFailure(failures.TIMEOUT, f"the download took longer than {total_seconds:g}s in total") from None
-        raise TransientFailure(failures.TIMEOUT, f"timed out ({type(exc).__name__})", host_unreachable=True) from None
+            raise TransientFailure(FailureCode.TIMEOUT, f"the download took longer than {total_seconds:g}s in total") from None
+        raise TransientFailure(FailureCode.TIMEOUT, f"timed out ({type(exc).__name__})", host_unreachable=True) from None
     except httpx.TooManyRedirects:
-        raise ImageFailure(failures.TOO_MANY_REDIRECTS, "the redirect limit was reached") from None
+        raise ImageFailure(FailureCode.TOO_MANY_REDIRECTS, "the redirect limit was reached") from None
     except (httpx.UnsupportedProtocol, httpx.InvalidURL) as exc:  # e.g. a redirect to ftp://
-        raise ImageFailure(failures.INVALID_URL, f"cannot follow: {exc}") from None
+        raise ImageFailure(FailureCode.INVALID_URL, f"cannot follow: {exc}") from None
     except httpx.TransportError as exc:  # refused, reset, DNS failure, broken HTTP framing
-        raise TransientFailure(failures.CONNECT_ERROR, f"{type(exc).__name__}: {exc}", host_unreachable=True) from None
+        raise TransientFailure(FailureCode.CONNECT_ERROR, f"{type(exc).__name__}: {exc}", host_unreachable=True) from None
     if not body:
-        raise ImageFailure(failures.EMPTY_BODY, "the server answered with an empty body")
+        raise ImageFailure(FailureCode.EMPTY_BODY, "the server answered with an empty body")
     return body
 
 
@@ -80,7 +80,7 @@ def _read_body(response: httpx.Response, max_bytes: int) -> bytearray:
     for chunk in response.iter_bytes():
         end = size + len(chunk)
         if end > max_bytes:
-            raise ImageFailure(failures.TOO_LARGE, f"the body exceeds the limit of {max_bytes} bytes")
+            raise ImageFailure(FailureCode.TOO_LARGE, f"the body exceeds the limit of {max_bytes} bytes")
         body[size:end] = chunk
         size = end
     del body[size:]  # a server that sent less than it declared

@@ -10,7 +10,7 @@ import time
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 
-from services.processor import failures
+from shared.failures import FailureCode
 from services.processor.failures import ImageFailure
 from services.processor.priority import PriorityGate
 
@@ -71,7 +71,7 @@ class HostGuard:
     def _refuse_if_open(self, host: str, state: _Host) -> None:
         if self._is_open(state):
             raise ImageFailure(
-                failures.HOST_UNAVAILABLE,
+                FailureCode.HOST_UNAVAILABLE,
                 f"{host} failed {self.failure_threshold} times in a row; not tried again for {self.cooldown_seconds:g} s",
             )
 

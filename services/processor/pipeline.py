@@ -12,16 +12,18 @@ from urllib.parse import urlsplit
 
 import httpx
 
-from services.processor import failures
+from shared.failures import FailureCode
 from services.processor.compress import Compressed, CompressOptions
 from services.processor.compressor import Compressor
 from services.processor.failures import ImageFailure, StorageUnavailable, TransientFailure
 from services.processor.fetch import fetch_image
+from services.processor import metrics
 from services.processor.hosts import HostGuard
 from services.processor.priority import NORMAL
 from services.processor.storage import Storage
 from shared.events import ImageError, ImageProcessed, ImageRequested, ImageStatus
 from shared.offsets import Partition
+from shared.runtime import log_context
 from shared.settings import Settings
 
 log = logging.getLogger(__name__)
@@ -110,7 +112,8 @@ class ImagePipeline:
         self.options = CompressOptions.from_settings(settings)
 
     def run(self, task: ImageTask) -> Finished | RetryLater:
-        outcome = self._attempt(task)
+        with log_context(request_id=task.event.request_id, image_id=task.event.image_id):
+            outcome = self._attempt(task)
         if isinstance(outcome, Finished) and task.compressed is not None:
             self.memory.release(len(task.compressed.data))
             task.compressed = None
@@ -123,7 +126,8 @@ class ImagePipeline:
                 self._fetch_and_compress(task)
             # Deterministic: a duplicate event overwrites the same object instead of adding one.
             key = f"{event.request_id}/{event.image_id}{task.compressed.extension}"
-            output_url = self.storage.save(key, task.compressed.data, task.compressed.content_type)
+            with metrics.STORE_SECONDS.time():
+                output_url = self.storage.save(key, task.compressed.data, task.compressed.content_type)
         except TransientFailure as failure:
             if task.fetch_attempts < self.settings.fetch_attempts:
                 delay = FETCH_RETRY_SECONDS * 2 ** (task.fetch_attempts - 1)
@@ -148,9 +152,12 @@ class ImagePipeline:
             log.exception("image %s of request %s failed after %d tries", event.image_id, event.request_id,
                           task.unexpected_errors)
             message = f"unexpected {type(exc).__name__} in {task.unexpected_errors} tries: {exc}"
-            return self._failed(task, ImageFailure(failures.INTERNAL_ERROR, message[:MESSAGE_MAX_CHARS]))
+            return self._failed(task, ImageFailure(FailureCode.INTERNAL_ERROR, message[:MESSAGE_MAX_CHARS]))
         log.info("image %s of request %s: %s %d -> %d bytes", event.image_id, event.request_id,
                  task.compressed.format, task.bytes_in, len(task.compressed.data))
+        metrics.IMAGES_PROCESSED.inc()
+        metrics.DOWNLOADED_BYTES.inc(task.bytes_in)
+        metrics.STORED_BYTES.inc(len(task.compressed.data))
         return Finished(ImageProcessed(
             **_same_image(event),
             status=ImageStatus.processed,
@@ -166,15 +173,15 @@ class ImagePipeline:
         with self.hosts.slot(host, task.priority):
             task.fetch_attempts += 1
             try:
-                data = fetch_image(
-                    self.client, task.event.input_url, self.settings.max_download_bytes, self.settings.fetch_total_timeout
-                )
+                with metrics.DOWNLOAD_SECONDS.time():
+                    data = fetch_image(self.client, task.event.input_url, self.settings.max_download_bytes,
+                                       self.settings.fetch_total_timeout)
             except TransientFailure as failure:
                 if failure.host_unreachable:
                     self.hosts.failed(host)
                 raise
             self.hosts.succeeded(host)
-        with self.memory.holding(len(data)):
+        with self.memory.holding(len(data)), metrics.COMPRESS_SECONDS.time():
             compressed = self.compressor.compress(data, self.options, task.priority)
         self.memory.add(len(compressed.data))
         task.bytes_in, task.compressed = len(data), compressed
@@ -185,12 +192,14 @@ class ImagePipeline:
         try:
             self.hosts.refuse_if_open(task.origin)
         except ImageFailure as failure:
-            return self._failed(task, failure, logging.DEBUG)
+            with log_context(request_id=task.event.request_id, image_id=task.event.image_id):
+                return self._failed(task, failure, logging.DEBUG)
         return None
 
     def _failed(self, task: ImageTask, failure: ImageFailure, level: int = logging.INFO) -> Finished:
         event = task.event
         log.log(level, "image %s of request %s failed: %s", event.image_id, event.request_id, failure)
+        metrics.IMAGES_FAILED.labels(reason=str(failure.code)).inc()
         return Finished(ImageProcessed(
             **_same_image(event), status=ImageStatus.failed, error=ImageError(code=failure.code, message=failure.message)
         ))

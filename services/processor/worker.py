@@ -21,6 +21,7 @@ from concurrent.futures import ThreadPoolExecutor
 from confluent_kafka import KafkaException, Message, TopicPartition
 from pydantic import ValidationError
 
+from services.processor import metrics
 from services.processor.compressor import Compressor
 from services.processor.fetch import make_http_client
 from services.processor.hosts import HostGuard
@@ -29,7 +30,9 @@ from services.processor.priority import BULK, NORMAL
 from services.processor.storage import Storage, make_storage
 from shared.events import ImageProcessed, ImageRequested
 from shared.faults import crash_point
+from shared.health import consumer_check, readiness
 from shared.kafka import commit_stored, ensure_topics, make_consumer, make_producer, store_offsets
+from shared.metrics import CONSUMER_LAG
 from shared.offsets import OffsetTracker
 from shared.settings import Settings
 
@@ -67,8 +70,10 @@ class Processor:
                 # A resumed partition is fetched again only once the fetch already waiting at the broker
                 # returns: at most this long (500 ms by default), so a backlog is not read in stutters.
                 "fetch.wait.max.ms": FETCH_WAIT_MAX_MS,
+                **CONSUMER_LAG.consumer_config(settings.processor_group),
             },
         )
+        readiness.add("consumer", consumer_check(self.assigned))
         self.compressor = Compressor(settings.compress_processes)
         self.client = make_http_client(settings)
         hosts = HostGuard(settings.fetch_per_host_limit, settings.host_failure_threshold, settings.host_cooldown_seconds)
@@ -88,6 +93,9 @@ class Processor:
         self.waiting = 0  # of which are waiting for a retry
         self.unacked = 0  # results handed to the producer and not yet acknowledged
         self.paused: set[tuple[str, int]] = set()
+        metrics.IMAGES_IN_FLIGHT.set_function(lambda: self.working)
+        for lane, name in ((settings.topic_requested, "normal"), (settings.topic_requested_bulk, "bulk")):
+            metrics.IMAGES_QUEUED.labels(lane=name).set_function(lambda queue=self.lanes[lane]: len(queue))
 
     def run(self, stop: threading.Event) -> None:
         self.consumer_thread = threading.current_thread()
@@ -208,7 +216,8 @@ class Processor:
                 return
             delay = min(MAX_PRODUCE_RETRY_SECONDS, PRODUCE_RETRY_SECONDS * 2 ** (attempt - 1))
             log.warning("result of image %s not acknowledged by Kafka (%s); producing it again in %gs",
-                        task.event.image_id, error, delay)
+                        task.event.image_id, error, delay,
+                        extra={"request_id": str(task.event.request_id), "image_id": str(task.event.image_id)})
             self._schedule(delay, lambda: self._produce_result(task, result, attempt + 1))
 
         self._produce(self.settings.topic_processed, str(result.request_id).encode(),
@@ -233,7 +242,8 @@ class Processor:
                 self._schedule(PRODUCE_RETRY_SECONDS, lambda: self._send_dead_letter(message, epoch, error, False))
 
         self._produce(self.settings.topic_dead_letter, message.key(), message.value(), headers, delivered)
-        if in_thread:
+        if in_thread:  # the first time, not a retry
+            metrics.DEAD_LETTERS.inc()
             self.from_threads.put((None, None))
 
     def _produce(self, topic: str, key: bytes | None, value: bytes | None, headers, on_delivery) -> None:

@@ -64,6 +64,8 @@ def result(job_id: uuid.UUID, image: dict, failed: bool = False) -> ImageProcess
 
 
 def expected_payload(job_id: uuid.UUID, images: list[dict], failed_ids=(), base_url="http://imgpipe.test") -> dict:
+    """The webhook payload of a job whose results were made by result(): written out, not built by the code under test."""
+    in_order = sorted(images, key=lambda i: (i["row_number"], i["position"]))
     return {
         "request_id": str(job_id),
         "status": "completed",
@@ -71,15 +73,19 @@ def expected_payload(job_id: uuid.UUID, images: list[dict], failed_ids=(), base_
         "processed_images": len(images) - len(failed_ids),
         "failed_images": len(failed_ids),
         "output_csv_url": f"{base_url}/output_csv/{job_id}",
-        "output_images": [
+        "output_images": [f"http://files.test/{image['id']}.jpg" for image in in_order if image["id"] not in failed_ids],
+        "images": [
             {
                 "row_number": image["row_number"],
                 "position": image["position"],
                 "input_url": image["input_url"],
                 "output_url": None if image["id"] in failed_ids else f"http://files.test/{image['id']}.jpg",
                 "status": "failed" if image["id"] in failed_ids else "processed",
+                "format": None if image["id"] in failed_ids else "JPEG",
+                "bytes_in": None if image["id"] in failed_ids else 1000,
+                "bytes_out": None if image["id"] in failed_ids else 200,
                 "error": {"code": "http_404", "message": "the image URL answered 404"} if image["id"] in failed_ids else None,
             }
-            for image in sorted(images, key=lambda i: (i["row_number"], i["position"]))
+            for image in in_order
         ],
     }

@@ -4,9 +4,10 @@
 (secured Kafka too)."""
 import time
 
-from confluent_kafka import OFFSET_BEGINNING, Consumer, ConsumerGroupTopicPartitions, TopicPartition
+from confluent_kafka import OFFSET_BEGINNING, Consumer, TopicPartition
 from confluent_kafka.admin import AdminClient, OffsetSpec
 
+from shared import positions
 from shared.kafka import client_config
 from shared.settings import Settings
 
@@ -21,12 +22,14 @@ def end_offsets(admin: AdminClient, topic: str) -> dict[int, int]:
     return {tp.partition: future.result(10).offset for tp, future in latest.items()}
 
 
-def committed_offsets(admin: AdminClient, group: str, topic: str) -> dict[int, int]:
-    """The group's committed offset per partition of the topic (negative where none is committed)."""
-    partitions = admin.list_topics(topic, timeout=10).topics[topic].partitions
-    request = ConsumerGroupTopicPartitions(group, [TopicPartition(topic, p) for p in partitions])
-    committed = admin.list_consumer_group_offsets([request])[group].result(10)
-    return {tp.partition: tp.offset for tp in committed.topic_partitions}
+def committed_offsets(kafka: str | Settings, group: str, topic: str) -> dict[int, int]:
+    """The group's committed offset per partition of the topic (negative where none is committed), read
+    as shared/positions.py reads them (the admin client's call can crash the process)."""
+    reader = Consumer({**_config(kafka), "group.id": group, "enable.auto.commit": False})
+    try:
+        return {partition: offset for (_topic, partition), offset in positions.committed_offsets(reader, [topic]).items()}
+    finally:
+        reader.close()
 
 
 def wait_until_consumed(
@@ -43,7 +46,7 @@ def wait_until_consumed(
     deadline = time.monotonic() + timeout
     while True:
         behind = {
-            topic: {p: end for p, end in topic_ends.items() if committed_offsets(admin, group, topic)[p] < end}
+            topic: {p: end for p, end in topic_ends.items() if committed_offsets(kafka, group, topic)[p] < end}
             for topic, topic_ends in ends.items()
         }
         if not any(behind.values()):

@@ -1,0 +1,77 @@
+"""The API's answers, as documented on /docs (OpenAPI): one model per answer; an image's outcome is
+shared with the webhook (shared/outcomes.py)."""
+from datetime import datetime
+from typing import Literal
+
+from pydantic import BaseModel, ConfigDict, Field
+
+from shared.outcomes import ImageOutcome
+
+Events = Literal["published", "queued"]
+EVENTS_DESCRIPTION = (
+    "published: Kafka has acknowledged every image's image.requested event; queued: the job is stored and its "
+    "events wait in PostgreSQL (the outbox) until Kafka takes them. The job is processed either way."
+)
+
+
+class UploadAccepted(BaseModel):
+    request_id: str
+    total_images: int
+    events: Events = Field(description=EVENTS_DESCRIPTION)
+    status_url: str
+    output_csv_url: str
+
+
+class Counts(BaseModel):
+    total: int
+    processed: int
+    failed: int
+    pending: int
+
+
+class WebhookState(BaseModel):
+    url: str
+    status: Literal["waiting", "pending", "delivered", "failed"] = Field(
+        description="waiting: the job is not completed yet; pending: being sent or retried; delivered; failed: gave up"
+    )
+    attempts: int
+    last_error: str | None
+
+
+class Page(BaseModel):
+    offset: int
+    limit: int
+    next_offset: int | None = Field(description="The offset of the next page; null on the last page")
+
+
+class JobStatus(BaseModel):
+    request_id: str
+    status: Literal["pending", "processing", "completed"]
+    events: Events = Field(description=EVENTS_DESCRIPTION)
+    created_at: datetime
+    updated_at: datetime
+    completed_at: datetime | None
+    counts: Counts
+    webhook: WebhookState | None = Field(description="null when the job has no webhook_url")
+    images: list[ImageOutcome] = Field(description="One page of the job's images, in input order")
+    page: Page
+
+
+class Health(BaseModel):
+    status: Literal["ok"]
+
+
+class ErrorDetail(BaseModel):
+    model_config = ConfigDict(extra="allow")  # details that depend on the error: row, limit, status, counts
+
+    code: str = Field(description="Stable machine-readable reason, e.g. invalid_csv, job_not_found")
+    message: str = Field(description="What went wrong, for people")
+
+
+class ErrorBody(BaseModel):
+    error: ErrorDetail
+
+
+def errors(*status_codes: int) -> dict:
+    """The `responses=` of a route: these status codes answer ErrorBody."""
+    return {status: {"model": ErrorBody} for status in status_codes}
