@@ -5,12 +5,12 @@ import multiprocessing
 import socket
 import threading
 import time
-from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+from http.server import BaseHTTPRequestHandler
 from pathlib import Path
 from urllib.parse import urlsplit
 
 from deploy.local.probe import free_port
-from tests.support.http_servers import LoopbackServer
+from tests.support.http_servers import LoopbackHTTPServer, LoopbackServer
 
 LOOPBACK = "127.0.0.1"
 
@@ -32,11 +32,6 @@ class _ImageHandler(BaseHTTPRequestHandler):
             self.wfile.write(body)
 
 
-class _ImageHTTPServer(ThreadingHTTPServer):
-    daemon_threads = True
-    request_queue_size = 1024  # many images in flight connect at once; the default backlog of 5 drops SYNs
-
-
 def _hold_connections(listener: socket.socket) -> None:
     held = []  # accepted, never read, never answered, never closed: each client waits for its own timeout
     while True:
@@ -46,7 +41,7 @@ def _hold_connections(listener: socket.socket) -> None:
 
 def _serve(directory: Path, ports) -> None:
     """The image server process: /img/<file name> for every file of `directory`, from memory."""
-    httpd = _ImageHTTPServer((LOOPBACK, 0), _ImageHandler)
+    httpd = LoopbackHTTPServer(_ImageHandler)
     httpd.files = {f"/img/{path.name}": path.read_bytes() for path in directory.iterdir()
                    if path.suffix in (".jpg", ".png")}
     black_hole = socket.create_server((LOOPBACK, 0), backlog=1024)

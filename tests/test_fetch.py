@@ -1,10 +1,8 @@
 """fetch_image() against a real HTTP server on 127.0.0.1: limits, retries and the failure codes."""
 import socket
-import sys
-import threading
 import time
 from collections import Counter
-from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+from http.server import BaseHTTPRequestHandler
 
 import pytest
 
@@ -12,6 +10,7 @@ from deploy.local.probe import free_port
 from services.processor.failures import ImageFailure, TransientFailure
 from services.processor.fetch import fetch_image, make_http_client
 from shared.settings import Settings
+from tests.support.http_servers import LoopbackServer
 from tests.support.settings import make_test_settings
 
 BODY = b"\xff\xd8\xff\xe0 pretend image bytes"
@@ -96,22 +95,10 @@ class ImageServer(BaseHTTPRequestHandler):
         pass
 
 
-class QuietServer(ThreadingHTTPServer):
-    daemon_threads = True
-
-    def handle_error(self, request, client_address):
-        if not isinstance(sys.exc_info()[1], ConnectionError):  # the client hanging up early is what tests provoke
-            super().handle_error(request, client_address)
-
-
 @pytest.fixture(scope="module")
 def server():
-    httpd = QuietServer(("127.0.0.1", 0), ImageServer)
-    thread = threading.Thread(target=httpd.serve_forever, daemon=True)
-    thread.start()
-    yield f"http://127.0.0.1:{httpd.server_address[1]}"
-    httpd.shutdown()
-    httpd.server_close()
+    with LoopbackServer(ImageServer) as running:
+        yield running.base_url
 
 
 @pytest.fixture

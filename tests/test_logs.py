@@ -9,7 +9,7 @@ import uuid
 
 from services.api.keys import create_key
 from shared.runtime import log_context, log_handler
-from tests.cloudinary_contract import CloudinaryContractServer
+from tests.support.cloudinary_contract import CloudinaryContractServer
 from tests.support.images import jpeg_bytes
 from tests.support.stack import JOB_TIMEOUT, assert_settled_with_one_webhook, upload, url_csv
 

@@ -20,7 +20,7 @@ from services.processor.worker import run
 from shared.events import ImageProcessed, ImageRequested
 from shared.kafka import make_producer, produce_and_wait
 from shared.settings import REPO_ROOT, Settings
-from tests.cloudinary_contract import CloudinaryContractServer
+from tests.support.cloudinary_contract import CloudinaryContractServer
 from tests.support.http_servers import ImageHost
 from tests.support.images import jpeg_bytes, png_bytes
 from tests.support.kafka import TopicReader, committed_offsets, end_offsets, wait_until_consumed
