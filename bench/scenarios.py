@@ -12,6 +12,7 @@ from typing import Iterator
 
 from bench import proc
 from bench.baseline import pillow_throughput
+from bench import intake
 from bench.images import ImageFile, ImageSet
 from bench.jobs import Job, Jobs
 from bench.servers import ImageServer, WebhookReceiver
@@ -37,6 +38,9 @@ class Sizes:
     latency_jobs: int = 200
     memory_images: int = 64
     scaling_images: int = 200
+    intake_rows: int = 100_000
+    intake_memory_rows: int = 1_000_000
+    notifier_results: int = 200_000
 
     def scaled(self, scale: float) -> "Sizes":
         return replace(self, **{f.name: max(MINIMUM_SIZES[f.name], round(getattr(self, f.name) * scale))
@@ -45,7 +49,7 @@ class Sizes:
 
 MINIMUM_SIZES = dict(efficiency_images=4, isolation_images=4, black_hole_urls=2, dead_host_urls=20,
                      fairness_bulk_images=10, fairness_small_jobs=3, latency_jobs=3, memory_images=2,
-                     scaling_images=4)
+                     scaling_images=4, intake_rows=100, intake_memory_rows=100, notifier_results=100)
 
 
 @dataclass
@@ -374,4 +378,8 @@ SCENARIOS = {
     "scaling": scaling,
     "isolation": isolation,
     "dead_host": dead_host,
+    # services of their own, without processors: they share nothing with the scenarios above
+    "intake": intake.intake,
+    "intake_memory": intake.intake_memory,
+    "notifier": intake.notifier,
 }

@@ -8,6 +8,9 @@ from pydantic import BaseModel, Field
 
 from shared.failures import CODE_DESCRIPTION
 
+MAX_DIMENSION = 65_535  # the largest width or height a JPEG can have
+
+
 def _now() -> datetime:
     return datetime.now(timezone.utc)
 
@@ -26,14 +29,28 @@ class ImageRef(BaseModel):
     input_url: str = Field(min_length=1, max_length=2048)
 
 
+class JobOptions(BaseModel):
+    """How a job's images are compressed; every field has a default, so {} is valid."""
+
+    quality: int = Field(50, ge=1, le=95, description="JPEG and WebP quality (PNG and GIF are lossless here)")
+    max_width: int | None = Field(None, ge=1, le=MAX_DIMENSION,
+                                  description="Scale down to at most this width, keeping the aspect ratio; never enlarge")
+    max_height: int | None = Field(None, ge=1, le=MAX_DIMENSION,
+                                   description="Scale down to at most this height, keeping the aspect ratio; never enlarge")
+    format: Literal["keep", "webp", "jpeg"] = Field(
+        "keep", description="keep: the input's format (the output never has more bytes than the input); "
+        "webp or jpeg: converted (JPEG: transparency flattened on white)")
+
+
 class ImageRequested(ImageRef):
     event_type: Literal["image.requested"] = "image.requested"
+    options: JobOptions | None = Field(None, description="The job's options; absent: the processor's defaults")
 
 
-def image_requested(request_id: uuid.UUID, image) -> ImageRequested:
+def image_requested(request_id: uuid.UUID, image, options: JobOptions | None = None) -> ImageRequested:
     """The request event of one image row (a mapping with id, row_number, position, input_url)."""
     return ImageRequested(request_id=request_id, image_id=image["id"], row_number=image["row_number"],
-                          position=image["position"], input_url=image["input_url"])
+                          position=image["position"], input_url=image["input_url"], options=options)
 
 
 class ImageStatus(str, Enum):
@@ -74,3 +91,4 @@ class JobRequested(BaseModel):
         min_length=1, description="Absolute http(s) URLs, in order; the output CSV has one row per URL (column url)"
     )
     webhook_url: str | None = Field(None, description="Called once every image is processed or failed")
+    options: JobOptions | None = Field(None, description="How the images are compressed; absent: every default")

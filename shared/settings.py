@@ -64,8 +64,11 @@ class Settings(BaseSettings):
     api_host: str = "127.0.0.1"
     api_port: int = 8000
     public_base_url: str = "http://127.0.0.1:8000"
-    max_csv_bytes: int = Field(5_000_000, ge=1)
-    max_images_per_job: int = Field(10_000, ge=1)
+    # An upload is spooled to disk and read as a stream, so these bound disk, database and Kafka work,
+    # not the API's memory: 1,000,000 rows of ~100-character URLs are ~100 MB; 256 MiB leaves room
+    # for other columns.
+    max_csv_bytes: int = Field(256 * 1024 * 1024, ge=1)
+    max_images_per_job: int = Field(1_000_000, ge=1)
     status_page_size: int = Field(100, ge=1)
     # Jobs stored by an API that died before Kafka acknowledged their events are published again.
     republish_interval_seconds: float = Field(30.0, gt=0)

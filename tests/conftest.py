@@ -124,9 +124,14 @@ def make_settings(infra, tmp_path):
             topic_requested_bulk=f"image.requested.bulk.{suffix}",
             topic_processed=f"image.processed.{suffix}",
             topic_dead_letter=f"image.requested.dlq.{suffix}",
+            topic_processed_dead_letter=f"image.processed.dlq.{suffix}",
+            topic_job_requested=f"job.requested.{suffix}",
+            topic_job_dead_letter=f"job.requested.dlq.{suffix}",
             topic_partitions=4,
             processor_group=f"processor-{suffix}",
             notifier_group=f"notifier-{suffix}",
+            intake_group=f"intake-{suffix}",
+            health_port=0,  # off unless a test asks (start_stack gives each service a free port)
             storage_dir=tmp_path / "images",
             allow_private_addresses=True,
             kafka_auto_commit_interval_ms=200,  # the tests wait for committed offsets

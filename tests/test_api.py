@@ -349,7 +349,8 @@ def test_the_relay_publishes_due_jobs_and_leaves_leased_ones_alone(client, setti
     published by the relay; a job whose upload is still producing (leased) is not touched."""
     pool = client.app.state.pool
     token = uuid.uuid4().hex
-    stale_id, stale_images = jobs.insert_job(pool, parse_csv(url_csv(token, 3), 10), None, publish_lease_seconds=1)
+    stale_id, _ = jobs.insert_job(pool, parse_csv(url_csv(token, 3), 10), None, publish_lease_seconds=1)
+    stale_images = db.execute("SELECT id, row_number, input_url FROM images WHERE job_id = %s", (stale_id,)).fetchall()
     db.execute("UPDATE processing_jobs SET publish_due_at = now() - interval '1 second' WHERE job_id = %s", (stale_id,))
     leased_id, _ = jobs.insert_job(pool, parse_csv(url_csv(token, 2), 10), None, publish_lease_seconds=3600)
     relay = Outbox(pool, client.app.state.outbox.producer, settings)  # the app's own relay scans every 30 s only

@@ -1,6 +1,9 @@
 import pytest
+from hypothesis import example, given, settings
+from hypothesis import strategies as st
 
-from services.api.csv_input import CsvError, TooManyImages, parse_csv
+from services.api.csv_input import PLAIN_HTTP_URL, CsvError, TooManyImages, _is_plain_http_url, parse_csv
+from services.api.urls import is_http_url
 
 SAMPLE = (
     b"S. No.,Product Name,Input Image Urls\n"
@@ -151,3 +154,14 @@ def test_bad_url_inside_a_multi_url_cell_names_row_and_position():
 def test_url_of_exactly_2048_characters_is_accepted():
     url = "https://h.example/" + "a" * (2048 - len("https://h.example/"))
     assert parse_csv(f"url\n{url}\n".encode(), 10).rows[0].urls == [url]
+
+
+@settings(max_examples=500)
+@given(url=st.from_regex(PLAIN_HTTP_URL, fullmatch=True))
+@example(url="http://1.2.3.999/a.jpg")  # IPv4-like hosts must be valid addresses
+@example(url="http://xn--a.example/a.jpg")  # an IDNA label that does not decode
+@example(url="HTTPS://CDN.EXAMPLE.COM:8080/A%20B.JPG?w=1&h=2#x")
+def test_the_parsers_fast_url_check_accepts_only_what_the_url_rule_accepts(url):
+    """The parser checks the usual URL shape first (fast) and asks is_http_url only otherwise."""
+    if _is_plain_http_url(url):
+        assert is_http_url(url), url

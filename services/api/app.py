@@ -3,25 +3,28 @@
 Every error answers JSON of one shape: {"error": {"code": ..., "message": ..., ...details}}.
 Endpoints are plain functions (run in the threadpool) because their DB and Kafka work blocks.
 """
+import io
 import logging
 import threading
 import uuid
 from contextlib import asynccontextmanager
+from pathlib import Path
 from typing import Annotated
 
 import psycopg
 from fastapi import FastAPI, File, Form, Query, Request, UploadFile
 from fastapi.exceptions import RequestValidationError
-from fastapi.responses import Response
+from fastapi.responses import FileResponse, Response
 from fastapi.staticfiles import StaticFiles
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
 from services.api import jobs, keys, operations
 from services.api.models import Health, JobStatus, UploadAccepted, errors
-from services.api.csv_input import CsvError, TooManyImages, parse_csv
+from services.api.csv_input import CsvError, TooManyImages, read_csv
 from services.api.errors import ApiError, error_response
 from services.api.guards import RequireApiKey, UploadSizeLimit
 from services.api.intake import JobIntake
+from services.api.options import FIELD_DESCRIPTIONS, read_options
 from services.api.outbox import Outbox
 from services.api.output_csv import render_output_csv
 from services.api.urls import check_webhook_url
@@ -36,6 +39,7 @@ MAX_STATUS_OFFSET = 2**63 - 1  # PostgreSQL's OFFSET is a bigint
 HTTP_ERROR_CODES = {400: "invalid_request", 404: "not_found", 405: "method_not_allowed"}
 # Besides the CSV, an upload's body holds the multipart boundaries and part headers and the webhook_url field.
 MULTIPART_ALLOWANCE_BYTES = 64 * 1024
+WEB_PAGE_DIR = Path(__file__).parent / "static"
 DATABASE_WAIT_SECONDS = 5  # a request waits no longer for a database connection, then answers 503
 
 
@@ -88,29 +92,38 @@ def create_app(settings: Settings | None = None) -> FastAPI:
         return key_id
 
     @app.post("/upload", status_code=202, response_model=UploadAccepted, responses=errors(401, 413, 422, 503))
-    def upload(request: Request, file: Annotated[UploadFile, File()], webhook_url: Annotated[str, Form()] = ""):
+    def upload(
+        request: Request,
+        file: Annotated[UploadFile, File()],
+        webhook_url: Annotated[str, Form()] = "",
+        quality: Annotated[str | None, Form(description=FIELD_DESCRIPTIONS["quality"] + "; 1-95, default 50")] = None,
+        max_width: Annotated[str | None, Form(description=FIELD_DESCRIPTIONS["max_width"])] = None,
+        max_height: Annotated[str | None, Form(description=FIELD_DESCRIPTIONS["max_height"])] = None,
+        format: Annotated[str | None, Form(description="keep (default), webp or jpeg. " + FIELD_DESCRIPTIONS["format"])] = None,
+    ):
         owner = caller(request)
-        data = file.file.read(settings.max_csv_bytes + 1)
-        if len(data) > settings.max_csv_bytes:
+        options = read_options(settings.jpeg_quality, quality=quality, max_width=max_width, max_height=max_height,
+                               format=format)
+        if _size_of(file.file) > settings.max_csv_bytes:
             raise ApiError(413, *_csv_too_large(settings))
         webhook_url = webhook_url.strip() or None
         if webhook_url is not None:
             check_webhook_url(webhook_url, settings)
-        try:
-            parsed = parse_csv(data, settings.max_images_per_job)
+        try:  # the CSV is read as its rows are stored: a bad row rolls the job back
+            job_id, total_images = jobs.insert_job(
+                request.app.state.pool, read_csv(file.file, settings.max_images_per_job), webhook_url, owner,
+                publish_lease_seconds=settings.republish_after_seconds, options=options,
+            )
         except TooManyImages as exc:
             raise ApiError(422, "too_many_images", exc.message, limit=settings.max_images_per_job) from None
         except CsvError as exc:
             details = {"row": exc.row_number} if exc.row_number is not None else {}
             raise ApiError(422, "invalid_csv", exc.message, **details) from None
-        job_id, images = jobs.insert_job(
-            request.app.state.pool, parsed, webhook_url, owner, publish_lease_seconds=settings.republish_after_seconds
-        )
         crash_point(settings, "api.after_job_commit")
-        published = request.app.state.outbox.publish_upload(job_id, images)
+        published = request.app.state.outbox.publish_upload(job_id, total_images)
         return {
             "request_id": str(job_id),
-            "total_images": parsed.total_images,
+            "total_images": total_images,
             # published: Kafka has acknowledged every image's event; queued: the job is stored and its
             # events wait in the outbox for Kafka (the relay publishes them). Processing follows either way.
             "events": "published" if published else "queued",
@@ -167,6 +180,13 @@ def create_app(settings: Settings | None = None) -> FastAPI:
 
     operations.install(app, settings)  # /readyz, /metrics and the count of uploads by outcome
 
+    # The web page (public with API keys on: its calls carry the key the user types in it).
+    app.mount("/web", StaticFiles(directory=WEB_PAGE_DIR), name="web")
+
+    @app.get("/", include_in_schema=False)
+    def web_page():
+        return FileResponse(WEB_PAGE_DIR / "index.html")
+
     if settings.storage == "local":
         settings.storage_dir.mkdir(parents=True, exist_ok=True)
         app.mount("/files", StaticFiles(directory=settings.storage_dir), name="files")
@@ -176,6 +196,13 @@ def create_app(settings: Settings | None = None) -> FastAPI:
 
 class CsvResponse(Response):
     media_type = "text/csv; charset=utf-8"
+
+
+def _size_of(file) -> int:
+    """The size of the spooled upload, without reading it."""
+    size = file.seek(0, io.SEEK_END)
+    file.seek(0)
+    return size
 
 
 def _csv_too_large(settings: Settings) -> tuple[str, str]:

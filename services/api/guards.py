@@ -16,8 +16,8 @@ from services.api.errors import error_response
 
 # Paths open without a key: health, the API's own description, and stored images, whose URLs are
 # unguessable (<request_id>/<image_id>.<ext>, two random UUIDs) and are handed to webhook receivers.
-PUBLIC_PATHS = {"/healthz", "/readyz", "/docs", "/docs/oauth2-redirect", "/redoc", "/openapi.json"}
-PUBLIC_PREFIXES = ("/files/",)
+PUBLIC_PATHS = {"/", "/healthz", "/readyz", "/docs", "/docs/oauth2-redirect", "/redoc", "/openapi.json"}
+PUBLIC_PREFIXES = ("/files/", "/web/")  # "/" and /web/: the web page, whose API calls carry a key
 
 
 class RequireApiKey:

@@ -16,7 +16,7 @@ from services.api.errors import ApiError
 from services.api.outbox import Outbox
 from services.api.urls import check_webhook_url, is_http_url
 from shared import kafka
-from shared.events import JobRequested
+from shared.events import JobOptions, JobRequested
 from shared.settings import Settings
 
 log = logging.getLogger(__name__)
@@ -104,11 +104,12 @@ class JobIntake:
                                    [(message.key(), message.value(), kafka.dead_letter_headers(message, str(exc)))])
             return
         stored = jobs.insert_job(self.pool, parsed, job.webhook_url, job_id=job.request_id,
+                                 options=job.options or JobOptions(quality=self.settings.jpeg_quality),
                                  publish_lease_seconds=self.settings.republish_after_seconds)
         if stored is None:
             log.info("job %s exists already; event %s changes nothing", job.request_id, job.event_id)
             return
-        job_id, images = stored
-        published = self.outbox.publish_upload(job_id, images)
-        log.info("job %s created over Kafka with %d images (events %s)", job_id, len(images),
+        job_id, total_images = stored
+        published = self.outbox.publish_upload(job_id, total_images)
+        log.info("job %s created over Kafka with %d images (events %s)", job_id, total_images,
                  "published" if published else "queued")

@@ -6,49 +6,73 @@ so the notifier always finds an image when its result arrives.
 `visible_to`: the id of the API key asking, which sees only the jobs it created; None when API keys
 are not required (every job is visible).
 """
+import json
+import tempfile
 import uuid
 from collections.abc import Mapping
 
 from psycopg.types.json import Jsonb
 from psycopg_pool import ConnectionPool
 
-from services.api.csv_input import ParsedCsv
+from services.api.csv_input import CsvStream, ParsedCsv
+from shared.events import JobOptions
 from shared.outcomes import ImageOutcome
 
+IMAGES_SPOOL_MEMORY_BYTES = 4 * 1024 * 1024  # a larger job's images wait on disk for their COPY
+COPY_CHUNK_CHARS = 256 * 1024
+COPY_BATCH_ROWS = 1000  # CSV rows handed to COPY at a time (its text format, written here)
 # A job created by another key is reported exactly like a job that does not exist.
 VISIBLE = "job_id = %(job_id)s AND (%(visible_to)s::uuid IS NULL OR owner_key_id = %(visible_to)s::uuid)"
 
 
 def insert_job(
-    pool: ConnectionPool, parsed: ParsedCsv, webhook_url: str | None, owner_key_id: uuid.UUID | None = None,
-    publish_lease_seconds: float = 0, job_id: uuid.UUID | None = None,
-) -> tuple[uuid.UUID, list[dict]] | None:
+    pool: ConnectionPool, parsed: ParsedCsv | CsvStream, webhook_url: str | None, owner_key_id: uuid.UUID | None = None,
+    publish_lease_seconds: float = 0, job_id: uuid.UUID | None = None, options: JobOptions | None = None,
+) -> tuple[uuid.UUID, int] | None:
     """Insert the job, its CSV rows and its images in one transaction, unpublished: the outbox relay
     publishes its events after publish_lease_seconds unless the caller's attempt succeeds first.
+    Returns (job_id, total_images). The rows are read as they are written (a CsvStream's rows raise
+    their CsvError on the way: the transaction is rolled back and nothing is stored), and the images wait
+    in a temporary file for their own COPY, so memory stays bounded whatever the size of the CSV.
     job_id: the id a producer chose (jobs over Kafka); None if a job with that id exists already."""
     job_id = job_id or uuid.uuid4()
-    images = [
-        {"id": uuid.uuid4(), "row_number": row.row_number, "position": position, "input_url": url}
-        for row in parsed.rows
-        for position, url in enumerate(row.urls, start=1)
-    ]
-    with pool.connection() as conn, conn.transaction(), conn.cursor() as cur:
+    with pool.connection() as conn, conn.transaction(), conn.cursor() as cur, \
+            tempfile.SpooledTemporaryFile(max_size=IMAGES_SPOOL_MEMORY_BYTES, mode="w+", newline="") as images:
+        # total_images is known once every row is read: 1 meets the CHECK until then (nobody sees it before commit)
         cur.execute(
             "INSERT INTO processing_jobs (job_id, webhook_url, csv_header, url_column, total_images, owner_key_id,"
-            " publish_attempts, publish_due_at) VALUES (%s, %s, %s, %s, %s, %s, %s, now() + make_interval(secs => %s))"
+            " publish_attempts, publish_due_at, options)"
+            " VALUES (%s, %s, %s, %s, 1, %s, %s, now() + make_interval(secs => %s), %s)"
             " ON CONFLICT (job_id) DO NOTHING",
-            (job_id, webhook_url, Jsonb(parsed.header), parsed.url_column, len(images), owner_key_id,
-             1 if publish_lease_seconds else 0, publish_lease_seconds),
+            (job_id, webhook_url, Jsonb(parsed.header), parsed.url_column, owner_key_id,
+             1 if publish_lease_seconds else 0, publish_lease_seconds, Jsonb((options or JobOptions()).model_dump())),
         )
         if cur.rowcount == 0:
             return None
+        total_images = 0
+        job = str(job_id)
         with cur.copy("COPY csv_rows (job_id, row_number, cells) FROM STDIN") as copy:
+            lines = []
             for row in parsed.rows:
-                copy.write_row((job_id, row.row_number, Jsonb(row.cells)))
+                lines.append(f"{job}\t{row.row_number}\t{_copy_text(json.dumps(row.cells, ensure_ascii=False))}\n")
+                for position, url in enumerate(row.urls, start=1):
+                    images.write(f"{uuid.uuid4()}\t{job}\t{row.row_number}\t{position}\t{_copy_text(url)}\n")
+                total_images += len(row.urls)
+                if len(lines) == COPY_BATCH_ROWS:
+                    copy.write("".join(lines))
+                    lines.clear()
+            copy.write("".join(lines))
+        images.seek(0)
         with cur.copy("COPY images (id, job_id, row_number, position, input_url) FROM STDIN") as copy:
-            for image in images:
-                copy.write_row((image["id"], job_id, image["row_number"], image["position"], image["input_url"]))
-    return job_id, images
+            while chunk := images.read(COPY_CHUNK_CHARS):
+                copy.write(chunk)
+        cur.execute("UPDATE processing_jobs SET total_images = %s WHERE job_id = %s", (total_images, job_id))
+    return job_id, total_images
+
+
+def _copy_text(value: str) -> str:
+    """A value in COPY's text format."""
+    return value.replace("\\", "\\\\").replace("\t", "\\t").replace("\n", "\\n").replace("\r", "\\r")
 
 
 def get_job(pool: ConnectionPool, job_id: uuid.UUID, visible_to: uuid.UUID | None) -> dict | None:
@@ -56,7 +80,7 @@ def get_job(pool: ConnectionPool, job_id: uuid.UUID, visible_to: uuid.UUID | Non
     with pool.connection() as conn:
         job = conn.execute(
             "SELECT job_id, status, webhook_url, total_images, processed_images, failed_images, published_at,"
-            f" created_at, updated_at, completed_at FROM processing_jobs WHERE {VISIBLE}",
+            f" created_at, updated_at, completed_at, options FROM processing_jobs WHERE {VISIBLE}",
             {"job_id": job_id, "visible_to": visible_to},
         ).fetchone()
     return job
@@ -98,6 +122,7 @@ def get_status(
         "updated_at": job["updated_at"],
         "completed_at": job["completed_at"],
         "counts": job_counts(job),
+        "options": job["options"],
         "webhook": _webhook_view(job["webhook_url"], delivery),
         "images": [ImageOutcome.from_row(image) for image in images],
         "page": {

@@ -5,6 +5,7 @@ from typing import Literal
 
 from pydantic import BaseModel, ConfigDict, Field
 
+from shared.events import JobOptions
 from shared.outcomes import ImageOutcome
 
 Events = Literal["published", "queued"]
@@ -52,6 +53,8 @@ class JobStatus(BaseModel):
     updated_at: datetime
     completed_at: datetime | None
     counts: Counts
+    options: JobOptions | None = Field(
+        description="How the job's images are compressed; null for a job stored before options existed (the defaults)")
     webhook: WebhookState | None = Field(description="null when the job has no webhook_url")
     images: list[ImageOutcome] = Field(description="One page of the job's images, in input order")
     page: Page

@@ -8,7 +8,11 @@ Each unpublished job says when its events are due to be (re)published (publish_d
   the job due at once: nobody waits for the lease of an attempt known to have failed;
 - the relay takes due jobs (FOR UPDATE SKIP LOCKED, so two APIs never take the same one), renews the
   lease and produces the events again, as often as it takes.
-Kafka's acknowledgement of every event of a job sets published_at. An event may reach Kafka twice (an
+Kafka's acknowledgement of every event of a job sets published_at.
+A job's events are produced by a thread of their own, reading the job's images from PostgreSQL in
+batches (PRODUCE_BATCH_IMAGES), so that neither the upload nor the relay waits for a large job to be
+handed over, and memory stays bounded whatever its size; the upload waits only for the acknowledgement,
+and no longer than upload_publish_wait_seconds. An event may reach Kafka twice (an
 attempt that timed out after the broker wrote it, an API that died after producing): the processor
 and the notifier key everything by image id, so a repeat changes nothing.
 """
@@ -16,13 +20,13 @@ import logging
 import threading
 import time
 import uuid
-from collections.abc import Mapping, Sequence
+from collections.abc import Iterator
 
 import psycopg
 from confluent_kafka import KafkaError, KafkaException, Producer
 from psycopg_pool import ConnectionPool
 
-from shared.events import image_requested
+from shared.events import JobOptions, image_requested
 from shared.settings import Settings
 
 log = logging.getLogger(__name__)
@@ -30,6 +34,7 @@ log = logging.getLogger(__name__)
 RELAY_TICK_SECONDS = 0.1  # how often the relay serves delivery reports
 RETRY_DELAY_SECONDS = 1.0  # after a failed attempt, before the next one (each attempt itself takes up to publish_attempt_seconds)
 RELAY_MAX_JOBS_IN_FLIGHT = 20  # jobs the relay produces at once: during an outage, Kafka's local queue holds no more
+PRODUCE_BATCH_IMAGES = 5000  # images read from PostgreSQL, then handed to the producer, at a time
 
 
 class Delivery:
@@ -69,13 +74,14 @@ class Outbox:
         self._in_flight: dict[uuid.UUID, Delivery] = {}
         self._lock = threading.Lock()
         self._next_scan = 0.0  # time.monotonic() of the relay's next look for due jobs
+        self._closing = threading.Event()
 
-    def publish_upload(self, job_id: uuid.UUID, images: Sequence[Mapping]) -> bool:
-        """Produce a freshly committed job's events and wait up to upload_publish_wait_seconds for
+    def publish_upload(self, job_id: uuid.UUID, total_images: int) -> bool:
+        """Start producing a freshly committed job's events and wait up to upload_publish_wait_seconds for
         Kafka's acknowledgement; True if every event is acknowledged (published_at is set). Otherwise
-        the events stay queued in the producer and the relay sees the attempt through."""
+        the production goes on and the relay sees the attempt through."""
         deadline = time.monotonic() + self.settings.upload_publish_wait_seconds
-        delivery = self._produce(job_id, images, give_up_at=deadline, upload_waiting=True)
+        delivery = self._start(job_id, total_images, upload_waiting=True)
         while not delivery.settled.is_set() and (remaining := deadline - time.monotonic()) > 0:
             self.producer.poll(min(0.05, remaining))
         delivery.upload_waiting = False
@@ -119,54 +125,79 @@ class Outbox:
                 " WHERE job_id IN (SELECT job_id FROM processing_jobs"
                 "   WHERE published_at IS NULL AND publish_due_at <= now() AND NOT job_id = ANY(%(in_flight)s::uuid[])"
                 "   ORDER BY publish_due_at LIMIT %(room)s FOR UPDATE SKIP LOCKED)"
-                " RETURNING job_id",
+                " RETURNING job_id, total_images",
                 {"lease": self.settings.republish_after_seconds, "in_flight": in_flight, "room": room},
             ).fetchall()
-            images_by_job: dict[uuid.UUID, list] = {row["job_id"]: [] for row in due}
-            if due:
-                for image in conn.execute(
-                    "SELECT id, job_id, row_number, position, input_url FROM images WHERE job_id = ANY(%s)"
-                    " ORDER BY job_id, row_number, position",
-                    (list(images_by_job),),
-                ):
-                    images_by_job[image["job_id"]].append(image)
-        give_up_at = time.monotonic() + self.settings.publish_attempt_seconds
-        for job_id, images in images_by_job.items():
-            self._produce(job_id, images, give_up_at)
-        return len(images_by_job)
+        for job in due:
+            self._start(job["job_id"], job["total_images"])
+        return len(due)
 
     def close(self, timeout: float) -> None:
-        """Wait up to `timeout` for the events still queued, and record the jobs they complete."""
+        """Stop producing, wait up to `timeout` for the events still queued, and record the jobs they complete."""
+        self._closing.set()
         self.producer.flush(timeout)
         self.settle_finished()
 
-    def _produce(
-        self, job_id: uuid.UUID, images: Sequence[Mapping], give_up_at: float, upload_waiting: bool = False
-    ) -> Delivery:
-        """Hand every event of the job to the producer, keyed by image id so that a job spreads over all
-        partitions, on the bulk lane when the job is large. Reports arrive later, on poll()."""
-        settings = self.settings
-        topic = settings.request_topic(len(images))
-        delivery = Delivery(len(images), upload_waiting)
+    def _start(self, job_id: uuid.UUID, total_images: int, upload_waiting: bool = False) -> Delivery:
+        """Produce the job's events on a thread of their own; reports arrive later, on poll()."""
+        delivery = Delivery(total_images, upload_waiting)
         with self._lock:
             self._in_flight[job_id] = delivery
-        for sent, image in enumerate(images):
-            event = image_requested(job_id, image)
-            while True:
-                try:
-                    self.producer.produce(topic, value=event.model_dump_json().encode(), key=str(image["id"]),
-                                          on_delivery=delivery.report)
-                    break
-                except BufferError:  # Kafka's local queue is full (Kafka slow or away): wait a little
-                    if time.monotonic() >= give_up_at:
-                        delivery.give_up(len(images) - sent, "the producer's local queue stayed full")
-                        return delivery
-                    self.producer.poll(0.05)
-                except KafkaException as exc:  # e.g. a fatal producer error
-                    delivery.give_up(len(images) - sent, str(exc))
-                    return delivery
-        self.producer.poll(0)
+        threading.Thread(target=self._produce, args=(job_id, total_images, delivery), name=f"produce-{job_id}",
+                         daemon=True).start()
         return delivery
+
+    def _produce(self, job_id: uuid.UUID, total_images: int, delivery: Delivery) -> None:
+        """Hand every event of the job to the producer, keyed by image id so that a job spreads over all
+        partitions, on the bulk lane when the job is large. Whatever is not handed over counts as failed."""
+        topic = self.settings.request_topic(total_images)
+        sent = 0
+        try:
+            options = job_options(self.pool, job_id)
+            for batch in self._image_batches(job_id):
+                for image in batch:
+                    failure = self._produce_one(topic, image_requested(job_id, image, options).model_dump_json().encode(),
+                                                str(image["id"]), delivery)
+                    if failure is not None:
+                        delivery.give_up(total_images - sent, failure)
+                        return
+                    sent += 1
+                self.producer.poll(0)
+        except (KafkaException, psycopg.Error) as exc:  # e.g. a fatal producer error, the database gone
+            delivery.give_up(total_images - sent, str(exc))
+            return
+        if sent != total_images:  # cannot happen while jobs' images are never deleted before their job
+            delivery.give_up(total_images - sent, f"{sent} images found of {total_images}")
+
+    def _produce_one(self, topic: str, value: bytes, key: str, delivery: Delivery) -> str | None:
+        """None once the event is in the producer's local queue; why not if it cannot be."""
+        stalled_since = None
+        while True:
+            try:
+                self.producer.produce(topic, value=value, key=key, on_delivery=delivery.report)
+                return None
+            except BufferError:  # Kafka's local queue is full (Kafka slow or away): wait a little
+                now = time.monotonic()
+                stalled_since = stalled_since or now
+                if self._closing.is_set() or now - stalled_since >= self.settings.publish_attempt_seconds:
+                    return "the producer's local queue stayed full"
+                self.producer.poll(0.05)
+
+    def _image_batches(self, job_id: uuid.UUID) -> Iterator[list[dict]]:
+        """The job's images in CSV order, PRODUCE_BATCH_IMAGES at a time (keyset pages: no long transaction)."""
+        after = (0, 0)
+        while True:
+            with self.pool.connection() as conn:
+                batch = conn.execute(
+                    "SELECT id, row_number, position, input_url FROM images"
+                    " WHERE job_id = %s AND (job_id, row_number, position) > (%s, %s, %s)"
+                    " ORDER BY job_id, row_number, position LIMIT %s",
+                    (job_id, job_id, *after, PRODUCE_BATCH_IMAGES),
+                ).fetchall()
+            if not batch:
+                return
+            yield batch
+            after = (batch[-1]["row_number"], batch[-1]["position"])
 
     def _settle(self, job_id: uuid.UUID) -> bool | None:
         """Record a finished attempt once: published_at if every event was acknowledged, due at once
@@ -193,3 +224,10 @@ class Outbox:
 
     def _retry_soon(self) -> None:
         self._next_scan = min(self._next_scan, time.monotonic() + RETRY_DELAY_SECONDS)
+
+
+def job_options(pool: ConnectionPool, job_id: uuid.UUID) -> JobOptions | None:
+    """The options stored with the job; None for a job stored before options existed."""
+    with pool.connection() as conn:
+        row = conn.execute("SELECT options FROM processing_jobs WHERE job_id = %s", (job_id,)).fetchone()
+    return JobOptions.model_validate(row["options"]) if row and row["options"] is not None else None

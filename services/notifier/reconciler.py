@@ -23,7 +23,7 @@ from psycopg_pool import ConnectionPool
 
 from shared.failures import FailureCode
 from shared import kafka
-from shared.events import ImageError, ImageProcessed, ImageStatus, image_requested
+from shared.events import ImageError, ImageProcessed, ImageStatus, JobOptions, image_requested
 from shared.positions import Positions, committed_offsets, end_offsets, offset_reader, reached
 from shared.settings import Settings
 
@@ -34,7 +34,7 @@ BATCH = 5_000
 
 # The image's request time: the job's publication, or the image's last request by the reconciler.
 PENDING_REQUESTED_BEFORE = """
-SELECT i.id, i.job_id, i.row_number, i.position, i.input_url, i.requested_again, j.total_images
+SELECT i.id, i.job_id, i.row_number, i.position, i.input_url, i.requested_again, j.total_images, j.options
 FROM images i JOIN processing_jobs j ON j.job_id = i.job_id
 WHERE i.status = 'pending' AND j.published_at IS NOT NULL
   AND coalesce(i.requested_again_at, j.published_at) < %s
@@ -120,7 +120,10 @@ class Reconciler:
     def _request_again(self, images: list[dict]) -> None:
         for job_id in {image["job_id"] for image in images}:
             of_job = [image for image in images if image["job_id"] == job_id]
-            messages = [(str(image["id"]), image_requested(job_id, image).model_dump_json().encode()) for image in of_job]
+            stored = of_job[0]["options"]
+            options = None if stored is None else JobOptions.model_validate(stored)
+            messages = [(str(image["id"]), image_requested(job_id, image, options).model_dump_json().encode())
+                        for image in of_job]
             kafka.produce_and_wait(self.producer, self.settings.request_topic(of_job[0]["total_images"]), messages)
 
     def _fail(self, images: list[dict]) -> None:

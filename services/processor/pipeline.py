@@ -182,7 +182,7 @@ class ImagePipeline:
                 raise
             self.hosts.succeeded(host)
         with self.memory.holding(len(data)), metrics.COMPRESS_SECONDS.time():
-            compressed = self.compressor.compress(data, self.options, task.priority)
+            compressed = self.compressor.compress(data, self.options.for_job(task.event.options), task.priority)
         self.memory.add(len(compressed.data))
         task.bytes_in, task.compressed = len(data), compressed
 

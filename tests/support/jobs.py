@@ -29,9 +29,10 @@ class Jobs:
         writer.writerow(HEADER)
         for row, start in enumerate(range(0, image_count, 2), start=1):
             writer.writerow([row, f"Product {row}", ",".join(urls[start:start + 2])])
-        job_id, images = insert_job(self.pool, parse_csv(out.getvalue().encode(), image_count), webhook_url)
+        job_id, _ = insert_job(self.pool, parse_csv(out.getvalue().encode(), image_count), webhook_url)
         self.created.append(job_id)
-        return job_id, images
+        return job_id, [{key: image[key] for key in ("id", "row_number", "position", "input_url")}
+                        for image in self.images(job_id)]
 
     def job(self, job_id: uuid.UUID) -> dict:
         with self.pool.connection() as conn:

@@ -1,0 +1,296 @@
+"""Large jobs: the API's intake of a large CSV (time to 202, time until its events are in Kafka, peak memory)
+and the notifier's rate on many prepared results, each against a bare client doing the same work in the same
+run. These scenarios start services of their own without processors (nothing fetches the URLs), so the
+requested events simply stay in Kafka, and stop them at the end."""
+import time
+import uuid
+from contextlib import contextmanager
+from pathlib import Path
+from typing import Iterator
+
+import httpx
+import psycopg
+from confluent_kafka import Consumer, TopicPartition
+
+from bench import proc
+from bench.stack import Services
+from deploy.local.stack import wait_for_api
+from services.api.csv_input import CsvRow, ParsedCsv
+from services.api.jobs import insert_job
+from shared import db, kafka
+from shared.events import ImageProcessed, ImageStatus, image_requested
+from shared.settings import Settings
+
+URL_LENGTH = 100  # characters: a typical catalogue image URL
+POLL_SECONDS = 0.02
+UPLOAD_TARGET_SECONDS = 2.0
+EVENTS_TARGET_RATIO = 0.5
+MEMORY_TARGET_MIB = 150
+NOTIFIER_TARGET_PER_SECOND = 50_000
+
+
+def _url(n: int) -> str:
+    """A unique URL of URL_LENGTH characters (never fetched: these services have no processors)."""
+    head = f"https://images.example.com/catalogue/{n:09d}/"
+    return head + "x" * (URL_LENGTH - len(head) - 4) + ".jpg"
+
+
+def write_url_csv(path: Path, rows: int) -> Path:
+    with path.open("w") as out:
+        out.write("url\n")
+        for n in range(rows):
+            out.write(_url(n) + "\n")
+    return path
+
+
+def settings_of(services: Services) -> Settings:
+    """The services' settings, as they read them from their IMGPIPE_* environment."""
+    return Settings(**{key.removeprefix("IMGPIPE_").lower(): value for key, value in services.env.items()
+                       if key.startswith("IMGPIPE_")})
+
+
+@contextmanager
+def services_without_processors(bench, name: str, start: tuple[str, ...] = ("api", "notifier")
+                                 ) -> Iterator[tuple[Services, Settings]]:
+    services = Services(bench.infra, f"{next(bench._tags)}-{name}", bench.work_dir)
+    settings = settings_of(services)
+    kafka.ensure_topics(settings)
+    services.core.env_overrides["notifier"] = {"IMGPIPE_HEALTH_PORT": "0"}  # not measured; 8081 may be taken
+    try:
+        for service in start:
+            services.core.start(service)
+        if "api" in start:
+            wait_for_api(services.api_url)
+        yield services, settings
+    except Exception as exc:
+        raise RuntimeError(f"{name}: {exc}\n{services.log_tails()}") from exc
+    finally:
+        services.stop()
+
+
+class TopicCount:
+    """The number of messages in some topics (the sum of their partitions' high watermarks)."""
+
+    def __init__(self, settings: Settings, topics: list[str]):
+        self.consumer = Consumer({**kafka.client_config(settings), "group.id": f"bench-count-{uuid.uuid4().hex}"})
+        metadata = self.consumer.list_topics(timeout=10).topics
+        self.partitions = [TopicPartition(topic, p) for topic in topics for p in metadata[topic].partitions]
+
+    def __call__(self) -> int:
+        return sum(self.consumer.get_watermark_offsets(tp, timeout=10, cached=False)[1] for tp in self.partitions)
+
+    def wait_for(self, count: int, until: float) -> float | None:
+        """time.monotonic() once the topics hold `count` messages; None if not by `until`."""
+        while time.monotonic() < until:
+            if self() >= count:
+                return time.monotonic()
+            time.sleep(POLL_SECONDS)
+        return None
+
+    def close(self) -> None:
+        self.consumer.close()
+
+
+def bare_producer_seconds(settings: Settings, values: list[bytes]) -> float:
+    """Send the values with the services' producer settings (acks=all) to a fresh topic of the same
+    partitions; the seconds until every one is acknowledged."""
+    topic = f"{settings.topic_requested}.bare"
+    kafka.ensure_topics(settings.model_copy(update={"topic_requested": topic}))
+    producer = kafka.make_producer(settings)
+    keys = [str(uuid.uuid4()) for _ in values]
+    acknowledged = []
+    producer.produce(topic, value=values[0], key=keys[0])  # connected and topic known before the clock starts
+    producer.flush(30)
+    started = time.monotonic()
+    for key, value in zip(keys, values):
+        while True:
+            try:
+                producer.produce(topic, value=value, key=key, on_delivery=lambda err, _m: acknowledged.append(err))
+                break
+            except BufferError:
+                producer.poll(0.05)
+        producer.poll(0)
+    producer.flush(120)
+    seconds = time.monotonic() - started
+    if len(acknowledged) != len(values) or any(acknowledged):
+        raise RuntimeError(f"the bare producer had {len(values) - len(acknowledged)} unacknowledged messages")
+    return seconds
+
+
+def upload(services: Services, path: Path) -> tuple[float, float, int]:
+    """(time.monotonic() before, time.monotonic() at the 202, total_images)."""
+    with path.open("rb") as file, httpx.Client(base_url=services.api_url, timeout=300) as client:
+        before = time.monotonic()
+        response = client.post("/upload", files={"file": (path.name, file, "text/csv")})
+        answered = time.monotonic()
+    if response.status_code != 202:
+        raise RuntimeError(f"upload of {path.name} answered {response.status_code}: {response.text[:500]}")
+    return before, answered, response.json()["total_images"]
+
+
+def intake(bench) -> dict:
+    from bench.scenarios import check, _log
+    rows = bench.sizes.intake_rows
+    path = write_url_csv(bench.work_dir / "intake.csv", rows)
+    with services_without_processors(bench, "intake") as (services, settings):
+        count = TopicCount(settings, [settings.topic_requested, settings.topic_requested_bulk])
+        try:
+            upload(services, write_url_csv(bench.work_dir / "warm-up.csv", 2))
+            already = _after_warm_up(count)
+            before, answered, total = upload(services, path)
+            in_kafka = count.wait_for(already + total, answered + bench.max_wait)
+        finally:
+            count.close()
+        # the same number of events of the same size and content, by a bare producer loop
+        values = [image_requested(uuid.uuid4(), {"id": uuid.uuid4(), "row_number": n + 1, "position": 1,
+                                                 "input_url": _url(n)}).model_dump_json().encode()
+                  for n in range(rows)]
+        bare = bare_producer_seconds(settings, values)
+    to_202 = answered - before
+    _log(f"{rows} rows: 202 after {to_202:.2f} s; every event in Kafka "
+         + (f"{in_kafka - before:.2f} s after the upload began" if in_kafka else "not within the wait")
+         + f"; bare producer {bare:.2f} s ({rows / bare:.0f} msg/s)")
+    checks = [check("intake: 202", f"{to_202:.2f} s for {rows} rows", f"<= {UPLOAD_TARGET_SECONDS:g} s",
+                    to_202 <= UPLOAD_TARGET_SECONDS, to_202)]
+    target = f">= {EVENTS_TARGET_RATIO}x bare producer"
+    if in_kafka is None:
+        checks.append(check("intake: events", f"not all in Kafka after {bench.max_wait:.0f} s", target, False))
+    else:
+        rate = rows / (in_kafka - before)  # from the upload's first byte: parsing and storing count too
+        ratio = rate / (rows / bare)
+        checks.append(check("intake: events", f"{ratio:.2f}x ({rate:.0f} vs {rows / bare:.0f} events/s)", target,
+                            ratio >= EVENTS_TARGET_RATIO, ratio))
+    return {"checks": checks,
+            "jobs": [{"job": f"{rows}-row CSV, upload -> every event in Kafka", "images": rows,
+                      "seconds": None if in_kafka is None else in_kafka - before,
+                      "images_per_second": None if in_kafka is None else rows / (in_kafka - before),
+                      "finished": in_kafka is not None, "failed_images": None}],
+            "seconds_to_202": to_202, "bare_producer_seconds": bare,
+            "events_after_202_seconds": None if in_kafka is None else in_kafka - answered,
+            "event_bytes": sum(map(len, values)) / rows}
+
+
+def _after_warm_up(count: TopicCount) -> int:
+    if count.wait_for(2, time.monotonic() + 30) is None:
+        raise RuntimeError("the warm-up upload's 2 events did not reach Kafka within 30 s")
+    return count()
+
+
+def _rss_kib(pid: int) -> int:
+    for line in Path(f"/proc/{pid}/status").read_text().splitlines():
+        if line.startswith("VmRSS:"):
+            return int(line.split()[1])
+    return 0
+
+
+def intake_memory(bench) -> dict:
+    from bench.scenarios import check, _log
+    rows = bench.sizes.intake_memory_rows
+    path = write_url_csv(bench.work_dir / "intake-memory.csv", rows)
+    with services_without_processors(bench, "intake_memory") as (services, settings):
+        api = services.pids()["api"]
+        count = TopicCount(settings, [settings.topic_requested, settings.topic_requested_bulk])
+        try:
+            upload(services, write_url_csv(bench.work_dir / "warm-up.csv", 2))  # idle, with the upload path warm
+            already = _after_warm_up(count)
+            idle_kib = sum(_rss_kib(pid) for pid in proc.tree(api))
+            for pid in proc.tree(api):
+                Path(f"/proc/{pid}/clear_refs").write_text("5")  # peak RSS (VmHWM) := RSS now
+            with proc.PeakRssSampler(api) as sampler:
+                before, answered, total = upload(services, path)
+                in_kafka = count.wait_for(already + total, answered + bench.max_wait)
+        finally:
+            count.close()
+    above_idle = sampler.peak_mib - idle_kib / 1024
+    _log(f"{rows} rows ({path.stat().st_size / 1e6:.0f} MB): 202 after {answered - before:.1f} s, events in Kafka "
+         + (f"after {in_kafka - before:.1f} s" if in_kafka else "not within the wait")
+         + f"; API peak RSS {sampler.peak_mib:.0f} MB, idle {idle_kib / 1024:.0f} MB")
+    measured = f"{above_idle:.0f} MB above idle ({idle_kib / 1024:.0f} MB) for {rows} rows" + (
+        "" if in_kafka else " (events not all in Kafka within the wait)")
+    return {"checks": [check("intake memory", measured, f"<= {MEMORY_TARGET_MIB} MB above idle",
+                             above_idle <= MEMORY_TARGET_MIB and in_kafka is not None, above_idle)],
+            "jobs": [{"job": f"{rows}-row CSV, upload -> every event in Kafka", "images": rows,
+                      "seconds": None if in_kafka is None else in_kafka - before,
+                      "images_per_second": None if in_kafka is None else rows / (in_kafka - before),
+                      "finished": in_kafka is not None, "failed_images": None}],
+            "seconds_to_202": answered - before, "csv_bytes": path.stat().st_size,
+            "idle_rss_mib": idle_kib / 1024, "peak_rss_mib": sampler.peak_mib}
+
+
+def _store_job(pool, rows: int) -> tuple[uuid.UUID, list[dict]]:
+    parsed = ParsedCsv(header=["url"], url_column=0,
+                       rows=[CsvRow(row_number=n + 1, cells=[_url(n)], urls=[_url(n)]) for n in range(rows)])
+    job_id, _ = insert_job(pool, parsed, None)
+    with pool.connection() as conn:
+        images = conn.execute("SELECT id, row_number, position, input_url FROM images WHERE job_id = %s",
+                              (job_id,)).fetchall()
+    return job_id, images
+
+
+def _result(job_id: uuid.UUID, image: dict) -> bytes:
+    return ImageProcessed(request_id=job_id, image_id=image["id"], row_number=image["row_number"],
+                          position=image["position"], input_url=image["input_url"], status=ImageStatus.processed,
+                          output_url=f"http://127.0.0.1:9/files/{image['id']}.jpg", format="JPEG",
+                          bytes_in=250_000, bytes_out=120_000).model_dump_json().encode()
+
+
+def notifier(bench) -> dict:
+    from bench.scenarios import check, _log
+    results = bench.sizes.notifier_results
+    pool = db.make_pool(bench.infra.database_url, max_size=1)
+    try:
+        with services_without_processors(bench, "notifier", start=()) as (services, settings):
+            job_id, images = _store_job(pool, results)
+            kafka.produce_and_wait(kafka.make_producer(settings), settings.topic_processed,
+                                   [(str(job_id).encode(), _result(job_id, image)) for image in images], timeout=300)
+            services.core.start("notifier")
+            first = last = None
+            seen = 0
+            deadline = time.monotonic() + bench.max_wait + 30  # the notifier's start is not measured
+            with psycopg.connect(bench.infra.database_url, autocommit=True) as conn:
+                while time.monotonic() < deadline:
+                    if services.core.processes["notifier"].poll() is not None:
+                        raise RuntimeError("the notifier exited")
+                    seen = conn.execute("SELECT processed_images + failed_images FROM processing_jobs WHERE job_id = %s",
+                                        (job_id,)).fetchone()[0]
+                    now = time.monotonic()
+                    if seen and first is None:
+                        first = (now, seen)
+                    if seen >= results:
+                        last = now
+                        break
+                    time.sleep(POLL_SECONDS)
+        bare = _bare_copy_seconds(pool, results)
+    finally:
+        pool.close()
+    bare_rate = results / bare
+    target = f">= {NOTIFIER_TARGET_PER_SECOND} results/s"
+    if last is None or last == first[0]:
+        result = check("notifier", f"{seen} of {results} results committed within the wait", target, False)
+        rate = None
+    else:
+        rate = (results - first[1]) / (last - first[0])  # from the first committed batch: startup excluded
+        result = check("notifier", f"{rate:.0f} results/s (bare COPY {bare_rate:.0f} rows/s)", target,
+                       rate >= NOTIFIER_TARGET_PER_SECOND, rate)
+    _log(f"notifier: {result['measured']}")
+    return {"checks": [result],
+            "jobs": [{"job": f"{results} prepared results, Kafka -> committed rows", "images": results,
+                      "seconds": None if last is None else last - first[0], "images_per_second": rate,
+                      "finished": last is not None, "failed_images": None}],
+            "bare_copy_seconds": bare, "bare_copy_rows_per_second": bare_rate}
+
+
+def _bare_copy_seconds(pool, rows: int) -> float:
+    """COPY `rows` finished images (the columns a result sets) into the images table, committed."""
+    job_id, _ = insert_job(pool, ParsedCsv(header=["url"], url_column=0,
+                                           rows=[CsvRow(row_number=1, cells=[_url(0)], urls=[_url(0)])]), None)
+    with pool.connection() as conn:
+        started = time.monotonic()
+        with conn.transaction(), conn.cursor() as cur, cur.copy(
+                "COPY images (id, job_id, row_number, position, input_url, output_url, status, format, bytes_in,"
+                " bytes_out) FROM STDIN") as copy:
+            for n in range(rows):
+                image_id = uuid.uuid4()
+                copy.write_row((image_id, job_id, n + 2, 1, _url(n), f"http://127.0.0.1:9/files/{image_id}.jpg",
+                                "processed", "JPEG", 250_000, 120_000))
+        return time.monotonic() - started

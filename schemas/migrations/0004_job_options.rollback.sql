@@ -1,0 +1,1 @@
+ALTER TABLE processing_jobs DROP COLUMN options;
