@@ -57,6 +57,11 @@ class ApiClient:
             yield page
             offset = page["page"]["next_offset"]
 
+    def jobs_in_progress(self) -> list[str]:
+        """The request ids of the jobs not completed yet (those the API key may see), oldest first."""
+        answer = _json(self._request("GET", "/jobs", params={"status": ["pending", "processing"], "limit": 1000}))
+        return [job["request_id"] for job in answer["jobs"]]
+
     def output_csv(self, request_id: str) -> bytes:
         return self._request("GET", f"/output_csv/{_path_segment(request_id)}").content
 

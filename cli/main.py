@@ -104,15 +104,13 @@ def watch(
     request_ids: Annotated[list[str] | None, typer.Argument(help="Request ids of the jobs to follow.")] = None,
     api: ApiUrl = DEFAULT_API_URL,
 ) -> None:
-    """Follow the named jobs with live progress until all are completed."""
-    if not request_ids:
-        raise CliError(
-            "watch needs request ids (imgpipe watch ID [ID ...]): the API has no endpoint listing the jobs"
-            " in progress yet (GET /jobs?status=processing), so watching all of them is not implemented",
-            exit_code=2,
-        )
+    """Follow the named jobs, or every job in progress, with live progress until all are completed."""
     with connect(api) as client:
-        follow(client, list(dict.fromkeys(request_ids)))
+        request_ids = list(dict.fromkeys(request_ids or client.jobs_in_progress()))
+        if not request_ids:
+            console.print("no jobs in progress")
+            return
+        follow(client, request_ids)
 
 
 def follow(client: ApiClient, request_ids: list[str]) -> None:

@@ -107,6 +107,9 @@ def test_a_job_is_visible_only_to_the_key_that_created_it(api, settings):
     request_id = upload.json()["request_id"]
 
     assert api.get(f"/status/{request_id}", headers=bearer(owner)).json()["request_id"] == request_id
+    listed = {key: [job["request_id"] for job in api.get("/jobs", headers=bearer(key)).json()["jobs"]]
+              for key in (owner, other)}
+    assert request_id in listed[owner] and request_id not in listed[other]
     assert api.get(f"/output_csv/{request_id}", headers=bearer(owner)).json()["error"]["code"] == "job_not_completed"
     unknown = str(uuid.uuid4())
     for path in ("status", "output_csv"):

@@ -155,7 +155,20 @@ def test_job_options_and_the_api_key_are_sent_as_the_api_takes_them(receivers, t
     assert b'name="file"; filename="job.csv"' in request.body and b"https://example.com/a.jpg" in request.body
 
 
-def test_watch_without_job_ids_says_it_needs_an_endpoint_the_api_lacks():
-    result = imgpipe("watch")
-    assert_one_error_line(result, "GET /jobs?status=processing", "not implemented")
-    assert result.returncode == 2
+def test_watch_without_ids_follows_every_job_in_progress_and_no_other(start_stack, image_host, tmp_path):
+    stack = start_stack(processors=1, processor_max_in_flight=1)
+    api_url = stack.settings.public_base_url
+    done_file, slow_file = tmp_path / "done.csv", tmp_path / "slow.csv"
+    done_file.write_text(url_csv([image_host.add("/done.jpg", jpeg_bytes(100, 80, 1))]))
+    done = imgpipe("submit", str(done_file), "--wait", "--api", api_url).stdout.splitlines()[0]
+    image_host.delay = 1.0  # six images, one at a time: the jobs below are in progress when watch starts
+    slow_file.write_text(url_csv([image_host.add(f"/slow{n}.jpg", jpeg_bytes(100, 80, n)) for n in range(3)]))
+    in_progress = [imgpipe("submit", str(slow_file), "--api", api_url).stdout.strip() for _ in range(2)]
+
+    watched = imgpipe("watch", "--api", api_url)
+
+    assert watched.returncode == 0, watched.stderr
+    for request_id in in_progress:
+        assert f"Job {request_id} completed: 3 processed, 0 failed of 3" in watched.stdout
+    assert done not in watched.stdout
+    assert imgpipe("watch", "--api", api_url).stdout.strip() == "no jobs in progress"

@@ -19,7 +19,7 @@ from fastapi.staticfiles import StaticFiles
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
 from services.api import jobs, keys, operations
-from services.api.models import Health, JobStatus, UploadAccepted, errors
+from services.api.models import Health, JobList, JobState, JobStatus, UploadAccepted, errors
 from services.api.csv_input import CsvError, TooManyImages, read_csv
 from services.api.errors import ApiError, error_response
 from services.api.guards import RequireApiKey, UploadSizeLimit
@@ -143,6 +143,15 @@ def create_app(settings: Settings | None = None) -> FastAPI:
         if report is None:
             raise _job_not_found(request_id)
         return report
+
+    @app.get("/jobs", response_model=JobList, responses=errors(401, 422, 503))
+    def list_jobs(
+        request: Request,
+        status: Annotated[list[JobState], Query()] = ["pending", "processing"],  # noqa: B006 (FastAPI copies it)
+        limit: Annotated[int, Query(ge=1, le=MAX_STATUS_PAGE)] = 100,
+    ):
+        """The jobs in these states that the caller may see (all, without API keys), oldest first."""
+        return {"jobs": jobs.list_jobs(request.app.state.pool, list(status), caller(request), limit)}
 
     @app.get(
         "/output_csv/{request_id}",

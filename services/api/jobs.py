@@ -86,6 +86,24 @@ def get_job(pool: ConnectionPool, job_id: uuid.UUID, visible_to: uuid.UUID | Non
     return job
 
 
+def list_jobs(pool: ConnectionPool, statuses: list[str], visible_to: uuid.UUID | None, limit: int) -> list[dict]:
+    """The oldest `limit` jobs in these states that the key may see, oldest first."""
+    with pool.connection() as conn:
+        jobs = conn.execute(
+            "SELECT job_id, status, published_at, total_images, processed_images, failed_images, created_at"
+            " FROM processing_jobs WHERE status = ANY(%(statuses)s)"
+            " AND (%(visible_to)s::uuid IS NULL OR owner_key_id = %(visible_to)s::uuid)"
+            " ORDER BY created_at LIMIT %(limit)s",
+            {"statuses": statuses, "visible_to": visible_to, "limit": limit},
+        ).fetchall()
+    return [
+        {"request_id": str(job["job_id"]), "status": job["status"],
+         "events": "published" if job["published_at"] else "queued", "counts": job_counts(job),
+         "created_at": job["created_at"]}
+        for job in jobs
+    ]
+
+
 def job_counts(job: Mapping) -> dict:
     done = job["processed_images"] + job["failed_images"]
     return {

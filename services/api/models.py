@@ -60,6 +60,21 @@ class JobStatus(BaseModel):
     page: Page
 
 
+JobState = Literal["pending", "processing", "completed"]
+
+
+class JobSummary(BaseModel):
+    request_id: str
+    status: JobState
+    events: Events = Field(description=EVENTS_DESCRIPTION)
+    counts: Counts
+    created_at: datetime
+
+
+class JobList(BaseModel):
+    jobs: list[JobSummary] = Field(description="Oldest first")
+
+
 class Health(BaseModel):
     status: Literal["ok"]
 

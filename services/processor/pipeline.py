@@ -140,20 +140,20 @@ class ImagePipeline:
         except StorageUnavailable as exc:
             task.storage_attempts += 1
             delay = min(MAX_RETRY_SECONDS, STORAGE_RETRY_SECONDS * 2 ** (task.storage_attempts - 1))
-            log.warning("image %s of request %s waits for the storage (try %d, next in %gs): %s", event.image_id,
+            log.warning("image %s of job %s waits for the storage (try %d, next in %gs): %s", event.image_id,
                         event.request_id, task.storage_attempts, delay, exc)
             return RetryLater(delay, f"the storage is unavailable: {exc}")
         except Exception as exc:
             task.unexpected_errors += 1
             if task.unexpected_errors < self.settings.image_max_attempts:
-                log.exception("image %s of request %s raised (try %d); retrying", event.image_id, event.request_id,
+                log.exception("image %s of job %s raised (try %d); retrying", event.image_id, event.request_id,
                               task.unexpected_errors)
                 return RetryLater(UNEXPECTED_RETRY_SECONDS * 2 ** (task.unexpected_errors - 1), repr(exc))
-            log.exception("image %s of request %s failed after %d tries", event.image_id, event.request_id,
+            log.exception("image %s of job %s failed after %d tries", event.image_id, event.request_id,
                           task.unexpected_errors)
             message = f"unexpected {type(exc).__name__} in {task.unexpected_errors} tries: {exc}"
             return self._failed(task, ImageFailure(FailureCode.INTERNAL_ERROR, message[:MESSAGE_MAX_CHARS]))
-        log.info("image %s of request %s: %s %d -> %d bytes", event.image_id, event.request_id,
+        log.info("image %s of job %s: %s %d -> %d bytes", event.image_id, event.request_id,
                  task.compressed.format, task.bytes_in, len(task.compressed.data))
         metrics.IMAGES_PROCESSED.inc()
         metrics.DOWNLOADED_BYTES.inc(task.bytes_in)
@@ -198,7 +198,7 @@ class ImagePipeline:
 
     def _failed(self, task: ImageTask, failure: ImageFailure, level: int = logging.INFO) -> Finished:
         event = task.event
-        log.log(level, "image %s of request %s failed: %s", event.image_id, event.request_id, failure)
+        log.log(level, "image %s of job %s failed: %s", event.image_id, event.request_id, failure)
         metrics.IMAGES_FAILED.labels(reason=str(failure.code)).inc()
         return Finished(ImageProcessed(
             **_same_image(event), status=ImageStatus.failed, error=ImageError(code=failure.code, message=failure.message)
