@@ -38,8 +38,10 @@ api-key: install
 	$(PY) -m services.api.keys create "$(NAME)"
 
 # Everything `make run` keeps: the PostgreSQL cluster (as root it lives in /var/tmp/imgpipe-postgres,
-# outside .local), Kafka's log, stored images and logs. The installs (.venv, Kafka's jars in .cache) stay.
+# outside .local), Kafka's log, stored images and logs, and make bench's own cluster. The installs (.venv,
+# Kafka's jars in .cache) stay.
 clean:
 	-$(PYTHON) -m deploy.local.kafka stop
 	$(PYTHON) -m deploy.local.postgres remove
+	$(PYTHON) -m deploy.local.postgres remove --data-dir .local/bench/postgres
 	rm -rf .local

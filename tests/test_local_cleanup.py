@@ -22,6 +22,7 @@ def test_remove_stops_the_cluster_and_deletes_it(tmp_path):
 
 def test_make_clean_removes_the_database_and_stops_kafka():
     planned = subprocess.run(["make", "-n", "clean"], check=True, cwd=REPO_ROOT, capture_output=True, text=True).stdout
-    assert "-m deploy.local.postgres remove" in planned
+    assert "-m deploy.local.postgres remove\n" in planned
+    assert "-m deploy.local.postgres remove --data-dir .local/bench/postgres" in planned
     assert "-m deploy.local.kafka stop" in planned
     assert "rm -rf .local" in planned
