@@ -55,7 +55,6 @@ def services_without_processors(bench, name: str, start: tuple[str, ...] = ("api
     services = Services(bench.infra, f"{next(bench._tags)}-{name}", bench.work_dir)
     settings = settings_of(services)
     kafka.ensure_topics(settings)
-    services.core.env_overrides["notifier"] = {"IMGPIPE_HEALTH_PORT": "0"}  # not measured; 8081 may be taken
     try:
         for service in start:
             services.core.start(service)

@@ -135,6 +135,11 @@ class Services:
             "IMGPIPE_PUBLIC_BASE_URL": self.api_url,
             "IMGPIPE_STORAGE_DIR": str(self.storage_dir),
             "IMGPIPE_ALLOW_PRIVATE_ADDRESSES": "true",  # every image host and the webhook are on 127.0.0.1
+            "IMGPIPE_HEALTH_PORT": "0",  # not measured; a fixed port may be taken (a `make run` beside it)
+            "IMGPIPE_TOPIC_PROCESSED_DEAD_LETTER": f"bench.{suffix}.processed-dlq",
+            "IMGPIPE_TOPIC_JOB_REQUESTED": f"bench.{suffix}.job-requested",
+            "IMGPIPE_TOPIC_JOB_DEAD_LETTER": f"bench.{suffix}.job-requested-dlq",
+            "IMGPIPE_INTAKE_GROUP": f"bench-intake-{suffix}",
         }
         self.core = ServiceGroup(self.env, self.log_dir, processors=0)
         self.processors: Processors | None = None
