@@ -144,6 +144,14 @@ def make_settings(infra, tmp_path):
     return make
 
 
+@pytest.fixture(scope="module")
+def module_database(infra):
+    """A migrated database for one test module alone (for modules sharing one API over their tests)."""
+    url = infra.new_database()
+    yield url
+    infra.drop_database(url)
+
+
 @pytest.fixture
 def own_database(infra):
     """A migrated database for this test alone (for tests that run a notifier or the whole stack)."""

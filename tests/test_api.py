@@ -23,19 +23,11 @@ MAX_IMAGES = 8
 
 
 @pytest.fixture(scope="module")
-def database(infra):
-    """A database of this module's own, dropped with every job the module stored."""
-    url = infra.new_database()
-    yield url
-    infra.drop_database(url)
-
-
-@pytest.fixture(scope="module")
-def settings(infra, database, tmp_path_factory):
+def settings(infra, module_database, tmp_path_factory):
     suffix = uuid.uuid4().hex[:8]
     return make_test_settings(
         kafka_bootstrap_servers=infra.kafka_bootstrap_servers,
-        database_url=database,
+        database_url=module_database,
         topic_requested=f"image.requested.api-{suffix}",
         topic_processed=f"image.processed.api-{suffix}",
         topic_dead_letter=f"image.requested.dlq.api-{suffix}",

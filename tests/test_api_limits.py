@@ -40,17 +40,10 @@ class BodyBytesRead:
 
 
 @pytest.fixture(scope="module")
-def database(infra):
-    url = infra.new_database()
-    yield url
-    infra.drop_database(url)
-
-
-@pytest.fixture(scope="module")
-def server(infra, database, tmp_path_factory):
+def server(infra, module_database, tmp_path_factory):
     suffix = uuid.uuid4().hex[:8]
     settings = make_test_settings(
-        kafka_bootstrap_servers=infra.kafka_bootstrap_servers, database_url=database,
+        kafka_bootstrap_servers=infra.kafka_bootstrap_servers, database_url=module_database,
         topic_requested=f"image.requested.limits-{suffix}", topic_requested_bulk=f"image.requested.bulk.limits-{suffix}",
         topic_processed=f"image.processed.limits-{suffix}", topic_dead_letter=f"image.requested.dlq.limits-{suffix}",
         topic_partitions=1, storage_dir=tmp_path_factory.mktemp("images"), max_csv_bytes=MAX_CSV_BYTES,
@@ -107,17 +100,17 @@ def assert_csv_too_large(status: int, headers: dict, body: bytes) -> None:
     assert str(MAX_CSV_BYTES) in error["message"]
 
 
-def test_a_content_length_over_the_limit_is_refused_before_the_body_is_sent(server, body_bytes_read, database):
+def test_a_content_length_over_the_limit_is_refused_before_the_body_is_sent(server, body_bytes_read, module_database):
     with socket.create_connection(("127.0.0.1", server.port), timeout=30) as sock:
         sock.sendall(request_head(server, Content_Length=str(10**12)))  # a terabyte announced, nothing sent
         status, headers, body = read_response(sock)
         assert sock.recv(1) == b""  # and closed the connection
     assert_csv_too_large(status, headers, body)
     assert body_bytes_read.count == 0
-    assert stored_jobs(database) == 0
+    assert stored_jobs(module_database) == 0
 
 
-def test_a_chunked_body_streaming_forever_is_cut_off_after_about_the_limit(server, body_bytes_read, database):
+def test_a_chunked_body_streaming_forever_is_cut_off_after_about_the_limit(server, body_bytes_read, module_database):
     sent = 0
     send_error: list[OSError] = []
     sock = socket.create_connection(("127.0.0.1", server.port), timeout=30)
@@ -149,4 +142,4 @@ def test_a_chunked_body_streaming_forever_is_cut_off_after_about_the_limit(serve
     # kernel's socket buffers before the server closed the connection (3.6 MB when this was written).
     assert MAX_BODY_BYTES < body_bytes_read.count <= MAX_BODY_BYTES + 512 * 1024
     assert sent < MAX_BODY_BYTES + 64 * 2**20
-    assert stored_jobs(database) == 0
+    assert stored_jobs(module_database) == 0

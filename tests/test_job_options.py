@@ -25,18 +25,11 @@ DEFAULTS = {"quality": 50, "max_width": None, "max_height": None, "format": "kee
 
 
 @pytest.fixture(scope="module")
-def database(infra):
-    url = infra.new_database()
-    yield url
-    infra.drop_database(url)
-
-
-@pytest.fixture(scope="module")
-def settings(infra, database, tmp_path_factory):
+def settings(infra, module_database, tmp_path_factory):
     suffix = uuid.uuid4().hex[:8]
     return make_test_settings(
         kafka_bootstrap_servers=infra.kafka_bootstrap_servers,
-        database_url=database,
+        database_url=module_database,
         topic_requested=f"image.requested.options-{suffix}",
         topic_processed=f"image.processed.options-{suffix}",
         topic_dead_letter=f"image.requested.dlq.options-{suffix}",
