@@ -31,7 +31,7 @@ from services.processor.storage import Storage, make_storage
 from shared.events import ImageProcessed, ImageRequested
 from shared.faults import crash_point
 from shared.health import consumer_check, readiness
-from shared.kafka import commit_stored, ensure_topics, make_consumer, make_producer, store_offsets
+from shared.kafka import commit_stored, dead_letter_headers, ensure_topics, make_consumer, make_producer, store_offsets
 from shared.metrics import CONSUMER_LAG
 from shared.offsets import OffsetTracker
 from shared.settings import Settings
@@ -227,12 +227,7 @@ class Processor:
         """Pass an unreadable message on unchanged, with headers saying why and where from."""
         log.warning("message %s[%d]@%d sent to %s: %s", message.topic(), message.partition(), message.offset(),
                     self.settings.topic_dead_letter, error)
-        headers = list(message.headers() or []) + [
-            ("error", error.encode()),
-            ("source_topic", message.topic().encode()),
-            ("source_partition", str(message.partition()).encode()),
-            ("source_offset", str(message.offset()).encode()),
-        ]
+        headers = dead_letter_headers(message, error)
 
         def delivered(kafka_error, _message) -> None:
             if kafka_error is None:
