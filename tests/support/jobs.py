@@ -12,6 +12,10 @@ from shared.events import ImageError, ImageProcessed, ImageStatus
 HEADER = ["S. No.", "Product Name", "Input Image Urls"]
 
 
+# Longer than any test: a running API's outbox relay must not publish these jobs' events behind the test's back.
+RELAY_LEASE_SECONDS = 24 * 3600
+
+
 class Jobs:
     """Creates jobs with pending images as an upload does (without producing their events)."""
 
@@ -29,7 +33,8 @@ class Jobs:
         writer.writerow(HEADER)
         for row, start in enumerate(range(0, image_count, 2), start=1):
             writer.writerow([row, f"Product {row}", ",".join(urls[start:start + 2])])
-        job_id, _ = insert_job(self.pool, parse_csv(out.getvalue().encode(), image_count), webhook_url)
+        job_id, _ = insert_job(self.pool, parse_csv(out.getvalue().encode(), image_count), webhook_url,
+                               publish_lease_seconds=RELAY_LEASE_SECONDS)
         self.created.append(job_id)
         return job_id, [{key: image[key] for key in ("id", "row_number", "position", "input_url")}
                         for image in self.images(job_id)]
