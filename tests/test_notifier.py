@@ -11,7 +11,7 @@ from pydantic import SecretStr
 from standardwebhooks import Webhook
 
 from services.notifier.consumer import run
-from services.notifier.results import apply_results
+from services.notifier.results import ResultBatch, apply_results
 from shared.kafka import make_producer, produce_and_wait
 from tests.support.jobs import Jobs, expected_payload, result
 from tests.support.kafka import wait_until_consumed
@@ -22,7 +22,7 @@ from tests.support.threads import ServiceThread
 
 def apply(pool, results) -> list[uuid.UUID]:
     with pool.connection() as conn:
-        return apply_results(conn, results)
+        return apply_results(conn, ResultBatch(results))
 
 
 def test_job_completes_exactly_once(pool, jobs):

@@ -13,7 +13,7 @@ from pydantic import SecretStr
 from standardwebhooks import Webhook, WebhookVerificationError
 
 from deploy.local.probe import free_port
-from services.notifier.results import apply_results
+from services.notifier.results import ResultBatch, apply_results
 from services.notifier.webhook import MAX_BACKOFF_SECONDS, deliver_due, make_webhook_client
 from shared.schemas import schema_path
 from shared.settings import Settings
@@ -31,7 +31,7 @@ def completed_job(jobs: Jobs, webhook_url: str, image_count: int = 3, failed_cou
     job_id, images = jobs.create(image_count, webhook_url)
     failed_ids = {image["id"] for image in images[:failed_count]}
     with jobs.pool.connection() as conn:
-        assert apply_results(conn, [result(job_id, i, failed=i["id"] in failed_ids) for i in images]) == [job_id]
+        assert apply_results(conn, ResultBatch([result(job_id, i, failed=i["id"] in failed_ids) for i in images])) == [job_id]
     return job_id, images, failed_ids
 
 

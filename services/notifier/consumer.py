@@ -1,6 +1,8 @@
 """The notifier's main loop: consume image results, apply them, and keep the webhook sender running."""
 import logging
 import threading
+from concurrent.futures import Future, ThreadPoolExecutor
+from typing import NamedTuple
 
 from confluent_kafka import Consumer, KafkaException, Message
 from psycopg_pool import ConnectionPool
@@ -8,7 +10,7 @@ from standardwebhooks import Webhook
 
 from services.notifier import metrics
 from services.notifier.reconciler import Reconciler, reconcile_until
-from services.notifier.results import apply_results
+from services.notifier.results import ResultBatch, apply_results
 from services.notifier.webhook import deliver_due, make_webhook_client
 from shared.db import make_pool, migrate
 from shared.events import ImageProcessed
@@ -59,29 +61,26 @@ def run(settings: Settings, stop: threading.Event) -> None:
         name="reconciler", daemon=True,
     )
     reconciler.start()
+    applier = ThreadPoolExecutor(max_workers=1, thread_name_prefix="apply-results")
+    applying: Applying | None = None  # the batch in the database while the next one is read
     try:
         while not stop.is_set():
-            messages = _take(consumer)
-            if not messages:
-                continue
-            started = [(m, tracker.start((m.topic(), m.partition()), m.offset())) for m in messages if m.error() is None]
-            results, unreadable = _parse(messages)
-            completed = _apply_until_committed(pool, results, stop)
-            if completed is None:
-                break  # stopping before the batch was committed: its offsets stay unstored
-            metrics.RESULTS_APPLIED.inc(len(results))
-            if completed:
-                for job_id in completed:
-                    log.info("job %s completed", job_id, extra={"request_id": str(job_id)})
-                metrics.JOBS_COMPLETED.inc(len(completed))
-                crash_point(settings, "notifier.after_completing_commit", lambda: commit_stored(consumer))
-                deliveries_due.set()
-            if unreadable and not _dead_letter_until_sent(producer, settings, unreadable, stop):
-                break  # stopping before they were passed on: their offsets stay unstored
-            for message, epoch in started:
-                tracker.finish((message.topic(), message.partition()), message.offset(), epoch)
-            store_offsets(consumer, tracker)
+            # While a batch is being applied, only what has already arrived is taken, so that the batch's
+            # end (its webhooks, its offsets) never waits for the next message.
+            messages = _take(consumer, POLL_SECONDS if applying is None else 0)
+            following = None
+            if messages:
+                started = [(m, tracker.start((m.topic(), m.partition()), m.offset())) for m in messages if m.error() is None]
+                results, unreadable = _parse(messages)
+                batch = ResultBatch(results)
+                following = Applying(applier.submit(_apply_until_committed, pool, batch, stop), len(results), started, unreadable)
+            if applying is not None and not _finish(applying, consumer, tracker, producer, settings, deliveries_due, stop):
+                break
+            applying = following
+        if applying is not None:
+            _finish(applying, consumer, tracker, producer, settings, deliveries_due, stop)
     finally:
+        applier.shutdown(wait=True)
         consumer.close()
         stop_helpers.set()
         deliveries_due.set()
@@ -91,9 +90,39 @@ def run(settings: Settings, stop: threading.Event) -> None:
         pool.close()
 
 
-def _take(consumer: Consumer) -> list[Message]:
-    """A batch: the first message as soon as it arrives, then whatever else comes within the window."""
-    first = consumer.poll(POLL_SECONDS)
+class Applying(NamedTuple):
+    """A batch handed to the applier thread, with what its end needs on the consuming thread."""
+    committed: Future  # the jobs it completed, or None if stopped before the batch was committed
+    results: int
+    started: list[tuple[Message, int]]  # its messages, with the epoch of their partition at the start
+    unreadable: list[tuple[Message, str]]  # to pass on to the dead-letter topic
+
+
+def _finish(applying: Applying, consumer: Consumer, tracker: OffsetTracker, producer, settings: Settings,
+            deliveries_due: threading.Event, stop: threading.Event) -> bool:
+    """Wait for the batch to be committed to the database, then announce the jobs it completed, pass
+    its unreadable messages on and store its offsets. False if stopped first: its offsets stay unstored."""
+    completed = applying.committed.result()
+    if completed is None:
+        return False
+    metrics.RESULTS_APPLIED.inc(applying.results)
+    if completed:
+        for job_id in completed:
+            log.info("job %s completed", job_id, extra={"request_id": str(job_id)})
+        metrics.JOBS_COMPLETED.inc(len(completed))
+        crash_point(settings, "notifier.after_completing_commit", lambda: commit_stored(consumer))
+        deliveries_due.set()
+    if applying.unreadable and not _dead_letter_until_sent(producer, settings, applying.unreadable, stop):
+        return False
+    for message, epoch in applying.started:
+        tracker.finish((message.topic(), message.partition()), message.offset(), epoch)
+    store_offsets(consumer, tracker)
+    return True
+
+
+def _take(consumer: Consumer, timeout: float) -> list[Message]:
+    """A batch: the first message within `timeout`, then whatever else comes within the window."""
+    first = consumer.poll(timeout)
     return [] if first is None else [first] + consumer.consume(BATCH_SIZE - 1, timeout=BATCH_WINDOW_SECONDS)
 
 
@@ -132,16 +161,16 @@ def _dead_letter_until_sent(producer, settings: Settings, unreadable: list[tuple
             delay = min(delay * 2, MAX_RETRY_DELAY_SECONDS)
 
 
-def _apply_until_committed(pool: ConnectionPool, results: list[ImageProcessed], stop: threading.Event) -> list | None:
+def _apply_until_committed(pool: ConnectionPool, batch: ResultBatch, stop: threading.Event) -> list | None:
     """Apply the batch, retrying while the database fails; return the jobs it completed, or None if
     stopped before it was committed."""
     delay = 0.5
     while True:
         try:
             with pool.connection() as conn:
-                return apply_results(conn, results)
+                return apply_results(conn, batch)
         except Exception:
-            log.exception("applying %d results failed; retrying in %gs", len(results), delay)
+            log.exception("applying %d results failed; retrying in %gs", len(batch.results), delay)
             if stop.wait(delay):
                 return None
             delay = min(delay * 2, MAX_RETRY_DELAY_SECONDS)

@@ -15,7 +15,7 @@ LOCK_JOBS = "SELECT job_id FROM processing_jobs WHERE job_id = ANY(%s) ORDER BY 
 
 # Only a pending image of the event's own job changes: the first result wins, repeats change nothing.
 # Answers how many images of each job changed, per outcome. The batch travels as one JSON array
-# (see _batch_json): psycopg dumps nine Python lists several times slower.
+# (ResultBatch.json): psycopg dumps nine Python lists several times slower.
 MARK_IMAGES = """
 WITH changed AS (
     UPDATE images AS i
@@ -57,19 +57,33 @@ ON CONFLICT (job_id) DO NOTHING
 FIND_KNOWN = "SELECT id, job_id FROM images WHERE id = ANY(%s)"
 
 
-def apply_results(conn: Connection, results: list[ImageProcessed]) -> list[uuid.UUID]:
+class ResultBatch:
+    """Results ready to apply: the first one per image, and their JSON for MARK_IMAGES (made on the
+    consuming thread, while the batch before is being applied)."""
+
+    def __init__(self, results: list[ImageProcessed]):
+        first_by_image: dict[uuid.UUID, ImageProcessed] = {}
+        for result in results:
+            first_by_image.setdefault(result.image_id, result)
+        self.results = list(first_by_image.values())
+        self.json = json.dumps([
+            {"image_id": str(r.image_id), "job_id": str(r.request_id), "status": r.status.value,
+             "output_url": r.output_url, "error_code": r.error.code if r.error else None,
+             "error_message": r.error.message if r.error else None, "format": r.format,
+             "bytes_in": r.bytes_in, "bytes_out": r.bytes_out}
+            for r in self.results
+        ])
+
+
+def apply_results(conn: Connection, batch: ResultBatch) -> list[uuid.UUID]:
     """Apply a batch of results in one transaction (a savepoint if the caller has one open) and
     return the jobs that this call completed; their webhook deliveries are queued in the same transaction."""
-    first_by_image: dict[uuid.UUID, ImageProcessed] = {}
-    for result in results:
-        first_by_image.setdefault(result.image_id, result)
-    batch = list(first_by_image.values())
-    if not batch:
+    if not batch.results:
         return []
 
     with conn.transaction():
-        conn.execute(LOCK_JOBS, [sorted({r.request_id for r in batch})])
-        changed = conn.execute(MARK_IMAGES, [_batch_json(batch)]).fetchall()
+        conn.execute(LOCK_JOBS, [sorted({r.request_id for r in batch.results})])
+        changed = conn.execute(MARK_IMAGES, [batch.json]).fetchall()
         completed: list[uuid.UUID] = []
         if changed:
             jobs = conn.execute(ADD_COUNTS, [[c["job_id"] for c in changed], [c["processed"] for c in changed],
@@ -78,18 +92,9 @@ def apply_results(conn: Connection, results: list[ImageProcessed]) -> list[uuid.
         if completed:
             conn.execute(CREATE_DELIVERIES, [completed])
 
-        if sum(c["processed"] + c["failed"] for c in changed) < len(batch):
-            _log_unknown(conn, batch)
+        if sum(c["processed"] + c["failed"] for c in changed) < len(batch.results):
+            _log_unknown(conn, batch.results)
     return completed
-
-
-def _batch_json(batch: list[ImageProcessed]) -> str:
-    return json.dumps([
-        {"image_id": str(r.image_id), "job_id": str(r.request_id), "status": r.status.value, "output_url": r.output_url,
-         "error_code": r.error.code if r.error else None, "error_message": r.error.message if r.error else None,
-         "format": r.format, "bytes_in": r.bytes_in, "bytes_out": r.bytes_out}
-        for r in batch
-    ])
 
 
 def _log_unknown(conn: Connection, batch: list[ImageProcessed]) -> None:
