@@ -1,7 +1,9 @@
 """The events on the Kafka topics. schemas/events/*.json are generated from these models (shared/schemas.py)."""
+import json
 import uuid
 from datetime import datetime, timezone
 from enum import Enum
+from collections.abc import Iterable, Mapping
 from typing import Literal
 
 from pydantic import BaseModel, Field
@@ -47,10 +49,38 @@ class ImageRequested(ImageRef):
     options: JobOptions | None = Field(None, description="The job's options; absent: the processor's defaults")
 
 
-def image_requested(request_id: uuid.UUID, image, options: JobOptions | None = None) -> ImageRequested:
-    """The request event of one image row (a mapping with id, row_number, position, input_url)."""
-    return ImageRequested(request_id=request_id, image_id=image["id"], row_number=image["row_number"],
-                          position=image["position"], input_url=image["input_url"], options=options)
+class RequestedEvents:
+    """The image.requested events of one job, as JSON bytes, for images given as mappings (id, row_number,
+    position, input_url). The job's part is serialised once, by the model; each image adds only its own
+    fields. A model per event costs several times as much, and the outbox produces 100,000 for a large job.
+    event_id: a random 74-bit prefix per instance, then a counter (a UUID of version 4's layout), so
+    every event of every attempt has an id of its own without an os.urandom call each."""
+
+    _PER_IMAGE = {"event_id", "occurred_at", "image_id", "row_number", "position", "input_url"}
+
+    def __init__(self, request_id: uuid.UUID, options: JobOptions | None = None):
+        template = ImageRequested(request_id=request_id, image_id=uuid.UUID(int=0), row_number=1, position=1,
+                                  input_url="-", options=options)
+        self._job_part = template.model_dump_json(exclude=self._PER_IMAGE)[:-1]  # without its closing brace
+        self._id_prefix = str(uuid.uuid4())[:24]  # the 8-4-4-4 groups and a dash
+        self._count = 0
+
+    def encode(self, images: Iterable[Mapping]) -> list[bytes]:
+        """The events of these images, all with the same occurred_at (now)."""
+        head = f'{self._job_part},"occurred_at":"{_now().isoformat()}","event_id":"{self._id_prefix}'
+        events = []
+        for image in images:
+            self._count += 1
+            events.append(f'{head}{self._count:012x}","image_id":"{image["id"]}","row_number":{int(image["row_number"])},'
+                          f'"position":{int(image["position"])},"input_url":{_json_string(image["input_url"])}}}'.encode())
+        return events
+
+
+def _json_string(text: str) -> str:
+    """json.dumps(text, ensure_ascii=False), without its cost for the usual text that needs no escaping."""
+    if text.isprintable() and '"' not in text and "\\" not in text:
+        return f'"{text}"'
+    return json.dumps(text, ensure_ascii=False)
 
 
 class ImageStatus(str, Enum):

@@ -6,7 +6,7 @@ import uuid
 import jsonschema
 import pytest
 
-from shared.events import ImageError, ImageProcessed, ImageRequested, ImageStatus
+from shared.events import ImageError, ImageProcessed, ImageRequested, ImageStatus, JobOptions, RequestedEvents
 from shared.schemas import CONTRACTS, json_schema, schema_path
 
 
@@ -29,6 +29,35 @@ def test_events_the_services_emit_validate_against_the_schema(event):
     document = json.loads(event.model_dump_json())
     jsonschema.validate(document, json.loads(schema_path(event.event_type).read_text()))
     assert type(event).model_validate(document) == event
+
+
+AWKWARD_URLS = ["http://h/plain.jpg", 'http://h/a"quote.jpg', "http://h/back\\slash.jpg", "http://h/é/ü.jpg",
+                 "http://h/line\u2028sep.jpg", "http://h/ctl\x01.jpg", "http://h/tab\t.jpg"]
+
+
+@pytest.mark.parametrize("options", [None, JobOptions(quality=80, max_width=100, format="webp")])
+def test_requested_events_made_from_the_template_are_what_the_model_makes(options):
+    """The outbox's events (RequestedEvents) validate against the schema and read back as the model's
+    events of the same images, each with an event id of its own."""
+    request_id = uuid.uuid4()
+    images = [{"id": uuid.uuid4(), "row_number": n + 1, "position": 1, "input_url": url} for n, url in enumerate(AWKWARD_URLS)]
+    encoder = RequestedEvents(request_id, options)
+    events = encoder.encode(images) + encoder.encode(images[:2])
+    schema = json.loads(schema_path("image.requested").read_text())
+    parsed = []
+    for event in events:
+        jsonschema.validate(json.loads(event), schema)
+        parsed.append(ImageRequested.model_validate_json(event))
+    per_image = {"event_id", "occurred_at"}
+    assert [p.model_dump(exclude=per_image) for p in parsed] == [
+        ImageRequested(request_id=request_id, image_id=image["id"], row_number=image["row_number"], position=image["position"],
+                       input_url=image["input_url"], options=options).model_dump(exclude=per_image)
+        for image in images + images[:2]
+    ]
+    assert len({p.event_id for p in parsed}) == len(events)
+    assert {p.event_id.version for p in parsed} == {4}
+    another_attempt = {ImageRequested.model_validate_json(event).event_id for event in RequestedEvents(request_id).encode(images)}
+    assert another_attempt.isdisjoint(p.event_id for p in parsed)
 
 
 def test_schema_and_model_reject_the_same_broken_event():

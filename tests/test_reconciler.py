@@ -1,6 +1,6 @@
 """Lost events: images that cannot still be on their way are requested again, then fail as lost,
 so every job ends; images merely queued are never taken for lost."""
-from shared.events import image_requested
+from shared.events import RequestedEvents
 from shared.kafka import make_producer, produce_and_wait
 from tests.support.images import jpeg_bytes
 from tests.support.kafka import read_to_end
@@ -56,7 +56,8 @@ def test_images_queued_behind_a_slow_host_are_not_taken_for_lost(start_stack, jo
     image_host.delay = 0.3
     receiver = receivers()
     job_id, _images = job_of_real_images(jobs, image_host, receiver, 8)
-    events = [(str(image["id"]), image_requested(job_id, image).model_dump_json()) for image in jobs.images(job_id)]
+    images = jobs.images(job_id)
+    events = [(str(image["id"]), event) for image, event in zip(images, RequestedEvents(job_id).encode(images))]
     produce_and_wait(make_producer(stack.settings), stack.settings.topic_requested, events)
     publish_without_events(jobs.pool, job_id)
 

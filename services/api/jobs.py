@@ -56,14 +56,14 @@ def insert_job(
             for row in parsed.rows:
                 lines.append(f"{job}\t{row.row_number}\t{_copy_text(json.dumps(row.cells, ensure_ascii=False))}\n")
                 for position, url in enumerate(row.urls, start=1):
-                    images.write(f"{uuid.uuid4()}\t{job}\t{row.row_number}\t{position}\t{_copy_text(url)}\n")
+                    images.write(f"{job}\t{row.row_number}\t{position}\t{_copy_text(url)}\n")
                 total_images += len(row.urls)
                 if len(lines) == COPY_BATCH_ROWS:
                     copy.write("".join(lines))
                     lines.clear()
             copy.write("".join(lines))
         images.seek(0)
-        with cur.copy("COPY images (id, job_id, row_number, position, input_url) FROM STDIN") as copy:
+        with cur.copy("COPY images (job_id, row_number, position, input_url) FROM STDIN") as copy:  # ids: gen_random_uuid()
             while chunk := images.read(COPY_CHUNK_CHARS):
                 copy.write(chunk)
         cur.execute("UPDATE processing_jobs SET total_images = %s WHERE job_id = %s", (total_images, job_id))

@@ -26,7 +26,7 @@ import psycopg
 from confluent_kafka import KafkaError, KafkaException, Producer
 from psycopg_pool import ConnectionPool
 
-from shared.events import JobOptions, image_requested
+from shared.events import JobOptions, RequestedEvents
 from shared.settings import Settings
 
 log = logging.getLogger(__name__)
@@ -153,11 +153,10 @@ class Outbox:
         topic = self.settings.request_topic(total_images)
         sent = 0
         try:
-            options = job_options(self.pool, job_id)
+            events = RequestedEvents(job_id, job_options(self.pool, job_id))
             for batch in self._image_batches(job_id):
-                for image in batch:
-                    failure = self._produce_one(topic, image_requested(job_id, image, options).model_dump_json().encode(),
-                                                str(image["id"]), delivery)
+                for image, event in zip(batch, events.encode(batch)):
+                    failure = self._produce_one(topic, event, image["id"], delivery)
                     if failure is not None:
                         delivery.give_up(total_images - sent, failure)
                         return
@@ -189,7 +188,7 @@ class Outbox:
         while True:
             with self.pool.connection() as conn:
                 batch = conn.execute(
-                    "SELECT id, row_number, position, input_url FROM images"
+                    "SELECT id::text, row_number, position, input_url FROM images"
                     " WHERE job_id = %s AND (job_id, row_number, position) > (%s, %s, %s)"
                     " ORDER BY job_id, row_number, position LIMIT %s",
                     (job_id, job_id, *after, PRODUCE_BATCH_IMAGES),

@@ -23,7 +23,7 @@ from psycopg_pool import ConnectionPool
 
 from shared.failures import FailureCode
 from shared import kafka
-from shared.events import ImageError, ImageProcessed, ImageStatus, JobOptions, image_requested
+from shared.events import ImageError, ImageProcessed, ImageStatus, JobOptions, RequestedEvents
 from shared.positions import Positions, committed_offsets, end_offsets, offset_reader, reached
 from shared.settings import Settings
 
@@ -122,8 +122,7 @@ class Reconciler:
             of_job = [image for image in images if image["job_id"] == job_id]
             stored = of_job[0]["options"]
             options = None if stored is None else JobOptions.model_validate(stored)
-            messages = [(str(image["id"]), image_requested(job_id, image, options).model_dump_json().encode())
-                        for image in of_job]
+            messages = [(str(image["id"]), event) for image, event in zip(of_job, RequestedEvents(job_id, options).encode(of_job))]
             kafka.produce_and_wait(self.producer, self.settings.request_topic(of_job[0]["total_images"]), messages)
 
     def _fail(self, images: list[dict]) -> None:
