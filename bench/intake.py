@@ -173,8 +173,7 @@ def intake(bench) -> dict:
         finally:
             count.close()
         # the same number of events of the same size and content, by a bare producer loop
-        values = RequestedEvents(uuid.uuid4()).encode({"id": uuid.uuid4(), "row_number": n + 1, "position": 1,
-                                                       "input_url": _url(n)} for n in range(rows))
+        values = RequestedEvents(uuid.uuid4()).encode((uuid.uuid4(), n + 1, 1, _url(n)) for n in range(rows))
         bare = bare_producer_seconds(settings, values)
     to_202 = answered - before
     _log(f"{rows} rows: committed after {committed - before:.2f} s, 202 after {to_202:.2f} s; every event in Kafka "

@@ -40,7 +40,7 @@ def test_requested_events_made_from_the_template_are_what_the_model_makes(option
     """The outbox's events (RequestedEvents) validate against the schema and read back as the model's
     events of the same images, each with an event id of its own."""
     request_id = uuid.uuid4()
-    images = [{"id": uuid.uuid4(), "row_number": n + 1, "position": 1, "input_url": url} for n, url in enumerate(AWKWARD_URLS)]
+    images = [(uuid.uuid4(), n + 1, 1, url) for n, url in enumerate(AWKWARD_URLS)]
     encoder = RequestedEvents(request_id, options)
     events = encoder.encode(images) + encoder.encode(images[:2])
     schema = json.loads(schema_path("image.requested").read_text())
@@ -50,9 +50,9 @@ def test_requested_events_made_from_the_template_are_what_the_model_makes(option
         parsed.append(ImageRequested.model_validate_json(event))
     per_image = {"event_id", "occurred_at"}
     assert [p.model_dump(exclude=per_image) for p in parsed] == [
-        ImageRequested(request_id=request_id, image_id=image["id"], row_number=image["row_number"], position=image["position"],
-                       input_url=image["input_url"], options=options).model_dump(exclude=per_image)
-        for image in images + images[:2]
+        ImageRequested(request_id=request_id, image_id=image_id, row_number=row_number, position=position,
+                       input_url=input_url, options=options).model_dump(exclude=per_image)
+        for image_id, row_number, position, input_url in images + images[:2]
     ]
     assert len({p.event_id for p in parsed}) == len(events)
     assert {p.event_id.version for p in parsed} == {4}

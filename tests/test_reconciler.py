@@ -57,7 +57,8 @@ def test_images_queued_behind_a_slow_host_are_not_taken_for_lost(start_stack, jo
     receiver = receivers()
     job_id, _images = job_of_real_images(jobs, image_host, receiver, 8)
     images = jobs.images(job_id)
-    events = [(str(image["id"]), event) for image, event in zip(images, RequestedEvents(job_id).encode(images))]
+    events = RequestedEvents(job_id).encode((i["id"], i["row_number"], i["position"], i["input_url"]) for i in images)
+    events = [(str(image["id"]), event) for image, event in zip(images, events)]
     produce_and_wait(make_producer(stack.settings), stack.settings.topic_requested, events)
     publish_without_events(jobs.pool, job_id)
 

@@ -24,6 +24,7 @@ from collections.abc import Iterator
 
 import psycopg
 from confluent_kafka import KafkaError, KafkaException, Producer
+from psycopg.rows import tuple_row
 from psycopg_pool import ConnectionPool
 
 from shared.events import JobOptions, RequestedEvents
@@ -34,13 +35,14 @@ log = logging.getLogger(__name__)
 RELAY_TICK_SECONDS = 0.1  # how often the relay serves delivery reports
 RETRY_DELAY_SECONDS = 1.0  # after a failed attempt, before the next one (each attempt itself takes up to publish_attempt_seconds)
 RELAY_MAX_JOBS_IN_FLIGHT = 20  # jobs the relay produces at once: during an outage, Kafka's local queue holds no more
-PRODUCE_BATCH_IMAGES = 5000  # images read from PostgreSQL, then handed to the producer, at a time
+PRODUCE_BATCH_IMAGES = 20_000  # images read from PostgreSQL, then handed to the producer, at a time (5000: 1.6x slower)
 
 
 class Delivery:
     """The delivery reports of one job's events, counted as they arrive (on whichever thread polls)."""
 
     def __init__(self, events: int, upload_waiting: bool = False):
+        self.events = events
         self.pending = events  # reports still to come
         self.first_error: str | None = None
         self.settled = threading.Event()  # every report is in: acknowledged, or failed if first_error is set
@@ -61,6 +63,12 @@ class Delivery:
             if self.pending <= 0:
                 self.settled.set()
 
+    def cannot_settle_within(self, remaining: float, elapsed: float) -> bool:
+        """Whether, at the rate reports have come so far, the rest would take longer than `remaining`
+        (unknown, so False, before the first report)."""
+        reported = self.events - self.pending
+        return reported > 0 and self.pending * elapsed / reported > remaining
+
     @property
     def ok(self) -> bool:
         return self.settled.is_set() and self.first_error is None
@@ -79,11 +87,15 @@ class Outbox:
     def publish_upload(self, job_id: uuid.UUID, total_images: int) -> bool:
         """Start producing a freshly committed job's events and wait up to upload_publish_wait_seconds for
         Kafka's acknowledgement; True if every event is acknowledged (published_at is set). Otherwise
-        the production goes on and the relay sees the attempt through."""
-        deadline = time.monotonic() + self.settings.upload_publish_wait_seconds
+        the production goes on and the relay sees the attempt through. A large job's answer is not held
+        once the acknowledgements so far show that the rest cannot come within the wait."""
+        started = time.monotonic()
+        deadline = started + self.settings.upload_publish_wait_seconds
         delivery = self._start(job_id, total_images, upload_waiting=True)
         while not delivery.settled.is_set() and (remaining := deadline - time.monotonic()) > 0:
             self.producer.poll(min(0.05, remaining))
+            if delivery.cannot_settle_within(deadline - time.monotonic(), time.monotonic() - started):
+                break
         delivery.upload_waiting = False
         return self._settle(job_id) is True
 
@@ -156,7 +168,7 @@ class Outbox:
             events = RequestedEvents(job_id, job_options(self.pool, job_id))
             for batch in self._image_batches(job_id):
                 for image, event in zip(batch, events.encode(batch)):
-                    failure = self._produce_one(topic, event, image["id"], delivery)
+                    failure = self._produce_one(topic, event, image[0], delivery)
                     if failure is not None:
                         delivery.give_up(total_images - sent, failure)
                         return
@@ -182,12 +194,13 @@ class Outbox:
                     return "the producer's local queue stayed full"
                 self.producer.poll(0.05)
 
-    def _image_batches(self, job_id: uuid.UUID) -> Iterator[list[dict]]:
-        """The job's images in CSV order, PRODUCE_BATCH_IMAGES at a time (keyset pages: no long transaction)."""
+    def _image_batches(self, job_id: uuid.UUID) -> Iterator[list[tuple]]:
+        """The job's images in CSV order as (id, row_number, position, input_url), PRODUCE_BATCH_IMAGES at
+        a time (keyset pages: no long transaction)."""
         after = (0, 0)
         while True:
-            with self.pool.connection() as conn:
-                batch = conn.execute(
+            with self.pool.connection() as conn, conn.cursor(row_factory=tuple_row) as cur:
+                batch = cur.execute(
                     "SELECT id::text, row_number, position, input_url FROM images"
                     " WHERE job_id = %s AND (job_id, row_number, position) > (%s, %s, %s)"
                     " ORDER BY job_id, row_number, position LIMIT %s",
@@ -196,7 +209,7 @@ class Outbox:
             if not batch:
                 return
             yield batch
-            after = (batch[-1]["row_number"], batch[-1]["position"])
+            after = batch[-1][1:3]
 
     def _settle(self, job_id: uuid.UUID) -> bool | None:
         """Record a finished attempt once: published_at if every event was acknowledged, due at once

@@ -122,7 +122,9 @@ class Reconciler:
             of_job = [image for image in images if image["job_id"] == job_id]
             stored = of_job[0]["options"]
             options = None if stored is None else JobOptions.model_validate(stored)
-            messages = [(str(image["id"]), event) for image, event in zip(of_job, RequestedEvents(job_id, options).encode(of_job))]
+            events = RequestedEvents(job_id, options).encode(
+                (image["id"], image["row_number"], image["position"], image["input_url"]) for image in of_job)
+            messages = [(str(image["id"]), event) for image, event in zip(of_job, events)]
             kafka.produce_and_wait(self.producer, self.settings.request_topic(of_job[0]["total_images"]), messages)
 
     def _fail(self, images: list[dict]) -> None:
