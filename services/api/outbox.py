@@ -21,6 +21,7 @@ import threading
 import time
 import uuid
 from collections.abc import Iterator
+from concurrent.futures import ThreadPoolExecutor
 
 import psycopg
 from confluent_kafka import KafkaError, KafkaException, Producer
@@ -196,20 +197,21 @@ class Outbox:
 
     def _image_batches(self, job_id: uuid.UUID) -> Iterator[list[tuple]]:
         """The job's images in CSV order as (id, row_number, position, input_url), PRODUCE_BATCH_IMAGES at
-        a time (keyset pages: no long transaction)."""
-        after = (0, 0)
-        while True:
-            with self.pool.connection() as conn, conn.cursor(row_factory=tuple_row) as cur:
-                batch = cur.execute(
-                    "SELECT id::text, row_number, position, input_url FROM images"
-                    " WHERE job_id = %s AND (job_id, row_number, position) > (%s, %s, %s)"
-                    " ORDER BY job_id, row_number, position LIMIT %s",
-                    (job_id, job_id, *after, PRODUCE_BATCH_IMAGES),
-                ).fetchall()
-            if not batch:
-                return
-            yield batch
-            after = batch[-1][1:3]
+        a time (keyset pages: no long transaction); the next page is read while this one is produced."""
+        with ThreadPoolExecutor(max_workers=1, thread_name_prefix=f"read-{job_id}") as reader:
+            next_page = reader.submit(self._image_page, job_id, (0, 0))
+            while batch := next_page.result():
+                next_page = reader.submit(self._image_page, job_id, batch[-1][1:3])
+                yield batch
+
+    def _image_page(self, job_id: uuid.UUID, after: tuple[int, int]) -> list[tuple]:
+        with self.pool.connection() as conn, conn.cursor(row_factory=tuple_row) as cur:
+            return cur.execute(
+                "SELECT id::text, row_number, position, input_url FROM images"
+                " WHERE job_id = %s AND (job_id, row_number, position) > (%s, %s, %s)"
+                " ORDER BY job_id, row_number, position LIMIT %s",
+                (job_id, job_id, *after, PRODUCE_BATCH_IMAGES),
+            ).fetchall()
 
     def _settle(self, job_id: uuid.UUID) -> bool | None:
         """Record a finished attempt once: published_at if every event was acknowledged, due at once
