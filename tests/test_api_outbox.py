@@ -13,6 +13,7 @@ from deploy.local.kafka import KafkaBroker
 from deploy.local.postgres import LocalPostgres
 from deploy.local.probe import free_port
 from services.api.app import create_app
+from services.api.outbox import Delivery
 from shared.events import ImageRequested
 from shared.kafka import make_producer, produce_and_wait
 from tests.support.api_server import ApiServer
@@ -136,3 +137,16 @@ def test_postgres_down_at_upload_answers_503_and_stores_nothing(infra, own_postg
             assert time.monotonic() < deadline, response.text
         assert response.status_code == 202, response.text
         assert response.json()["events"] == "published"
+
+
+def test_an_upload_stops_waiting_once_the_reports_so_far_show_the_rest_cannot_come_in_time():
+    """A large job's 202 is not held for acknowledgements that, at the rate they arrive, cannot all come
+    within the wait; before the first report nothing is known, so the upload keeps waiting."""
+    delivery = Delivery(100_000)
+    assert not delivery.cannot_settle_within(remaining=0.45, elapsed=0.05)
+    for _ in range(5_000):
+        delivery.report(None)
+    assert delivery.cannot_settle_within(remaining=0.45, elapsed=0.05)  # 95,000 more at 100,000/s: 0.95 s
+    assert not delivery.cannot_settle_within(remaining=1.0, elapsed=0.05)
+    delivery.give_up(95_000, "the producer's local queue stayed full")
+    assert delivery.settled.is_set() and not delivery.ok
