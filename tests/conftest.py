@@ -12,6 +12,7 @@ import hypothesis
 import psycopg
 import pytest
 from psycopg import sql
+from psycopg.rows import dict_row
 
 from deploy.local.kafka import KafkaBroker
 from deploy.local.postgres import LocalPostgres, database_url, ensure_installed
@@ -23,7 +24,7 @@ from shared.kafka import ensure_topics
 from shared.settings import Settings
 from tests.support.http_servers import ImageHost, WebhookReceiver
 from tests.support.jobs import Jobs
-from tests.support.settings import make_test_settings, service_env
+from tests.support.settings import make_test_settings, own_names, service_env
 from tests.support.stack import Stack
 
 # Property tests (hypothesis, schemathesis) draw the same examples on every run, so CI is deterministic and
@@ -109,6 +110,13 @@ def _shut_down(components) -> None:
 
 
 @pytest.fixture
+def db(settings):
+    """A connection to the database of the test module's own `settings` fixture (autocommit, dict rows)."""
+    with psycopg.connect(settings.database_url, autocommit=True, row_factory=dict_row) as conn:
+        yield conn
+
+
+@pytest.fixture
 def make_settings(infra, tmp_path):
     """Settings on the test infrastructure with topics and consumer groups of their own,
     so that tests sharing the broker never consume each other's events. Every test server is on
@@ -116,21 +124,11 @@ def make_settings(infra, tmp_path):
     allow_private_addresses=False."""
 
     def make(**overrides) -> Settings:
-        suffix = uuid.uuid4().hex[:8]
         values = dict(
             kafka_bootstrap_servers=infra.kafka_bootstrap_servers,
             database_url=infra.database_url,
-            topic_requested=f"image.requested.{suffix}",
-            topic_requested_bulk=f"image.requested.bulk.{suffix}",
-            topic_processed=f"image.processed.{suffix}",
-            topic_dead_letter=f"image.requested.dlq.{suffix}",
-            topic_processed_dead_letter=f"image.processed.dlq.{suffix}",
-            topic_job_requested=f"job.requested.{suffix}",
-            topic_job_dead_letter=f"job.requested.dlq.{suffix}",
+            **own_names(),
             topic_partitions=4,
-            processor_group=f"processor-{suffix}",
-            notifier_group=f"notifier-{suffix}",
-            intake_group=f"intake-{suffix}",
             health_port=0,  # off unless a test asks (start_stack gives each service a free port)
             storage_dir=tmp_path / "images",
             allow_private_addresses=True,

@@ -4,10 +4,8 @@ import time
 import uuid
 
 import jsonschema
-import psycopg
 import pytest
 from fastapi.testclient import TestClient
-from psycopg.rows import dict_row
 
 from services.api import jobs
 from services.api.app import create_app
@@ -16,7 +14,7 @@ from services.api.outbox import Outbox
 from shared.schemas import schema_path
 from shared.settings import Settings
 from tests.support.kafka import read_to_end
-from tests.support.settings import make_test_settings
+from tests.support.settings import make_test_settings, own_names
 
 MAX_CSV_BYTES = 10_000
 MAX_IMAGES = 8
@@ -24,13 +22,10 @@ MAX_IMAGES = 8
 
 @pytest.fixture(scope="module")
 def settings(infra, module_database, tmp_path_factory):
-    suffix = uuid.uuid4().hex[:8]
     return make_test_settings(
         kafka_bootstrap_servers=infra.kafka_bootstrap_servers,
         database_url=module_database,
-        topic_requested=f"image.requested.api-{suffix}",
-        topic_processed=f"image.processed.api-{suffix}",
-        topic_dead_letter=f"image.requested.dlq.api-{suffix}",
+        **own_names("api"),
         topic_partitions=4,
         storage_dir=tmp_path_factory.mktemp("images"),
         max_csv_bytes=MAX_CSV_BYTES,
@@ -46,12 +41,6 @@ def settings(infra, module_database, tmp_path_factory):
 def client(settings):
     with TestClient(create_app(settings)) as test_client:
         yield test_client
-
-
-@pytest.fixture
-def db(settings):
-    with psycopg.connect(settings.database_url, autocommit=True, row_factory=dict_row) as conn:
-        yield conn
 
 
 def requested_events(settings: Settings, request_id: str, topic: str | None = None) -> list[dict]:

@@ -14,7 +14,7 @@ import pytest
 from deploy.local.services import REPO_ROOT
 from services.api.app import create_app
 from tests.support.api_server import ApiServer
-from tests.support.settings import make_test_settings, service_env
+from tests.support.settings import make_test_settings, own_names, service_env
 
 CSV = ("job.csv", "url\nhttps://127.0.0.1:9/a.jpg\n", "text/csv")
 
@@ -22,11 +22,8 @@ CSV = ("job.csv", "url\nhttps://127.0.0.1:9/a.jpg\n", "text/csv")
 @pytest.fixture(scope="module")
 def settings(infra, tmp_path_factory):
     database = infra.new_database()
-    suffix = uuid.uuid4().hex[:8]
     yield make_test_settings(
-        kafka_bootstrap_servers=infra.kafka_bootstrap_servers, database_url=database,
-        topic_requested=f"image.requested.keys-{suffix}", topic_requested_bulk=f"image.requested.bulk.keys-{suffix}",
-        topic_processed=f"image.processed.keys-{suffix}", topic_dead_letter=f"image.requested.dlq.keys-{suffix}",
+        kafka_bootstrap_servers=infra.kafka_bootstrap_servers, database_url=database, **own_names("keys"),
         topic_partitions=1, storage_dir=tmp_path_factory.mktemp("images"), api_keys_required=True,
     )
     infra.drop_database(database)

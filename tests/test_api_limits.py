@@ -3,14 +3,13 @@ so that the test controls exactly what is sent and when."""
 import json
 import socket
 import threading
-import uuid
 
 import psycopg
 import pytest
 
 from services.api.app import MULTIPART_ALLOWANCE_BYTES, create_app
 from tests.support.api_server import ApiServer
-from tests.support.settings import make_test_settings
+from tests.support.settings import make_test_settings, own_names
 
 MAX_CSV_BYTES = 100_000
 MAX_BODY_BYTES = MAX_CSV_BYTES + MULTIPART_ALLOWANCE_BYTES
@@ -41,11 +40,8 @@ class BodyBytesRead:
 
 @pytest.fixture(scope="module")
 def server(infra, module_database, tmp_path_factory):
-    suffix = uuid.uuid4().hex[:8]
     settings = make_test_settings(
-        kafka_bootstrap_servers=infra.kafka_bootstrap_servers, database_url=module_database,
-        topic_requested=f"image.requested.limits-{suffix}", topic_requested_bulk=f"image.requested.bulk.limits-{suffix}",
-        topic_processed=f"image.processed.limits-{suffix}", topic_dead_letter=f"image.requested.dlq.limits-{suffix}",
+        kafka_bootstrap_servers=infra.kafka_bootstrap_servers, database_url=module_database, **own_names("limits"),
         topic_partitions=1, storage_dir=tmp_path_factory.mktemp("images"), max_csv_bytes=MAX_CSV_BYTES,
     )
     counter = BodyBytesRead(create_app(settings))

@@ -19,7 +19,7 @@ from shared.kafka import make_producer, produce_and_wait
 from tests.support.api_server import ApiServer
 from tests.support.images import jpeg_bytes
 from tests.support.kafka import wait_until_consumed
-from tests.support.settings import make_test_settings
+from tests.support.settings import make_test_settings, own_names
 
 JOB_TIMEOUT = 120
 
@@ -112,12 +112,9 @@ def own_postgres(tmp_path):
 
 
 def test_postgres_down_at_upload_answers_503_and_stores_nothing(infra, own_postgres, tmp_path):
-    suffix = uuid.uuid4().hex[:8]
     database_url = own_postgres.url("imgpipe")
     settings = make_test_settings(
-        kafka_bootstrap_servers=infra.kafka_bootstrap_servers, database_url=database_url,
-        topic_requested=f"image.requested.pgdown-{suffix}", topic_requested_bulk=f"image.requested.bulk.pgdown-{suffix}",
-        topic_processed=f"image.processed.pgdown-{suffix}", topic_dead_letter=f"image.requested.dlq.pgdown-{suffix}",
+        kafka_bootstrap_servers=infra.kafka_bootstrap_servers, database_url=database_url, **own_names("pgdown"),
         topic_partitions=1, storage_dir=tmp_path / "images", upload_publish_wait_seconds=30,
     )
     body = {"file": ("job.csv", "url\nhttps://127.0.0.1:9/a.jpg\n", "text/csv")}

@@ -10,7 +10,6 @@ import csv
 import gc
 import io
 import threading
-import uuid
 from dataclasses import dataclass
 
 import httpx
@@ -34,7 +33,7 @@ from deploy.local.stack import wait_for_api
 from services.api.app import create_app
 from services.api.output_csv import FAILED_PREFIX, OUTPUT_COLUMN
 from tests.support.csv_tables import csv_texts, tables
-from tests.support.settings import make_test_settings
+from tests.support.settings import make_test_settings, own_names
 
 OPERATIONS = [
     ("POST", "/upload"),
@@ -86,14 +85,10 @@ def complete_job(database_url: str, request_id: str, failed_positions: set[tuple
 @pytest.fixture(scope="module")
 def api(infra, tmp_path_factory):
     database_url = infra.new_database()
-    suffix = uuid.uuid4().hex[:8]
     app_settings = make_test_settings(
         kafka_bootstrap_servers=infra.kafka_bootstrap_servers,
         database_url=database_url,
-        topic_requested=f"image.requested.schema-{suffix}",
-        topic_requested_bulk=f"image.requested.bulk.schema-{suffix}",
-        topic_processed=f"image.processed.schema-{suffix}",
-        topic_dead_letter=f"image.requested.dlq.schema-{suffix}",
+        **own_names("schema"),
         topic_partitions=2,
         storage_dir=tmp_path_factory.mktemp("images"),
         max_csv_bytes=MAX_CSV_BYTES,

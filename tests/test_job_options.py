@@ -18,7 +18,7 @@ from shared.events import ImageRequested, JobOptions, JobRequested
 from shared.kafka import make_producer, produce_and_wait
 from tests.support.images import jpeg_bytes, png_bytes
 from tests.support.kafka import read_to_end
-from tests.support.settings import make_test_settings
+from tests.support.settings import make_test_settings, own_names
 from tests.support.stack import all_images, url_csv, wait_for_status
 
 DEFAULTS = {"quality": 50, "max_width": None, "max_height": None, "format": "keep"}
@@ -26,14 +26,10 @@ DEFAULTS = {"quality": 50, "max_width": None, "max_height": None, "format": "kee
 
 @pytest.fixture(scope="module")
 def settings(infra, module_database, tmp_path_factory):
-    suffix = uuid.uuid4().hex[:8]
     return make_test_settings(
         kafka_bootstrap_servers=infra.kafka_bootstrap_servers,
         database_url=module_database,
-        topic_requested=f"image.requested.options-{suffix}",
-        topic_processed=f"image.processed.options-{suffix}",
-        topic_dead_letter=f"image.requested.dlq.options-{suffix}",
-        topic_job_requested=f"job.requested.options-{suffix}",
+        **own_names("options"),
         topic_partitions=2,
         storage_dir=tmp_path_factory.mktemp("images"),
         upload_publish_wait_seconds=30,  # Kafka is up: every upload here is answered "published"

@@ -6,10 +6,8 @@ import json
 import time
 import uuid
 
-import psycopg
 import pytest
 from fastapi.testclient import TestClient
-from psycopg.rows import dict_row
 
 from services.api.app import create_app
 from tests.support.kafka import read_to_end
@@ -26,12 +24,6 @@ def settings(make_settings, own_database):
 def client(settings):
     with TestClient(create_app(settings)) as test_client:
         yield test_client
-
-
-@pytest.fixture
-def db(settings):
-    with psycopg.connect(settings.database_url, autocommit=True, row_factory=dict_row) as conn:
-        yield conn
 
 
 def catalogue(rows: int, token: str) -> list[list[str]]:

@@ -1,6 +1,7 @@
 """The one way tests build Settings: from explicit field names only, never from the environment of
 whoever runs the tests (a DATABASE_URL or IMGPIPE_STORAGE there must not change what a test checks)."""
 import os
+import uuid
 
 from shared.settings import Settings
 
@@ -16,6 +17,24 @@ class _ExplicitSettings(Settings):
 
 def make_test_settings(**fields) -> Settings:
     return _ExplicitSettings(**fields)
+
+
+def own_names(tag: str = "") -> dict[str, str]:
+    """Settings fields naming every topic and consumer group, each of its own (a random suffix, after
+    `tag` if given), so that tests sharing the broker never consume each other's events."""
+    suffix = f"{tag}-{uuid.uuid4().hex[:8]}" if tag else uuid.uuid4().hex[:8]
+    return dict(
+        topic_requested=f"image.requested.{suffix}",
+        topic_requested_bulk=f"image.requested.bulk.{suffix}",
+        topic_processed=f"image.processed.{suffix}",
+        topic_dead_letter=f"image.requested.dlq.{suffix}",
+        topic_processed_dead_letter=f"image.processed.dlq.{suffix}",
+        topic_job_requested=f"job.requested.{suffix}",
+        topic_job_dead_letter=f"job.requested.dlq.{suffix}",
+        processor_group=f"processor-{suffix}",
+        notifier_group=f"notifier-{suffix}",
+        intake_group=f"intake-{suffix}",
+    )
 
 
 def service_env(settings: Settings, **extra: str) -> dict[str, str]:
