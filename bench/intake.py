@@ -227,9 +227,7 @@ def intake_memory(bench) -> dict:
             upload(services, write_url_csv(bench.work_dir / "warm-up.csv", 2))  # idle, with the upload path warm
             already = _after_warm_up(count)
             idle_kib = sum(_rss_kib(pid) for pid in proc.tree(api))
-            for pid in proc.tree(api):
-                Path(f"/proc/{pid}/clear_refs").write_text("5")  # peak RSS (VmHWM) := RSS now
-            with proc.PeakRssSampler(api) as sampler:
+            with proc.PeakRssSampler(api) as sampler:  # resets the peaks first
                 before, answered, total = upload(services, path)
                 in_kafka = count.wait_for(already + total, answered + bench.max_wait)
         finally:

@@ -77,7 +77,9 @@ def peak_rss_kib(pid: int) -> int:
 
 class PeakRssSampler:
     """Samples VmHWM of a process and all its descendants until stopped; peak_mib is the sum over every
-    process seen of its own peak (children may come and go, so each one's last reading is kept)."""
+    process seen of its own peak (children may come and go, so each one's last reading is kept).
+    On entering, each process's peak is reset to its RSS at that moment (/proc/<pid>/clear_refs), so that
+    what a process did before (e.g. in an earlier scenario, when services are reused) does not count."""
 
     def __init__(self, root: int, interval: float = 0.1):
         self.root = root
@@ -87,6 +89,8 @@ class PeakRssSampler:
         self._thread = threading.Thread(target=self._run, name="rss-sampler", daemon=True)
 
     def __enter__(self) -> "PeakRssSampler":
+        for pid in tree(self.root):
+            Path(f"/proc/{pid}/clear_refs").write_text("5")  # VmHWM := VmRSS now
         self._thread.start()
         return self
 
