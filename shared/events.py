@@ -122,3 +122,8 @@ class JobRequested(BaseModel):
     )
     webhook_url: str | None = Field(None, description="Called once every image is processed or failed")
     options: JobOptions | None = Field(None, description="How the images are compressed; absent: every default")
+    api_key_id: uuid.UUID | None = Field(
+        None, description="The API key whose holder may read the job through the API (its id: the 32 hex digits "
+        "after imgpipe_ in the key, as `python -m services.api.keys list` shows it); it must exist and not be "
+        "revoked. Absent: the job belongs to no key, and is visible through the API only while keys are not required."
+    )

@@ -13,7 +13,9 @@ import pytest
 
 from deploy.local.services import REPO_ROOT
 from services.api.app import create_app
+from shared.events import JobRequested
 from tests.support.api_server import ApiServer
+from tests.support.kafka import produce_as_another_service, read_to_end, wait_until_consumed
 from tests.support.settings import make_test_settings, own_names, service_env
 
 CSV = ("job.csv", "url\nhttps://127.0.0.1:9/a.jpg\n", "text/csv")
@@ -151,3 +153,32 @@ def test_keys_are_stored_hashed_and_never_shown_or_logged_again(api, settings, c
     listed = keys_command(settings, "list").stdout
     assert name in listed and secret not in listed
     assert caplog.records and secret not in caplog.text
+
+
+def test_a_job_over_kafka_belongs_to_the_api_key_it_names(api, settings):
+    """A job.requested event with api_key_id is read through the API with that key only; an event naming
+    a key that does not exist or is revoked goes to the dead-letter topic and stores nothing."""
+    owner, other = new_key(settings), new_key(settings)
+    revoked = new_key(settings, name := f"revoked-{uuid.uuid4().hex[:8]}")
+    keys_command(settings, "revoke", name)
+    owned, unknown, of_revoked = uuid.uuid4(), uuid.uuid4(), uuid.uuid4()
+    events = {owned: _id_of(owner), unknown: uuid.uuid4(), of_revoked: _id_of(revoked)}
+    for request_id, api_key_id in events.items():
+        event = JobRequested(request_id=request_id, image_urls=["https://127.0.0.1:9/a.jpg"], api_key_id=api_key_id)
+        produce_as_another_service(settings, settings.topic_job_requested, str(request_id).encode(),
+                                   event.model_dump_json().encode())
+
+    wait_until_consumed(settings, settings.intake_group, [settings.topic_job_requested])
+    assert api.get(f"/status/{owned}", headers=bearer(owner)).status_code == 200
+    assert api.get(f"/status/{owned}", headers=bearer(other)).status_code == 404
+    letters = {m.key().decode(): dict(m.headers())["error"].decode()
+               for m in read_to_end(settings, settings.topic_job_dead_letter)}
+    assert set(letters) == {str(unknown), str(of_revoked)}
+    assert all("no such API key, or it is revoked" in error for error in letters.values())
+    with psycopg.connect(settings.database_url) as conn:
+        stored = conn.execute("SELECT count(*) FROM processing_jobs WHERE job_id = ANY(%s)", ([unknown, of_revoked],)).fetchone()
+    assert stored[0] == 0
+
+
+def _id_of(key: str) -> uuid.UUID:
+    return uuid.UUID(key.removeprefix("imgpipe_").split("_", 1)[0])

@@ -6,20 +6,10 @@ import io
 import json
 import uuid
 
-from confluent_kafka import Producer
-
 from shared.events import JobRequested
-from shared.kafka import client_config
 from tests.support.images import jpeg_bytes
-from tests.support.kafka import read_to_end, wait_until_consumed
+from tests.support.kafka import produce_as_another_service, read_to_end, wait_until_consumed
 from tests.support.stack import JOB_TIMEOUT, wait_for_status
-
-
-def produce(settings, topic: str, key: bytes | None, value: bytes) -> None:
-    """What another service does: a plain confluent-kafka producer, nothing of imgpipe's."""
-    producer = Producer({**client_config(settings), "acks": "all"})
-    producer.produce(topic, key=key, value=value)
-    assert producer.flush(30) == 0
 
 
 def test_a_job_produced_to_kafka_is_processed_and_its_webhook_sent_once(start_stack, image_host, receivers):
@@ -29,7 +19,7 @@ def test_a_job_produced_to_kafka_is_processed_and_its_webhook_sent_once(start_st
     job = JobRequested(request_id=uuid.uuid4(), image_urls=urls, webhook_url=receiver.url)
 
     for _ in range(2):  # a producer's retry: the same job twice
-        produce(stack.settings, stack.settings.topic_job_requested, str(job.request_id).encode(),
+        produce_as_another_service(stack.settings, stack.settings.topic_job_requested, str(job.request_id).encode(),
                 job.model_dump_json().encode())
 
     [webhook] = receiver.wait_for(1, JOB_TIMEOUT)
@@ -59,7 +49,7 @@ def test_events_that_cannot_become_jobs_go_to_the_dead_letter_topic_with_the_rea
         b"no-id": json.dumps({"image_urls": ["https://img.example.com/a.jpg"]}).encode(),
     }
     for key, value in broken.items():
-        produce(settings, settings.topic_job_requested, key, value)
+        produce_as_another_service(settings, settings.topic_job_requested, key, value)
 
     wait_until_consumed(settings, settings.intake_group, [settings.topic_job_requested])
     letters = {m.key(): m for m in read_to_end(settings, settings.topic_job_dead_letter)}
@@ -77,7 +67,7 @@ def test_events_that_cannot_become_jobs_go_to_the_dead_letter_topic_with_the_rea
 def test_results_the_notifier_cannot_read_go_to_its_dead_letter_topic_and_it_moves_on(start_stack):
     stack = start_stack(processors=0)
     settings = stack.settings
-    produce(settings, settings.topic_processed, b"x", b'{"event_type": "image.processed", "status": "maybe"}')
+    produce_as_another_service(settings, settings.topic_processed, b"x", b'{"event_type": "image.processed", "status": "maybe"}')
 
     wait_until_consumed(settings, settings.notifier_group, [settings.topic_processed])
     [letter] = read_to_end(settings, settings.topic_processed_dead_letter)

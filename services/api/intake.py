@@ -1,10 +1,12 @@
 """Jobs created over Kafka: the API consumes job.requested (shared/events.py JobRequested), stores each
 job as an upload would be stored, and publishes its images through the outbox. An event it cannot take
-(not a JobRequested, a bad URL, too many images, a refused webhook URL) goes unchanged to
+(not a JobRequested, a bad URL, too many images, a refused webhook URL, an api_key_id that names no
+active key) goes unchanged to
 job.requested.dlq with a header saying why. An event is committed only once its job is stored, so a
 crash takes it again; the producer's request_id makes that repeat create nothing."""
 import logging
 import threading
+import uuid
 
 from confluent_kafka import Consumer, Message, Producer
 from psycopg_pool import ConnectionPool
@@ -98,12 +100,14 @@ class JobIntake:
         try:
             job, parsed = read_job(message.value(), self.settings)
         except InvalidJob as exc:
-            log.warning("job event %s[%d]@%d sent to %s: %s", message.topic(), message.partition(), message.offset(),
-                        self.settings.topic_job_dead_letter, exc)
-            kafka.produce_and_wait(self.producer, self.settings.topic_job_dead_letter,
-                                   [(message.key(), message.value(), kafka.dead_letter_headers(message, str(exc)))])
+            self._dead_letter(message, exc)
             return
-        stored = jobs.insert_job(self.pool, parsed, job.webhook_url, job_id=job.request_id,
+        try:
+            owner = self._owner(job)
+        except InvalidJob as exc:
+            self._dead_letter(message, exc)
+            return
+        stored = jobs.insert_job(self.pool, parsed, job.webhook_url, owner, job_id=job.request_id,
                                  options=job.options or JobOptions(quality=self.settings.jpeg_quality),
                                  publish_lease_seconds=self.settings.republish_after_seconds)
         if stored is None:
@@ -113,3 +117,19 @@ class JobIntake:
         published = self.outbox.publish_upload(job_id, total_images)
         log.info("job %s created over Kafka with %d images (events %s)", job_id, total_images,
                  "published" if published else "queued")
+
+    def _owner(self, job: JobRequested) -> uuid.UUID | None:
+        """The API key the job belongs to: the event's api_key_id, which must name an active key."""
+        if job.api_key_id is None:
+            return None
+        with self.pool.connection() as conn:
+            active = conn.execute("SELECT 1 FROM api_keys WHERE id = %s AND revoked_at IS NULL", (job.api_key_id,)).fetchone()
+        if active is None:
+            raise InvalidJob(f"api_key_id {job.api_key_id}: no such API key, or it is revoked")
+        return job.api_key_id
+
+    def _dead_letter(self, message: Message, reason: InvalidJob) -> None:
+        log.warning("job event %s[%d]@%d sent to %s: %s", message.topic(), message.partition(), message.offset(),
+                    self.settings.topic_job_dead_letter, reason)
+        kafka.produce_and_wait(self.producer, self.settings.topic_job_dead_letter,
+                               [(message.key(), message.value(), kafka.dead_letter_headers(message, str(reason)))])

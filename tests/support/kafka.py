@@ -4,7 +4,7 @@
 (secured Kafka too)."""
 import time
 
-from confluent_kafka import OFFSET_BEGINNING, Consumer, TopicPartition
+from confluent_kafka import OFFSET_BEGINNING, Consumer, Producer, TopicPartition
 from confluent_kafka.admin import AdminClient, OffsetSpec
 
 from shared import positions
@@ -95,3 +95,10 @@ def read_to_end(kafka: str | Settings, topic: str, timeout: float = 30) -> list:
     finally:
         consumer.close()
     return messages
+
+
+def produce_as_another_service(settings: Settings, topic: str, key: bytes | None, value: bytes) -> None:
+    """What another service does: a plain confluent-kafka producer, nothing of imgpipe's."""
+    producer = Producer({**client_config(settings), "acks": "all"})
+    producer.produce(topic, key=key, value=value)
+    assert producer.flush(30) == 0
