@@ -1,12 +1,13 @@
-"""Secured Kafka: the three services over SASL/SCRAM on a broker of this module's own, a wrong password
-stopping each service at start with one clear line, and the password in no log."""
+"""Secured Kafka: the three services over SASL/SCRAM and over TLS on brokers of this module's own, a wrong
+password or an untrusted broker certificate stopping each service at start with one clear line, and the
+password in no log."""
 import uuid
 from pathlib import Path
 
 import pytest
 from pydantic import SecretStr, ValidationError
 
-from deploy.local.kafka import KafkaBroker, ScramListener
+from deploy.local.kafka import KafkaBroker, ScramListener, TlsListener
 from deploy.local.probe import free_port
 from deploy.local.services import ServiceGroup
 from shared.kafka import KafkaUnavailable, check_kafka
@@ -29,6 +30,24 @@ def scram_broker(tmp_path_factory):
     broker.start()
     yield broker
     broker.stop()
+
+
+@pytest.fixture(scope="module")
+def tls_broker(tmp_path_factory):
+    """A broker with an SSL listener whose certificate (self-signed, for 127.0.0.1) clients must trust."""
+    directory = tmp_path_factory.mktemp("kafka-tls")
+    broker = KafkaBroker(directory / "kafka", port=free_port(), controller_port=free_port(),
+                         tls=TlsListener(free_port(), directory / "tls"))
+    broker.start()
+    yield broker
+    broker.stop()
+
+
+@pytest.fixture
+def tls(tls_broker):
+    """Settings that reach tls_broker over TLS, checking its certificate."""
+    return dict(kafka_bootstrap_servers=f"127.0.0.1:{tls_broker.tls.port}", kafka_security_protocol="SSL",
+                kafka_ssl_ca_location=tls_broker.tls.ca_file)
 
 
 @pytest.fixture
@@ -59,6 +78,38 @@ def test_a_job_goes_through_the_three_services_over_sasl_scram(start_stack, sasl
     logs = service_logs(tmp_path / "logs")
     assert set(logs) == {"api", "notifier", "processor-1"}
     assert not [name for name, text in logs.items() if PASSWORD in text]
+
+
+def test_a_job_goes_through_the_three_services_over_tls(start_stack, tls, image_host, receivers):
+    stack = start_stack(processors=1, **tls)
+    webhooks = receivers()
+    urls = [image_host.add(f"/t{n}.jpg", jpeg_bytes(320, 240, n)) for n in range(3)]
+
+    request_id = upload(stack.api, url_csv(urls), webhooks.url)
+
+    [post] = webhooks.wait_for(1)
+    assert post.json()["request_id"] == request_id and post.json()["processed_images"] == 3
+    settings = stack.settings
+    wait_until_consumed(settings, settings.notifier_group, [settings.topic_processed])  # a TLS client of the tests' own
+
+
+def test_a_broker_certificate_nobody_vouched_for_stops_every_service_at_start(make_settings, tls, own_database, tmp_path):
+    settings = make_settings(**tls, database_url=own_database, api_port=free_port())  # creates the topics
+    stranger = TlsListener(0, tmp_path / "another-ca")  # a certificate that did not sign the broker's
+    stranger.create()
+    untrusting = settings.model_copy(update={"kafka_ssl_ca_location": stranger.ca_file})
+    services = ServiceGroup(service_env(untrusting), tmp_path / "logs", processors=1)
+    services.start()
+    try:
+        exits = {name: services.wait_exit(name, START_EXIT_TIMEOUT) for name in services.names}
+    finally:
+        services.stop()
+
+    assert exits == {"api": 1, "notifier": 1, "processor-1": 1}
+    expected = f"cannot start: Kafka at {tls['kafka_bootstrap_servers']}: TLS failed (check kafka_ssl_ca_location)"
+    for name, text in service_logs(tmp_path / "logs").items():
+        assert expected in text, f"{name} log:\n{text}"
+        assert "Traceback" not in text, f"{name} log:\n{text}"
 
 
 def test_a_wrong_password_stops_every_service_at_start_with_one_clear_line(make_settings, sasl, own_database, tmp_path):

@@ -18,10 +18,12 @@ the same data dir (pid file) and answering is reused.
 
 With `scram=ScramListener(port, users)` the broker also listens on a SASL_PLAINTEXT port that
 authenticates with SCRAM; its users are created when the storage is formatted (a data dir formatted
-before keeps its users). The PLAINTEXT listener stays, for the controller and the local tools.
+before keeps its users). With `tls=TlsListener(port, directory)` it also listens on an SSL port, with a
+self-signed certificate for 127.0.0.1 (clients: `kafka_ssl_ca_location` = its `ca_file`). The PLAINTEXT
+listener stays, for the controller and the local tools.
 
 CLI: python -m deploy.local.kafka {start,stop,status} [--data-dir D] [--port P] [--controller-port C]
-     [--sasl-port S --scram-user NAME:PASSWORD ...]
+     [--sasl-port S --scram-user NAME:PASSWORD ...] [--ssl-port T]
 """
 from __future__ import annotations
 
@@ -160,15 +162,54 @@ class ScramListener:
                 "org.apache.kafka.common.security.scram.ScramLoginModule required;\n")
 
 
+@dataclass(frozen=True)
+class TlsListener:
+    """An extra SSL listener on 127.0.0.1:port, with a self-signed certificate for 127.0.0.1 made by Java's
+    keytool (which comes with the JVM the broker needs) in `directory`; clients trust it through ca_file."""
+    port: int
+    directory: Path
+    password: str = field(default="imgpipe-local-only", repr=False)  # guards a keystore that never leaves this machine
+
+    @property
+    def keystore(self) -> Path:
+        return self.directory / "broker.p12"
+
+    @property
+    def ca_file(self) -> Path:
+        """The broker's certificate (PEM): what a client sets as kafka_ssl_ca_location."""
+        return self.directory / "broker-ca.pem"
+
+    def create(self) -> None:
+        """Make the keystore and the client's PEM once; a directory that has them keeps them."""
+        if self.keystore.exists() and self.ca_file.exists():
+            return
+        self.directory.mkdir(parents=True, exist_ok=True)
+        keytool = shutil.which("keytool") or "keytool"
+        store = ["-keystore", str(self.keystore), "-storetype", "PKCS12", "-storepass", self.password]
+        for args in (["-genkeypair", "-alias", "broker", "-keyalg", "RSA", "-keysize", "2048", "-validity", "3650",
+                      "-dname", "CN=127.0.0.1", "-ext", "SAN=IP:127.0.0.1", "-keypass", self.password],
+                     ["-exportcert", "-rfc", "-alias", "broker", "-file", str(self.ca_file)]):
+            result = subprocess.run([keytool, *args, *store], capture_output=True, text=True)
+            if result.returncode != 0:
+                raise RuntimeError(f"keytool {args[0]} failed:\n{result.stdout}{result.stderr}")
+
+    def properties(self) -> str:
+        return (f"listener.name.ssl.ssl.keystore.location={self.keystore}\n"
+                "listener.name.ssl.ssl.keystore.type=PKCS12\n"
+                f"listener.name.ssl.ssl.keystore.password={self.password}\n"
+                f"listener.name.ssl.ssl.key.password={self.password}\n")
+
+
 class KafkaBroker:
     def __init__(self, data_dir: Path, port: int = 9092, controller_port: int = 9093, partitions: int = 12,
                  scram: ScramListener | None = None, node_id: int = 1, quorum_voters: str | None = None,
-                 initial_cluster_id: str | None = None):
+                 initial_cluster_id: str | None = None, tls: TlsListener | None = None):
         self.data_dir = Path(data_dir).resolve()
         self.port = port
         self.controller_port = controller_port
         self.partitions = partitions
         self.scram = scram
+        self.tls = tls
         # As a node of a KafkaCluster: its id, the controller quorum ("1@127.0.0.1:9093,2@...") and the
         # cluster id its storage is formatted with (all nodes share one).
         self.node_id = node_id
@@ -235,10 +276,12 @@ class KafkaBroker:
                 return self
             raise RuntimeError(f"Kafka pid {self.pid()} from {self.data_dir} is running but not answering "
                                f"on {self.bootstrap_servers}:\n{tail(self.log_file)}")
-        for port in (self.port, self.controller_port, *([self.scram.port] if self.scram else [])):
+        for port in (self.port, self.controller_port, *(extra.port for extra in (self.scram, self.tls) if extra)):
             if port_open(port):
                 raise RuntimeError(f"cannot start Kafka from {self.data_dir}: 127.0.0.1:{port} is already in use")
         classpath = resolve_classpath()
+        if self.tls:
+            self.tls.create()
         self._write_config()
         java = [shutil.which("java") or "java", *JVM_OPTS,
                 f"-Dlog4j2.configurationFile={self.data_dir / 'log4j2.properties'}", "-cp", classpath]
@@ -283,17 +326,18 @@ class KafkaBroker:
 
     def _write_config(self) -> None:
         (self.data_dir / "log4j2.properties").write_text(_LOG4J2.format(log_file=self.log_file))
-        sasl = f",SASL_PLAINTEXT://127.0.0.1:{self.scram.port}" if self.scram else ""
+        extra = (f",SASL_PLAINTEXT://127.0.0.1:{self.scram.port}" if self.scram else "") + \
+            (f",SSL://127.0.0.1:{self.tls.port}" if self.tls else "")
         self.properties_file.write_text(f"""\
 process.roles=broker,controller
 node.id={self.node_id}
 controller.quorum.voters={self.quorum_voters}
-listeners=PLAINTEXT://127.0.0.1:{self.port},CONTROLLER://127.0.0.1:{self.controller_port}{sasl}
-advertised.listeners=PLAINTEXT://127.0.0.1:{self.port}{sasl}
+listeners=PLAINTEXT://127.0.0.1:{self.port},CONTROLLER://127.0.0.1:{self.controller_port}{extra}
+advertised.listeners=PLAINTEXT://127.0.0.1:{self.port}{extra}
 controller.listener.names=CONTROLLER
 inter.broker.listener.name=PLAINTEXT
-listener.security.protocol.map=PLAINTEXT:PLAINTEXT,CONTROLLER:PLAINTEXT,SASL_PLAINTEXT:SASL_PLAINTEXT
-{self.scram.properties() if self.scram else ""}log.dirs={self.log_dirs}
+listener.security.protocol.map=PLAINTEXT:PLAINTEXT,CONTROLLER:PLAINTEXT,SASL_PLAINTEXT:SASL_PLAINTEXT,SSL:SSL
+{self.scram.properties() if self.scram else ""}{self.tls.properties() if self.tls else ""}log.dirs={self.log_dirs}
 num.partitions={self.partitions}
 auto.create.topics.enable=false
 offsets.topic.replication.factor={self.internal_replicas}
@@ -417,15 +461,19 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--sasl-port", type=int, help="also listen for SASL_PLAINTEXT (SCRAM-SHA-256) here")
     parser.add_argument("--scram-user", action="append", default=[], metavar="NAME:PASSWORD",
                         help="a SCRAM user created when the storage is formatted (repeatable)")
+    parser.add_argument("--ssl-port", type=int,
+                        help="also listen for SSL here, with a self-signed certificate in <data dir>/tls")
     args = parser.parse_args(argv)
     scram = None
     if args.sasl_port:
         scram = ScramListener(args.sasl_port, dict(user.split(":", 1) for user in args.scram_user))
-    broker = KafkaBroker(args.data_dir, port=args.port, controller_port=args.controller_port, scram=scram)
+    tls = TlsListener(args.ssl_port, args.data_dir / "tls") if args.ssl_port else None
+    broker = KafkaBroker(args.data_dir, port=args.port, controller_port=args.controller_port, scram=scram, tls=tls)
     if args.command == "start":
         broker.start()
         sasl = f", SASL_PLAINTEXT (SCRAM) on 127.0.0.1:{scram.port}" if scram else ""
-        print(f"kafka running on {broker.bootstrap_servers}{sasl} (pid {broker.pid()}, data {broker.data_dir})")
+        ssl = f", SSL on 127.0.0.1:{tls.port} (certificate: {tls.ca_file})" if tls else ""
+        print(f"kafka running on {broker.bootstrap_servers}{sasl}{ssl} (pid {broker.pid()}, data {broker.data_dir})")
     elif args.command == "stop":
         broker.stop()
         print("kafka stopped")
