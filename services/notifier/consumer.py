@@ -26,7 +26,7 @@ from shared.settings import Settings
 
 log = logging.getLogger(__name__)
 
-BATCH_SIZE = 5000
+BATCH_SIZE = 10_000
 DELIVERY_INTERVAL_SECONDS = 1.0
 MAX_RETRY_DELAY_SECONDS = 30.0
 POLL_SECONDS = 0.5
