@@ -12,7 +12,7 @@ from confluent_kafka import Consumer, Message, Producer
 from psycopg_pool import ConnectionPool
 from pydantic import ValidationError
 
-from services.api import jobs
+from services.api import jobs, keys
 from services.api.csv_input import CsvRow, ParsedCsv
 from services.api.errors import ApiError
 from services.api.outbox import Outbox
@@ -122,9 +122,7 @@ class JobIntake:
         """The API key the job belongs to: the event's api_key_id, which must name an active key."""
         if job.api_key_id is None:
             return None
-        with self.pool.connection() as conn:
-            active = conn.execute("SELECT 1 FROM api_keys WHERE id = %s AND revoked_at IS NULL", (job.api_key_id,)).fetchone()
-        if active is None:
+        if not keys.is_active_key(self.pool, job.api_key_id):
             raise InvalidJob(f"api_key_id {job.api_key_id}: no such API key, or it is revoked")
         return job.api_key_id
 

@@ -61,13 +61,21 @@ def find_active_key(pool: ConnectionPool, presented: str) -> uuid.UUID | None:
     key_id = _key_id(presented)
     if key_id is None:
         return None
-    with pool.connection() as conn:
-        row = conn.execute(
-            "SELECT key_sha256 FROM api_keys WHERE id = %s AND revoked_at IS NULL", (key_id,)
-        ).fetchone()
-    if row is None:
+    stored = _active_key_sha256(pool, key_id)
+    if stored is None:
         return None
-    return key_id if hmac.compare_digest(bytes(row["key_sha256"]), key_sha256(presented)) else None
+    return key_id if hmac.compare_digest(stored, key_sha256(presented)) else None
+
+
+def is_active_key(pool: ConnectionPool, key_id: uuid.UUID) -> bool:
+    """Whether a key with this id is stored and not revoked (a key named by id, e.g. in a job.requested event)."""
+    return _active_key_sha256(pool, key_id) is not None
+
+
+def _active_key_sha256(pool: ConnectionPool, key_id: uuid.UUID) -> bytes | None:
+    with pool.connection() as conn:
+        row = conn.execute("SELECT key_sha256 FROM api_keys WHERE id = %s AND revoked_at IS NULL", (key_id,)).fetchone()
+    return None if row is None else bytes(row["key_sha256"])
 
 
 def main(argv: list[str] | None = None) -> int:
