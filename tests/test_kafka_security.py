@@ -61,10 +61,11 @@ def service_logs(log_dir: Path) -> dict[str, str]:
     return {path.stem: path.read_text(errors="replace") for path in log_dir.glob("*.log")}
 
 
-def test_a_job_goes_through_the_three_services_over_sasl_scram(start_stack, sasl, image_host, receivers, tmp_path):
-    stack = start_stack(processors=1, **sasl)
+def assert_a_job_completes(stack, image_host, receivers, name: str) -> None:
+    """A three-image job through the stack's services, then the notifier's committed offsets read by a
+    client of the tests' own with the same (secured) settings."""
     webhooks = receivers()
-    urls = [image_host.add(f"/s{n}.jpg", jpeg_bytes(320, 240, n)) for n in range(3)]
+    urls = [image_host.add(f"/{name}{n}.jpg", jpeg_bytes(320, 240, n)) for n in range(3)]
 
     request_id = upload(stack.api, url_csv(urls), webhooks.url)
 
@@ -73,7 +74,22 @@ def test_a_job_goes_through_the_three_services_over_sasl_scram(start_stack, sasl
     status = wait_for_status(stack.api, request_id, lambda s: s["status"] == "completed")
     assert status["counts"]["processed"] == 3
     settings = stack.settings
-    wait_until_consumed(settings, settings.notifier_group, [settings.topic_processed])  # a secured client of the tests' own
+    wait_until_consumed(settings, settings.notifier_group, [settings.topic_processed])
+
+
+def exits_at_start(settings, log_dir: Path) -> dict[str, int]:
+    """Start the three services (one processor) with these settings; each one's exit status."""
+    services = ServiceGroup(service_env(settings), log_dir, processors=1)
+    services.start()
+    try:
+        return {name: services.wait_exit(name, START_EXIT_TIMEOUT) for name in services.names}
+    finally:
+        services.stop()
+
+
+def test_a_job_goes_through_the_three_services_over_sasl_scram(start_stack, sasl, image_host, receivers, tmp_path):
+    stack = start_stack(processors=1, **sasl)
+    assert_a_job_completes(stack, image_host, receivers, "s")
     stack.services.stop()
     logs = service_logs(tmp_path / "logs")
     assert set(logs) == {"api", "notifier", "processor-1"}
@@ -82,15 +98,7 @@ def test_a_job_goes_through_the_three_services_over_sasl_scram(start_stack, sasl
 
 def test_a_job_goes_through_the_three_services_over_tls(start_stack, tls, image_host, receivers):
     stack = start_stack(processors=1, **tls)
-    webhooks = receivers()
-    urls = [image_host.add(f"/t{n}.jpg", jpeg_bytes(320, 240, n)) for n in range(3)]
-
-    request_id = upload(stack.api, url_csv(urls), webhooks.url)
-
-    [post] = webhooks.wait_for(1)
-    assert post.json()["request_id"] == request_id and post.json()["processed_images"] == 3
-    settings = stack.settings
-    wait_until_consumed(settings, settings.notifier_group, [settings.topic_processed])  # a TLS client of the tests' own
+    assert_a_job_completes(stack, image_host, receivers, "t")
 
 
 def test_a_broker_certificate_nobody_vouched_for_stops_every_service_at_start(make_settings, tls, own_database, tmp_path):
@@ -98,12 +106,8 @@ def test_a_broker_certificate_nobody_vouched_for_stops_every_service_at_start(ma
     stranger = TlsListener(0, tmp_path / "another-ca")  # a certificate that did not sign the broker's
     stranger.create()
     untrusting = settings.model_copy(update={"kafka_ssl_ca_location": stranger.ca_file})
-    services = ServiceGroup(service_env(untrusting), tmp_path / "logs", processors=1)
-    services.start()
-    try:
-        exits = {name: services.wait_exit(name, START_EXIT_TIMEOUT) for name in services.names}
-    finally:
-        services.stop()
+
+    exits = exits_at_start(untrusting, tmp_path / "logs")
 
     assert exits == {"api": 1, "notifier": 1, "processor-1": 1}
     expected = f"cannot start: Kafka at {tls['kafka_bootstrap_servers']}: TLS failed (check kafka_ssl_ca_location)"
@@ -115,12 +119,8 @@ def test_a_broker_certificate_nobody_vouched_for_stops_every_service_at_start(ma
 def test_a_wrong_password_stops_every_service_at_start_with_one_clear_line(make_settings, sasl, own_database, tmp_path):
     settings = make_settings(**sasl, database_url=own_database, api_port=free_port())  # creates the topics
     wrong = settings.model_copy(update={"kafka_sasl_password": SecretStr(f"not-{PASSWORD}")})
-    services = ServiceGroup(service_env(wrong), tmp_path / "logs", processors=1)
-    services.start()
-    try:
-        exits = {name: services.wait_exit(name, START_EXIT_TIMEOUT) for name in services.names}
-    finally:
-        services.stop()
+
+    exits = exits_at_start(wrong, tmp_path / "logs")
 
     assert exits == {"api": 1, "notifier": 1, "processor-1": 1}
     expected = (f"cannot start: Kafka at {sasl['kafka_bootstrap_servers']} refused the SASL authentication "
