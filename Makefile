@@ -33,9 +33,9 @@ bench: install
 schemas: install
 	$(PY) -m shared.schemas
 
-# Create an API key on the database of `make run` (printed once): make api-key NAME=shop
+# Create an API key on the database of `make run` (printed once): make api-key NAME=shop [WEIGHT=3]
 api-key: install
-	$(PY) -m services.api.keys create "$(NAME)"
+	$(PY) -m services.api.keys create "$(NAME)" --weight "$(or $(WEIGHT),1)"
 
 # Everything `make run` keeps: the PostgreSQL cluster (as root it lives in /var/tmp/imgpipe-postgres,
 # outside .local), Kafka's log, stored images and logs, and make bench's own cluster. The installs (.venv,

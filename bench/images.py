@@ -53,6 +53,12 @@ class ImageSet:
     def read(self, image: ImageFile) -> bytes:
         return (self.directory / image.name).read_bytes()
 
+    def small(self) -> list[ImageFile]:
+        """The JPEGs of at most half a megapixel (the smallest one if there is none): the images of the
+        fair-share scenarios, whose jobs are large."""
+        jpegs = sorted((i for i in self.mixed if i.format == "JPEG"), key=lambda i: i.megapixels)
+        return [i for i in jpegs if i.megapixels <= 0.5] or jpegs[:1]
+
     def typical(self) -> ImageFile:
         """The JPEG closest to one megapixel: the image of the one-image jobs."""
         return min((i for i in self.mixed if i.format == "JPEG"), key=lambda i: abs(i.megapixels - 1.0))

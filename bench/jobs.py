@@ -17,6 +17,7 @@ class Job:
     request_id: str = ""
     finished_at: float | None = None  # when its webhook arrived
     webhook: dict | None = None
+    api_key: str | None = None  # the key it was uploaded with, if not the Jobs' own
 
     @property
     def seconds(self) -> float | None:
@@ -38,16 +39,19 @@ class Job:
 
 
 class Jobs:
-    def __init__(self, api_url: str, webhooks: WebhookReceiver):
-        self.api = httpx.Client(base_url=api_url, timeout=120)
+    def __init__(self, api_url: str, webhooks: WebhookReceiver, api_key: str | None = None):
+        """api_key: sent with every request unless an upload names another (an API that requires keys)."""
+        headers = {"Authorization": f"Bearer {api_key}"} if api_key else {}
+        self.api = httpx.Client(base_url=api_url, timeout=120, headers=headers)
         self.webhooks = webhooks
         self.uploaded: list[Job] = []
 
-    def upload(self, urls: list[str]) -> Job:
-        job = Job(images=len(urls), hook_key=uuid.uuid4().hex, uploaded_at=time.monotonic())
+    def upload(self, urls: list[str], api_key: str | None = None) -> Job:
+        job = Job(images=len(urls), hook_key=uuid.uuid4().hex, uploaded_at=time.monotonic(), api_key=api_key)
         csv_text = "url\n" + "\n".join(urls) + "\n"
+        headers = {"Authorization": f"Bearer {api_key}"} if api_key else {}
         response = self.api.post("/upload", files={"file": ("bench.csv", csv_text, "text/csv")},
-                                 data={"webhook_url": self.webhooks.url(job.hook_key)})
+                                 data={"webhook_url": self.webhooks.url(job.hook_key)}, headers=headers)
         if response.status_code != 202:
             raise RuntimeError(f"upload of {len(urls)} URLs answered {response.status_code}: {response.text[:500]}")
         job.request_id = response.json()["request_id"]
@@ -68,7 +72,8 @@ class Jobs:
 
     def counts(self, job: Job) -> dict:
         """The job's counts now (total, processed, failed, pending)."""
-        return self.api.get(f"/status/{job.request_id}", params={"limit": 1}).json()["counts"]
+        headers = {"Authorization": f"Bearer {job.api_key}"} if job.api_key else {}
+        return self.api.get(f"/status/{job.request_id}", params={"limit": 1}, headers=headers).json()["counts"]
 
     def close(self) -> None:
         self.api.close()

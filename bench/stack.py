@@ -10,7 +10,7 @@ import shutil
 import time
 import uuid
 from contextlib import contextmanager
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Iterator
 from urllib.parse import urlparse
@@ -28,6 +28,7 @@ from deploy.local.postgres import database_url as database_url_of
 from deploy.local.probe import free_port
 from deploy.local.services import ServiceGroup
 from deploy.local.stack import wait_for_api
+from services.api import keys
 from shared.db import migrate
 from shared.kafka import client_config
 from shared.settings import Settings
@@ -41,8 +42,26 @@ SERVICE_STOP_SECONDS = 3  # a processor stuck on a host that never answers is ki
 @dataclass
 class Infrastructure:
     kafka_bootstrap_servers: str
-    database_url: str  # the run's own database
+    server_url: str  # the PostgreSQL server's maintenance database
     started_here: bool
+    databases: list[str] = field(default_factory=list)  # made here, dropped at the end
+
+    def new_database(self) -> str:
+        """A migrated database of its own: each Services gets one, so that jobs one scenario leaves
+        unfinished are never released by the next one's dispatcher."""
+        name = f"imgpipe_bench_{uuid.uuid4().hex[:12]}"
+        with psycopg.connect(self.server_url, autocommit=True) as conn:
+            conn.execute(sql.SQL("CREATE DATABASE {}").format(sql.Identifier(name)))
+        self.databases.append(name)
+        url = database_url_of(self.server_url, name)
+        migrate(url)
+        return url
+
+    def drop_databases(self) -> None:
+        with psycopg.connect(self.server_url, autocommit=True) as conn:
+            for name in self.databases:
+                conn.execute(sql.SQL("DROP DATABASE IF EXISTS {} WITH (FORCE)").format(sql.Identifier(name)))
+        self.databases.clear()
 
     def _port_owner(self, address: str) -> int | None:
         host, _, port = address.rpartition(":")
@@ -52,17 +71,18 @@ class Infrastructure:
         return self._port_owner(self.kafka_bootstrap_servers.split(",")[0])
 
     def postgres_pid(self) -> int | None:
-        url = urlparse(self.database_url)
+        url = urlparse(self.server_url)
         return self._port_owner(f"{url.hostname}:{url.port or 5432}")
 
     def postgres_version(self) -> str:
-        with psycopg.connect(self.database_url) as conn:
+        with psycopg.connect(self.server_url) as conn:
             return conn.execute("SHOW server_version").fetchone()[0]
 
 
 @contextmanager
 def infrastructure(work_dir: Path, kafka_bootstrap_servers: str | None, database_url: str | None
                    ) -> Iterator[Infrastructure]:
+    """database_url: a running server to use (a database of its own is made there for each Services)."""
     kafka = postgres = None
     try:
         if not kafka_bootstrap_servers:
@@ -79,16 +99,11 @@ def infrastructure(work_dir: Path, kafka_bootstrap_servers: str | None, database
             print("starting PostgreSQL", flush=True)
             postgres.start()
             database_url = postgres.url("postgres")
-        name = f"imgpipe_bench_{uuid.uuid4().hex[:12]}"
-        with psycopg.connect(database_url, autocommit=True) as conn:
-            conn.execute(sql.SQL("CREATE DATABASE {}").format(sql.Identifier(name)))
+        infra = Infrastructure(kafka_bootstrap_servers, database_url, started_here=kafka is not None)
         try:
-            own_database = database_url_of(database_url, name)
-            migrate(own_database)
-            yield Infrastructure(kafka_bootstrap_servers, own_database, started_here=kafka is not None)
+            yield infra
         finally:
-            with psycopg.connect(database_url, autocommit=True) as conn:
-                conn.execute(sql.SQL("DROP DATABASE IF EXISTS {} WITH (FORCE)").format(sql.Identifier(name)))
+            infra.drop_databases()
     finally:
         if kafka:
             kafka.stop()
@@ -107,10 +122,13 @@ class Processors(ServiceGroup):
 class Services:
     """An api and a notifier (a ServiceGroup without processors) and the processors (a Processors)."""
 
-    def __init__(self, infra: Infrastructure, name: str, work_dir: Path):
+    def __init__(self, infra: Infrastructure, name: str, work_dir: Path, api_settings: dict[str, str] | None = None):
+        """api_settings: IMGPIPE_ variables for the api (and the notifier) alone."""
         suffix = f"{name}.{uuid.uuid4().hex[:6]}"
         port = free_port()
         self.infra = infra
+        self.database_url = infra.new_database()
+        self.api_settings = api_settings or {}
         self.api_url = f"http://{LOOPBACK}:{port}"
         self.log_dir = work_dir / "logs" / name
         self.storage_dir = work_dir / "images" / name
@@ -123,8 +141,8 @@ class Services:
             # both spellings: whichever one a version of shared/settings.py prefers, it is this value
             "KAFKA_BOOTSTRAP_SERVERS": infra.kafka_bootstrap_servers,
             "IMGPIPE_KAFKA_BOOTSTRAP_SERVERS": infra.kafka_bootstrap_servers,
-            "DATABASE_URL": infra.database_url,
-            "IMGPIPE_DATABASE_URL": infra.database_url,
+            "DATABASE_URL": self.database_url,
+            "IMGPIPE_DATABASE_URL": self.database_url,
             "IMGPIPE_TOPIC_REQUESTED": f"bench.{suffix}.requested",
             "IMGPIPE_TOPIC_REQUESTED_BULK": f"bench.{suffix}.requested-bulk",
             "IMGPIPE_TOPIC_PROCESSED": f"bench.{suffix}.processed",
@@ -141,7 +159,7 @@ class Services:
             "IMGPIPE_TOPIC_JOB_DEAD_LETTER": f"bench.{suffix}.job-requested-dlq",
             "IMGPIPE_INTAKE_GROUP": f"bench-intake-{suffix}",
         }
-        self.core = ServiceGroup(self.env, self.log_dir, processors=0)
+        self.core = ServiceGroup({**self.env, **self.api_settings}, self.log_dir, processors=0)
         self.processors: Processors | None = None
         kafka = client_config(Settings(kafka_bootstrap_servers=infra.kafka_bootstrap_servers))  # security from the environment
         self.kafka_admin = AdminClient({**kafka, "log_level": 3})
@@ -157,6 +175,13 @@ class Services:
         self.processor_settings = processor_settings
         self.processors = Processors({**self.env, **processor_settings}, self.log_dir, count)
         self.processors.start()
+
+    def api_key(self, name: str, weight: float = 1) -> str | None:
+        """A new API key of these services' database, if their api requires keys; else None."""
+        if self.api_settings.get("IMGPIPE_API_KEYS_REQUIRED", "").lower() not in ("1", "true", "yes"):
+            return None
+        with psycopg.connect(self.database_url, autocommit=True) as conn:
+            return keys.create_key(conn, f"{name}-{uuid.uuid4().hex[:6]}", weight)[1]
 
     def wait_for_processors(self, timeout: float = 30) -> bool:
         """True once the processor group is stable with every processor holding partitions."""

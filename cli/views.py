@@ -96,6 +96,18 @@ def job_report(job: JobProgress) -> Group:
     return Group(summary(job), *([failure_table(job)] if job.failures else []))
 
 
+def release_text(dispatch: dict) -> str:
+    """The job's place in the release of images: what is out, what waits, its share and estimates."""
+    text = f"{dispatch['released']} released, {dispatch['waiting']} waiting"
+    if dispatch["share"] is not None:
+        text += f"; share of the processors {dispatch['share']:.0%}"
+    if dispatch["started_at"] is None and dispatch["starts_within_seconds"] is not None:
+        text += f"; starts within {dispatch['starts_within_seconds']:.0f} s"
+    if dispatch["expected_finish_seconds"] is not None:
+        text += f"; about {dispatch['expected_finish_seconds']:.0f} s to go at that share"
+    return text
+
+
 def status_view(job: JobProgress) -> Group:
     """`imgpipe status`: the job's state, counts, bytes, times, webhook and failures."""
     fields = Table.grid(padding=(0, 2))
@@ -110,6 +122,9 @@ def status_view(job: JobProgress) -> Group:
     counts = job.first_page["counts"]
     add("images", f"{counts['total']} total: {counts['processed']} processed, "
                   f"{counts['failed']} failed, {counts['pending']} pending")
+    dispatch = job.first_page.get("dispatch")
+    if dispatch:
+        add("release", release_text(dispatch))
     if job.bytes_in:
         add("bytes", f"{size(job.bytes_in)} in, {size(job.bytes_out)} out, saved {saved_text(job)}")
     if not job.completed:

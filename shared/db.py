@@ -11,6 +11,13 @@ from yoyo import get_backend, read_migrations
 from shared.runtime import StartupError
 
 MIGRATIONS_DIR = Path(__file__).resolve().parent.parent / "schemas" / "migrations"
+# NOTIFY on this channel wakes the dispatcher (services/api/dispatcher.py): a job was stored, or results freed places.
+RELEASE_CHANNEL = "imgpipe_release"
+
+
+def signal_release(conn: psycopg.Connection) -> None:
+    """Wake the dispatcher when the caller's transaction commits (at once without one)."""
+    conn.execute(f"NOTIFY {RELEASE_CHANNEL}")
 
 
 def make_pool(database_url: str, max_size: int = 4, timeout: float = 30.0) -> ConnectionPool:

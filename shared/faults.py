@@ -3,8 +3,8 @@
 Off unless the crash_at setting (IMGPIPE_CRASH_AT) names a point: "<point>" crashes the first time the
 point is reached, "<point>:<n>" the n-th time. Points: processor.after_process (an image is processed,
 its result not yet acknowledged by Kafka), notifier.after_completing_commit (a batch that completed a
-job is committed to PostgreSQL, its offsets not yet stored), api.after_job_commit (a job is committed,
-its events not yet produced)."""
+job is committed to PostgreSQL, its offsets not yet stored), dispatcher.after_produce (a round's events
+are acknowledged by Kafka, the jobs' release cursors not yet moved)."""
 import collections
 import logging
 import os

@@ -25,11 +25,11 @@ class Settings(BaseSettings):
     database_url: str = Field(
         "postgresql://postgres@127.0.0.1:55432/imgpipe", validation_alias=_env("DATABASE_URL")
     )
+    # The priority lane: images of jobs catching up to their fair share (services/api/fair_share.py), and
+    # whatever other services produce. The processors take it first.
     topic_requested: str = "image.requested"
-    # The bulk lane: images of jobs with at least bulk_job_min_images images. Processors take the
-    # normal lane first, so a small job never waits behind a large job's backlog.
+    # The bulk lane: the other images the dispatcher releases.
     topic_requested_bulk: str = "image.requested.bulk"
-    bulk_job_min_images: int = Field(100, ge=1)
     topic_processed: str = "image.processed"
     topic_dead_letter: str = "image.requested.dlq"
     topic_processed_dead_letter: str = "image.processed.dlq"  # results the notifier cannot read
@@ -70,14 +70,14 @@ class Settings(BaseSettings):
     max_csv_bytes: int = Field(256 * 1024 * 1024, ge=1)
     max_images_per_job: int = Field(1_000_000, ge=1)
     status_page_size: int = Field(100, ge=1)
-    # Jobs stored by an API that died before Kafka acknowledged their events are published again.
-    republish_interval_seconds: float = Field(30.0, gt=0)
-    republish_after_seconds: float = Field(60.0, gt=0)
-    # PostgreSQL is the outbox: an upload waits this long for Kafka's acknowledgements, then answers 202
-    # with events "queued" and the API's relay publishes them once Kafka accepts them.
-    upload_publish_wait_seconds: float = Field(0.5, ge=0)
-    # How long the API's producer tries to deliver a job's events before that attempt fails and the
-    # relay starts another (librdkafka's message.timeout.ms).
+    # The dispatcher (services/api/dispatcher.py) keeps released-and-not-finished images at what the
+    # processors finish in dispatch_window_seconds (measured), within these bounds: a shorter window lets a
+    # new job reach the processors sooner, a longer one absorbs the pauses between its release rounds.
+    dispatch_window_seconds: float = Field(2.0, gt=0)
+    dispatch_window_min_images: int = Field(64, ge=1)
+    dispatch_window_max_images: int = Field(20_000, ge=1)
+    # How long the dispatcher's producer tries to deliver a round's events before that round fails and is
+    # released again (librdkafka's message.timeout.ms).
     publish_attempt_seconds: float = Field(30.0, gt=0)
     # When set, every endpoint but /healthz needs "Authorization: Bearer <key>" (python -m services.api.keys).
     api_keys_required: bool = False
@@ -160,10 +160,6 @@ class Settings(BaseSettings):
     # Fault injection for the crash tests: "<point>" or "<point>:<n>" makes the service SIGKILL itself the
     # n-th time it reaches that point (shared/faults.py). Unset in production.
     crash_at: str | None = None
-
-    def request_topic(self, job_images: int) -> str:
-        """The lane of a job's image.requested events: the bulk lane for large jobs."""
-        return self.topic_requested_bulk if job_images >= self.bulk_job_min_images else self.topic_requested
 
 
 @lru_cache

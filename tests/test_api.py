@@ -1,19 +1,14 @@
 """The API in-process (TestClient runs the real app and its lifespan) on real PostgreSQL and Kafka."""
 import json
-import time
 import uuid
 
 import jsonschema
 import pytest
 from fastapi.testclient import TestClient
 
-from services.api import jobs
 from services.api.app import create_app
-from services.api.csv_input import parse_csv
-from services.api.outbox import Outbox
 from shared.schemas import schema_path
-from shared.settings import Settings
-from tests.support.kafka import read_to_end
+from tests.support.kafka import requested_events
 from tests.support.settings import make_test_settings, own_names
 
 MAX_CSV_BYTES = 10_000
@@ -31,8 +26,6 @@ def settings(infra, module_database, tmp_path_factory):
         max_csv_bytes=MAX_CSV_BYTES,
         max_images_per_job=MAX_IMAGES,
         status_page_size=2,
-        bulk_job_min_images=5,
-        upload_publish_wait_seconds=30,  # Kafka is up: every upload here is answered "published"
         allowed_private_hosts=["127.0.0.1"],  # the tests' webhook URLs; other private hosts are refused
     )
 
@@ -41,17 +34,6 @@ def settings(infra, module_database, tmp_path_factory):
 def client(settings):
     with TestClient(create_app(settings)) as test_client:
         yield test_client
-
-
-def requested_events(settings: Settings, request_id: str, topic: str | None = None) -> list[dict]:
-    """The image.requested events of one job: the whole topic as acknowledged so far, filtered."""
-    found = []
-    for message in read_to_end(settings.kafka_bootstrap_servers, topic or settings.topic_requested):
-        event = json.loads(message.value())
-        if event["request_id"] == request_id:
-            assert message.key().decode() == event["image_id"]
-            found.append(event)
-    return found
 
 
 def job_rows_with_token(db, token: str) -> int:
@@ -77,7 +59,7 @@ def assert_error(response, status_code: int, code: str) -> dict:
     return error
 
 
-def test_upload_stores_the_job_and_produces_one_event_per_image(client, settings, db):
+def test_upload_stores_the_job_and_the_dispatcher_releases_one_event_per_image(client, settings, db):
     token = uuid.uuid4().hex
     body = (
         "S. No.,Product Name,Input Image Urls\n"
@@ -93,7 +75,7 @@ def test_upload_stores_the_job_and_produces_one_event_per_image(client, settings
     assert reply == {
         "request_id": request_id,
         "total_images": 4,
-        "events": "published",
+        "events": "queued",
         "status_url": f"/status/{request_id}",
         "output_csv_url": f"/output_csv/{request_id}",
     }
@@ -104,7 +86,6 @@ def test_upload_stores_the_job_and_produces_one_event_per_image(client, settings
     assert job["url_column"] == 2
     assert job["total_images"] == 4
     assert job["webhook_url"] == f"http://127.0.0.1:9/hook/{token}"
-    assert job["published_at"] is not None
     rows = db.execute(
         "SELECT row_number, cells FROM csv_rows WHERE job_id = %s ORDER BY row_number", (request_id,)
     ).fetchall()
@@ -126,8 +107,13 @@ def test_upload_stores_the_job_and_produces_one_event_per_image(client, settings
         (3, 1, f"{base}/a.jpg", "pending"),
     ]
 
-    events = requested_events(settings, request_id)
+    messages = requested_events(settings, request_id, 4)
+    assert [message.key().decode() for message in messages] == [json.loads(m.value())["image_id"] for m in messages]
+    events = [json.loads(message.value()) for message in messages]
     assert len(events) == 4
+    job = db.execute("SELECT * FROM processing_jobs WHERE job_id = %s", (request_id,)).fetchone()
+    assert (job["released_images"], job["release_row"], job["release_position"]) == (4, 3, 1)
+    assert job["published_at"] is not None
     validator = jsonschema.Draft202012Validator(
         json.loads(schema_path("image.requested").read_text()),
         format_checker=jsonschema.Draft202012Validator.FORMAT_CHECKER,
@@ -139,11 +125,12 @@ def test_upload_stores_the_job_and_produces_one_event_per_image(client, settings
     )
 
 
-def test_status_of_a_fresh_job_pages_its_images(client):
+def test_status_of_a_fresh_job_pages_its_images(client, settings):
     token = uuid.uuid4().hex
     urls = [f"https://127.0.0.1:9/{token}/{n}.jpg" for n in range(3)]
     request_id = post_csv(client, ("url\n" + "\n".join(urls) + "\n").encode()).json()["request_id"]
 
+    requested_events(settings, request_id, 3)
     first = client.get(f"/status/{request_id}")  # status_page_size is 2 in these settings
     assert first.status_code == 200
     report = first.json()
@@ -151,6 +138,9 @@ def test_status_of_a_fresh_job_pages_its_images(client):
     assert report["status"] == "pending"
     assert report["events"] == "published"
     assert report["counts"] == {"total": 3, "processed": 0, "failed": 0, "pending": 3}
+    dispatch = report["dispatch"]
+    assert (dispatch["released"], dispatch["waiting"]) == (3, 0) and dispatch["started_at"] is not None
+    assert 0 < dispatch["share"] <= 1  # the module's other jobs, never processed here, share with it
     assert report["webhook"] is None
     assert report["created_at"] and report["updated_at"] and report["completed_at"] is None
     assert report["page"] == {"offset": 0, "limit": 2, "next_offset": 2}
@@ -323,49 +313,3 @@ def test_empty_webhook_url_means_none(client, db):
     assert db.execute("SELECT webhook_url FROM processing_jobs WHERE job_id = %s", (request_id,)).fetchone() == {
         "webhook_url": None
     }
-
-
-def test_the_relay_publishes_due_jobs_and_leaves_leased_ones_alone(client, settings, db):
-    """A job whose lease has ended (its API died between the commit and Kafka's acknowledgement) is
-    published by the relay; a job whose upload is still producing (leased) is not touched."""
-    pool = client.app.state.pool
-    token = uuid.uuid4().hex
-    stale_id, _ = jobs.insert_job(pool, parse_csv(url_csv(token, 3), 10), None, publish_lease_seconds=1)
-    stale_images = db.execute("SELECT id, row_number, input_url FROM images WHERE job_id = %s", (stale_id,)).fetchall()
-    db.execute("UPDATE processing_jobs SET publish_due_at = now() - interval '1 second' WHERE job_id = %s", (stale_id,))
-    leased_id, _ = jobs.insert_job(pool, parse_csv(url_csv(token, 2), 10), None, publish_lease_seconds=3600)
-    relay = Outbox(pool, client.app.state.outbox.producer, settings)  # the app's own relay scans every 30 s only
-    try:
-        assert relay.publish_due() == 1
-        deadline = time.monotonic() + 30
-        while not published_at(db, stale_id):
-            assert time.monotonic() < deadline, "the stale job was never marked published"
-            client.app.state.outbox.producer.poll(0.1)
-            relay.settle_finished()
-
-        events = requested_events(settings, str(stale_id))
-        assert sorted((e["image_id"], e["row_number"], e["input_url"]) for e in events) == sorted(
-            (str(i["id"]), i["row_number"], i["input_url"]) for i in stale_images
-        )
-        assert db.execute("SELECT publish_attempts FROM processing_jobs WHERE job_id = %s", (stale_id,)).fetchone() == {
-            "publish_attempts": 2  # the upload's, then the relay's
-        }
-        assert published_at(db, leased_id) is None
-        assert requested_events(settings, str(leased_id)) == []
-    finally:
-        db.execute("DELETE FROM processing_jobs WHERE job_id = %s", (leased_id,))
-
-
-def published_at(db, job_id):
-    return db.execute("SELECT published_at FROM processing_jobs WHERE job_id = %s", (job_id,)).fetchone()["published_at"]
-
-
-def test_large_jobs_go_to_the_bulk_lane(client, settings):
-    """Jobs of at least bulk_job_min_images images (5 here) are produced to the bulk topic, so that
-    processors can take small jobs first."""
-    small = post_csv(client, url_csv(uuid.uuid4().hex, 4)).json()["request_id"]
-    large = post_csv(client, url_csv(uuid.uuid4().hex, 5)).json()["request_id"]
-    assert len(requested_events(settings, small)) == 4
-    assert requested_events(settings, small, settings.topic_requested_bulk) == []
-    assert len(requested_events(settings, large, settings.topic_requested_bulk)) == 5
-    assert requested_events(settings, large) == []

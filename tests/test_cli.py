@@ -14,7 +14,7 @@ import pytest
 
 from deploy.local.probe import free_port
 from tests.support.images import jpeg_bytes
-from tests.support.stack import JOB_TIMEOUT, url_csv
+from tests.support.stack import JOB_TIMEOUT, url_csv, wait_for_status
 
 IMGPIPE = Path(sys.executable).parent / "imgpipe"  # the console script `make install` puts beside the venv's python
 # Variables that would change what the command does or how rich draws; the tests set what they need.
@@ -83,6 +83,7 @@ def test_submit_wait_follows_a_job_to_its_failures_then_status_and_output_read_i
     assert_plain_text(status.stdout)
     assert re.search(r"status\s+completed \(events published\)", status.stdout)
     assert "5 total: 3 processed, 2 failed, 0 pending" in status.stdout
+    assert re.search(r"release\s+5 released, 0 waiting\n", status.stdout)  # no share: it has nothing left to do
     saved = sum(i["bytes_in"] - i["bytes_out"] for i in job["images"] if i["status"] == "processed")
     assert re.search(r"bytes\s+.* in, .* out, saved", status.stdout) and saved > 0
     assert f"to {webhooks.url}" in status.stdout
@@ -108,6 +109,13 @@ def test_error_answers_and_a_job_not_found_give_one_line_and_a_non_zero_exit(sta
     in_progress = stack.api.post(
         "/upload", files={"file": ("job.csv", url_csv(["https://example.com/a.jpg"]), "text/csv")}
     ).json()["request_id"]
+    other = stack.api.post(
+        "/upload", files={"file": ("job.csv", url_csv(["https://example.com/b.jpg"] * 2), "text/csv")}
+    ).json()["request_id"]
+    wait_for_status(stack.api, other, lambda status: status["events"] == "published")
+    wait_for_status(stack.api, in_progress, lambda status: status["events"] == "published")
+    status = imgpipe("status", in_progress, "--api", api_url)
+    assert re.search(r"release\s+1 released, 0 waiting; share of the processors 50%", status.stdout), status.stdout
     unknown = str(uuid.uuid4())
 
     assert_one_error_line(imgpipe("status", unknown, "--api", api_url), "job_not_found (404)", unknown)

@@ -17,7 +17,7 @@ from services.api.intake import InvalidJob, read_job
 from shared.events import ImageRequested, JobOptions, JobRequested
 from shared.kafka import make_producer, produce_and_wait
 from tests.support.images import jpeg_bytes, png_bytes
-from tests.support.kafka import read_to_end
+from tests.support.kafka import requested_events
 from tests.support.settings import make_test_settings, own_names
 from tests.support.stack import all_images, url_csv, wait_for_status
 
@@ -32,7 +32,6 @@ def settings(infra, module_database, tmp_path_factory):
         **own_names("options"),
         topic_partitions=2,
         storage_dir=tmp_path_factory.mktemp("images"),
-        upload_publish_wait_seconds=30,  # Kafka is up: every upload here is answered "published"
     )
 
 
@@ -47,9 +46,8 @@ def post(client, token: str, **fields):
     return client.post("/upload", files={"file": ("job.csv", csv_text, "text/csv")}, data=fields)
 
 
-def requested_options(settings, request_id: str) -> list[dict | None]:
-    events = [json.loads(m.value()) for m in read_to_end(settings.kafka_bootstrap_servers, settings.topic_requested)]
-    return [event.get("options") for event in events if event["request_id"] == request_id]
+def requested_options(settings, request_id: str, images: int = 2) -> list[dict | None]:
+    return [json.loads(m.value()).get("options") for m in requested_events(settings, request_id, images)]
 
 
 def test_options_are_stored_shown_and_sent_with_every_image(client, settings):
@@ -109,12 +107,12 @@ def test_a_job_over_kafka_stores_its_options(client, settings):
                      [(str(job.request_id), job.model_dump_json().encode())])
     expected = {"quality": 70, "max_width": None, "max_height": 300, "format": "jpeg"}
     deadline = time.monotonic() + 60
-    # Taken once stored; its events are produced after that, by the outbox: wait for "published".
+    # Taken once stored; its images are released after that, by the dispatcher: wait for "published".
     while (status := client.get(f"/status/{job.request_id}")).status_code == 404 or status.json()["events"] != "published":
         assert time.monotonic() < deadline, f"the job event was never taken and published: {status.text}"
         time.sleep(0.1)
     assert status.json()["options"] == expected
-    assert requested_options(settings, str(job.request_id)) == [expected]
+    assert requested_options(settings, str(job.request_id), 1) == [expected]
 
 
 def test_an_image_event_without_options_is_still_read():
@@ -148,7 +146,6 @@ def test_a_job_with_options_is_processed_to_them_through_the_stack(running_stack
 
 
 def test_images_requested_again_by_the_reconciler_keep_the_jobs_options(start_stack, jobs, image_host, receivers):
-    start_stack(reconcile_interval_seconds=0.3)
     receiver = receivers()
     job_id, images = jobs.create(2, receiver.url)
     with jobs.pool.connection() as conn:
@@ -156,9 +153,9 @@ def test_images_requested_again_by_the_reconciler_keep_the_jobs_options(start_st
             url = image_host.add(f"/again{number}.jpg", jpeg_bytes(200, 100, seed=number))
             conn.execute("UPDATE images SET input_url = %s WHERE id = %s", [url, image["id"]])
         options = JobOptions(max_width=50, format="webp").model_dump_json()
-        # As if Kafka had acknowledged the job's events and then lost them.
-        conn.execute("UPDATE processing_jobs SET options = %s, published_at = now() WHERE job_id = %s",
-                     [options, job_id])
+        conn.execute("UPDATE processing_jobs SET options = %s WHERE job_id = %s", [options, job_id])
+    jobs.release_without_events(job_id)
+    start_stack(reconcile_interval_seconds=0.3)
 
     [webhook] = receiver.wait_for(1, timeout=120)
 

@@ -1,5 +1,6 @@
 """Large CSVs through the real API (in-process, TestClient) on real PostgreSQL and Kafka: read as a stream,
-stored whole and in order with COPY, every event produced, and a bad row late in the file stores nothing."""
+stored whole and in order with COPY, every event released in rounds, and a bad row late in the file
+stores nothing."""
 import csv
 import io
 import json
@@ -17,7 +18,10 @@ ROWS = 20_000
 
 @pytest.fixture
 def settings(make_settings, own_database):
-    return make_settings(database_url=own_database, max_images_per_job=2 * ROWS, upload_publish_wait_seconds=0)
+    # A window larger than the job, so that the dispatcher releases all of it (in rounds of at most 20,000)
+    # although nothing processes it here.
+    return make_settings(database_url=own_database, max_images_per_job=2 * ROWS,
+                         dispatch_window_min_images=2 * ROWS, dispatch_window_max_images=2 * ROWS)
 
 
 @pytest.fixture
@@ -64,7 +68,6 @@ def test_a_large_upload_is_stored_whole_and_in_order_and_every_event_reaches_kaf
                         " ORDER BY row_number, position", (job_id,)).fetchall()
     assert [(i["row_number"], i["position"], i["input_url"]) for i in images] == expected_images
 
-    # upload_publish_wait_seconds=0: the upload did not wait for its events; they are produced all the same
     deadline = time.monotonic() + 60
     while db.execute("SELECT published_at FROM processing_jobs WHERE job_id = %s", (job_id,)).fetchone()["published_at"] is None:
         assert time.monotonic() < deadline, "the job's events were never all acknowledged"

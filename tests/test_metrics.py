@@ -39,8 +39,15 @@ def test_each_service_counts_what_a_job_did_and_is_ready(start_stack, image_host
     _, images = all_images(stack.api, request_id)
 
     api = scrape(stack.settings.public_base_url)
-    assert api.value("imgpipe_uploads_total", outcome="published") == 1
+    assert api.value("imgpipe_uploads_total", outcome="accepted") == 1
     assert api.value("imgpipe_uploads_total", outcome="invalid_csv") == 1
+    assert api.value("imgpipe_dispatch_leading") == 1
+    assert api.value("imgpipe_dispatch_images_released_total") == 3
+    assert api.value("imgpipe_dispatch_first_release_seconds_count") == 1
+    assert api.value("imgpipe_dispatch_window_images") >= stack.settings.dispatch_window_min_images
+    wait_until(lambda: scrape(stack.settings.public_base_url).value("imgpipe_dispatch_images_released_not_finished") == 0,
+               what="the dispatcher seeing every released image finished")
+    assert scrape(stack.settings.public_base_url).matching("imgpipe_dispatch_images_waiting") == {}  # no job waits
 
     processors = [health_url(stack.services, name) for name in stack.services.names if name.startswith("processor")]
     assert total(processors, "imgpipe_images_processed_total") == 2

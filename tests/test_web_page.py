@@ -84,6 +84,7 @@ def test_upload_watch_the_job_and_download_its_output_csv(start_stack, image_hos
     status, images = all_images(stack.api, request_id)
     assert status["counts"] == {"total": 4, "processed": 3, "failed": 1, "pending": 0}
     expect(page.locator("#counts")).to_contain_text("4 of 4 done: 3 processed, 1 failed, 0 pending")
+    expect(page.locator("#dispatch")).to_have_text("4 released to the processors, 0 waiting")
     assert page.locator("#progress").evaluate("bar => [bar.value, bar.max]") == [4, 4]
     rows = page.locator("#images tbody tr")
     expect(rows).to_have_count(4)

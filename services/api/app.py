@@ -25,11 +25,10 @@ from services.api.errors import ApiError, error_response
 from services.api.guards import RequireApiKey, UploadSizeLimit
 from services.api.intake import JobIntake
 from services.api.options import FIELD_DESCRIPTIONS, read_options
-from services.api.outbox import Outbox
+from services.api.dispatcher import Dispatcher
 from services.api.output_csv import render_output_csv
 from services.api.urls import check_webhook_url
 from shared import db, kafka
-from shared.faults import crash_point
 from shared.settings import Settings, get_settings
 
 log = logging.getLogger(__name__)
@@ -52,12 +51,12 @@ def create_app(settings: Settings | None = None) -> FastAPI:
         if settings.create_topics:
             kafka.ensure_topics(settings)
         app.state.pool = db.make_pool(settings.database_url, timeout=DATABASE_WAIT_SECONDS)
-        producer = kafka.make_producer(settings, **{"message.timeout.ms": int(settings.publish_attempt_seconds * 1000)})
-        app.state.outbox = Outbox(app.state.pool, producer, settings)
+        app.state.dispatcher = Dispatcher(settings)
         stop = threading.Event()
-        relay = threading.Thread(target=app.state.outbox.run_relay, args=(stop,), name="outbox-relay", daemon=True)
-        relay.start()
-        intake = JobIntake(settings, app.state.pool, app.state.outbox, producer)
+        dispatcher = threading.Thread(target=app.state.dispatcher.run, args=(stop,), name="dispatcher", daemon=True)
+        dispatcher.start()
+        producer = kafka.make_producer(settings)  # the job intake's dead letters
+        intake = JobIntake(settings, app.state.pool, producer)
         intake_thread = threading.Thread(target=intake.run, args=(stop,), name="job-intake", daemon=True)
         intake_thread.start()
         try:
@@ -65,8 +64,9 @@ def create_app(settings: Settings | None = None) -> FastAPI:
         finally:
             stop.set()
             intake_thread.join(timeout=10)
-            relay.join(timeout=10)
-            app.state.outbox.close(timeout=10)
+            dispatcher.join(timeout=10)
+            app.state.dispatcher.close(timeout=10)
+            producer.flush(10)
             app.state.pool.close()
 
     app = FastAPI(title="imgpipe", lifespan=lifespan)
@@ -112,21 +112,17 @@ def create_app(settings: Settings | None = None) -> FastAPI:
         try:  # the CSV is read as its rows are stored: a bad row rolls the job back
             job_id, total_images = jobs.insert_job(
                 request.app.state.pool, read_csv(file.file, settings.max_images_per_job), webhook_url, owner,
-                publish_lease_seconds=settings.republish_after_seconds, options=options,
+                options=options,
             )
         except TooManyImages as exc:
             raise ApiError(422, "too_many_images", exc.message, limit=settings.max_images_per_job) from None
         except CsvError as exc:
             details = {"row": exc.row_number} if exc.row_number is not None else {}
             raise ApiError(422, "invalid_csv", exc.message, **details) from None
-        crash_point(settings, "api.after_job_commit")
-        published = request.app.state.outbox.publish_upload(job_id, total_images)
         return {
             "request_id": str(job_id),
             "total_images": total_images,
-            # published: Kafka has acknowledged every image's event; queued: the job is stored and its
-            # events wait in the outbox for Kafka (the relay publishes them). Processing follows either way.
-            "events": "published" if published else "queued",
+            "events": "queued",  # stored: the dispatcher releases its images at the job's fair share
             "status_url": f"/status/{job_id}",
             "output_csv_url": f"/output_csv/{job_id}",
         }

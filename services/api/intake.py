@@ -1,5 +1,5 @@
 """Jobs created over Kafka: the API consumes job.requested (shared/events.py JobRequested), stores each
-job as an upload would be stored, and publishes its images through the outbox. An event it cannot take
+job as an upload would be stored, and the dispatcher releases its images like any other. An event it cannot take
 (not a JobRequested, a bad URL, too many images, a refused webhook URL, an api_key_id that names no
 active key) goes unchanged to
 job.requested.dlq with a header saying why. An event is committed only once its job is stored, so a
@@ -15,7 +15,6 @@ from pydantic import ValidationError
 from services.api import jobs, keys
 from services.api.csv_input import CsvRow, ParsedCsv
 from services.api.errors import ApiError
-from services.api.outbox import Outbox
 from services.api.urls import check_webhook_url, is_http_url
 from shared import kafka
 from shared.events import JobOptions, JobRequested
@@ -53,10 +52,9 @@ def read_job(value: bytes | None, settings: Settings) -> tuple[JobRequested, Par
 
 
 class JobIntake:
-    def __init__(self, settings: Settings, pool: ConnectionPool, outbox: Outbox, producer: Producer):
+    def __init__(self, settings: Settings, pool: ConnectionPool, producer: Producer):
         self.settings = settings
         self.pool = pool
-        self.outbox = outbox
         self.producer = producer
 
     def run(self, stop: threading.Event) -> None:
@@ -108,15 +106,11 @@ class JobIntake:
             self._dead_letter(message, exc)
             return
         stored = jobs.insert_job(self.pool, parsed, job.webhook_url, owner, job_id=job.request_id,
-                                 options=job.options or JobOptions(quality=self.settings.jpeg_quality),
-                                 publish_lease_seconds=self.settings.republish_after_seconds)
+                                 options=job.options or JobOptions(quality=self.settings.jpeg_quality))
         if stored is None:
             log.info("job %s exists already; event %s changes nothing", job.request_id, job.event_id)
             return
-        job_id, total_images = stored
-        published = self.outbox.publish_upload(job_id, total_images)
-        log.info("job %s created over Kafka with %d images (events %s)", job_id, total_images,
-                 "published" if published else "queued")
+        log.info("job %s created over Kafka with %d images", *stored)
 
     def _owner(self, job: JobRequested) -> uuid.UUID | None:
         """The API key the job belongs to: the event's api_key_id, which must name an active key."""

@@ -1,7 +1,7 @@
 """The API's database work: store a job, report on it, read its output.
 
-A job's rows are committed BEFORE its image.requested events are produced (services/api/outbox.py),
-so the notifier always finds an image when its result arrives.
+A job's rows are committed BEFORE any of its image.requested events is produced (services/api/dispatcher.py
+releases them after), so the notifier always finds an image when its result arrives.
 
 `visible_to`: the id of the API key asking, which sees only the jobs it created; None when API keys
 are not required (every job is visible).
@@ -15,6 +15,8 @@ from psycopg.types.json import Jsonb
 from psycopg_pool import ConnectionPool
 
 from services.api.csv_input import CsvStream, ParsedCsv
+from services.api.dispatch_view import dispatch_view
+from shared.db import signal_release
 from shared.events import JobOptions
 from shared.outcomes import ImageOutcome
 
@@ -27,11 +29,10 @@ VISIBLE = "job_id = %(job_id)s AND (%(visible_to)s::uuid IS NULL OR owner_key_id
 
 def insert_job(
     pool: ConnectionPool, parsed: ParsedCsv | CsvStream, webhook_url: str | None, owner_key_id: uuid.UUID | None = None,
-    publish_lease_seconds: float = 0, job_id: uuid.UUID | None = None, options: JobOptions | None = None,
+    job_id: uuid.UUID | None = None, options: JobOptions | None = None,
 ) -> tuple[uuid.UUID, int] | None:
-    """Insert the job, its CSV rows and its images in one transaction, unpublished: the outbox relay
-    publishes its events after publish_lease_seconds unless the caller's attempt succeeds first.
-    Returns (job_id, total_images). The rows are read as they are written (a CsvStream's rows raise
+    """Insert the job, its CSV rows and its images in one transaction, none of them released yet, and
+    wake the dispatcher as it commits. Returns (job_id, total_images). The rows are read as they are written (a CsvStream's rows raise
     their CsvError on the way: the transaction is rolled back and nothing is stored), and the images wait
     in a temporary file for their own COPY, so memory stays bounded whatever the size of the CSV.
     job_id: the id a producer chose (jobs over Kafka); None if a job with that id exists already."""
@@ -40,12 +41,10 @@ def insert_job(
             tempfile.SpooledTemporaryFile(max_size=IMAGES_SPOOL_MEMORY_BYTES, mode="w+", newline="") as images:
         # total_images is known once every row is read: 1 meets the CHECK until then (nobody sees it before commit)
         cur.execute(
-            "INSERT INTO processing_jobs (job_id, webhook_url, csv_header, url_column, total_images, owner_key_id,"
-            " publish_attempts, publish_due_at, options)"
-            " VALUES (%s, %s, %s, %s, 1, %s, %s, now() + make_interval(secs => %s), %s)"
-            " ON CONFLICT (job_id) DO NOTHING",
+            "INSERT INTO processing_jobs (job_id, webhook_url, csv_header, url_column, total_images, owner_key_id, options)"
+            " VALUES (%s, %s, %s, %s, 1, %s, %s) ON CONFLICT (job_id) DO NOTHING",
             (job_id, webhook_url, Jsonb(parsed.header), parsed.url_column, owner_key_id,
-             1 if publish_lease_seconds else 0, publish_lease_seconds, Jsonb((options or JobOptions()).model_dump())),
+             Jsonb((options or JobOptions()).model_dump())),
         )
         if cur.rowcount == 0:
             return None
@@ -67,6 +66,7 @@ def insert_job(
             while chunk := images.read(COPY_CHUNK_CHARS):
                 copy.write(chunk)
         cur.execute("UPDATE processing_jobs SET total_images = %s WHERE job_id = %s", (total_images, job_id))
+        signal_release(conn)
     return job_id, total_images
 
 
@@ -80,7 +80,8 @@ def get_job(pool: ConnectionPool, job_id: uuid.UUID, visible_to: uuid.UUID | Non
     with pool.connection() as conn:
         job = conn.execute(
             "SELECT job_id, status, webhook_url, total_images, processed_images, failed_images, published_at,"
-            f" created_at, updated_at, completed_at, options FROM processing_jobs WHERE {VISIBLE}",
+            " created_at, updated_at, completed_at, options, owner_key_id, released_images, first_released_at"
+            f" FROM processing_jobs WHERE {VISIBLE}",
             {"job_id": job_id, "visible_to": visible_to},
         ).fetchone()
     return job
@@ -131,6 +132,7 @@ def get_status(
             " ORDER BY row_number, position OFFSET %s LIMIT %s",
             (job_id, offset, limit),
         ).fetchall()
+        dispatch = dispatch_view(conn, job)
     next_offset = offset + limit
     return {
         "request_id": str(job_id),
@@ -140,6 +142,7 @@ def get_status(
         "updated_at": job["updated_at"],
         "completed_at": job["completed_at"],
         "counts": job_counts(job),
+        "dispatch": dispatch,
         "options": job["options"],
         "webhook": _webhook_view(job["webhook_url"], delivery),
         "images": [ImageOutcome.from_row(image) for image in images],

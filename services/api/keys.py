@@ -19,6 +19,7 @@ from shared import db
 from shared.settings import get_settings
 
 PREFIX = "imgpipe_"
+MAX_WEIGHT = 1000  # as the api_keys table's CHECK says
 _ID_END = len(PREFIX) + 32
 
 
@@ -36,12 +37,19 @@ def _key_id(key: str) -> uuid.UUID | None:
         return None
 
 
-def create_key(conn: psycopg.Connection, name: str) -> tuple[uuid.UUID, str]:
-    """Store a new key named `name` and return (its id, the key): the only time the key is known."""
+def create_key(conn: psycopg.Connection, name: str, weight: float = 1.0) -> tuple[uuid.UUID, str]:
+    """Store a new key named `name` and return (its id, the key): the only time the key is known.
+    weight: the key's share of the processors against other keys' (services/api/fair_share.py)."""
     key_id = uuid.uuid4()
     key = f"{PREFIX}{key_id.hex}_{secrets.token_urlsafe(32)}"
-    conn.execute("INSERT INTO api_keys (id, name, key_sha256) VALUES (%s, %s, %s)", (key_id, name, key_sha256(key)))
+    conn.execute("INSERT INTO api_keys (id, name, key_sha256, weight) VALUES (%s, %s, %s, %s)",
+                 (key_id, name, key_sha256(key), weight))
     return key_id, key
+
+
+def set_weight(conn: psycopg.Connection, name: str, weight: float) -> bool:
+    """Give the key named `name` this weight (from the dispatcher's next round on); False if there is no such key."""
+    return conn.execute("UPDATE api_keys SET weight = %s WHERE name = %s RETURNING id", (weight, name)).fetchone() is not None
 
 
 def revoke_key(conn: psycopg.Connection, name: str) -> bool:
@@ -53,7 +61,7 @@ def revoke_key(conn: psycopg.Connection, name: str) -> bool:
 
 
 def list_keys(conn: psycopg.Connection) -> list[dict]:
-    return conn.execute("SELECT id, name, created_at, revoked_at FROM api_keys ORDER BY created_at").fetchall()
+    return conn.execute("SELECT id, name, weight, created_at, revoked_at FROM api_keys ORDER BY created_at").fetchall()
 
 
 def find_active_key(pool: ConnectionPool, presented: str) -> uuid.UUID | None:
@@ -83,6 +91,11 @@ def main(argv: list[str] | None = None) -> int:
     commands = parser.add_subparsers(dest="command", required=True)
     create = commands.add_parser("create", help="create a key and print it (shown only this once)")
     create.add_argument("name", help="who or what the key is for; unique")
+    create.add_argument("--weight", type=_weight, default=1.0,
+                        help="its share of the processors against other keys' (default 1; e.g. 3 for an interactive client)")
+    weight = commands.add_parser("set-weight", help="change a key's share of the processors")
+    weight.add_argument("name")
+    weight.add_argument("weight", type=_weight)
     revoke = commands.add_parser("revoke", help="revoke a key: requests with it are refused from now on")
     revoke.add_argument("name")
     commands.add_parser("list", help="list the keys (names, ids, dates; never the keys themselves)")
@@ -93,12 +106,17 @@ def main(argv: list[str] | None = None) -> int:
     with psycopg.connect(database_url, autocommit=True, row_factory=dict_row) as conn:
         if args.command == "create":
             try:
-                key_id, key = create_key(conn, args.name)
+                key_id, key = create_key(conn, args.name, args.weight)
             except psycopg.errors.UniqueViolation:
                 print(f"a key named {args.name!r} exists already", file=sys.stderr)
                 return 1
             print(f"created API key {args.name!r} (id {key_id}); it is shown only this once:", file=sys.stderr)
             print(key)
+        elif args.command == "set-weight":
+            if not set_weight(conn, args.name, args.weight):
+                print(f"no key named {args.name!r}", file=sys.stderr)
+                return 1
+            print(f"API key {args.name!r} now has weight {args.weight:g}", file=sys.stderr)
         elif args.command == "revoke":
             if not revoke_key(conn, args.name):
                 print(f"no active key named {args.name!r}", file=sys.stderr)
@@ -107,8 +125,16 @@ def main(argv: list[str] | None = None) -> int:
         else:
             for key in list_keys(conn):
                 revoked = f"revoked {key['revoked_at']:%Y-%m-%d %H:%M:%S%z}" if key["revoked_at"] else "active"
-                print(f"{key['name']}\t{key['id']}\tcreated {key['created_at']:%Y-%m-%d %H:%M:%S%z}\t{revoked}")
+                print(f"{key['name']}\t{key['id']}\tweight {key['weight']:g}\tcreated {key['created_at']:%Y-%m-%d %H:%M:%S%z}"
+                      f"\t{revoked}")
     return 0
+
+
+def _weight(text: str) -> float:
+    weight = float(text)
+    if not 0 < weight <= MAX_WEIGHT:
+        raise argparse.ArgumentTypeError(f"a weight is above 0 and at most {MAX_WEIGHT:g}")
+    return weight
 
 
 if __name__ == "__main__":

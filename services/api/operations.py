@@ -19,8 +19,8 @@ log = logging.getLogger(__name__)
 
 UPLOADS = Counter(
     "imgpipe_uploads_total",
-    "Uploads by outcome: published or queued (accepted, with the events acknowledged by Kafka or waiting in "
-    "the outbox), or the error code of a refusal (invalid_csv, csv_too_large, unauthorized, database_unavailable, ...)",
+    "Uploads by outcome: accepted, or the error code of a refusal (invalid_csv, csv_too_large, unauthorized, "
+    "database_unavailable, ...)",
     ["outcome"],
 )
 MAX_BODY_READ = 64 * 1024  # an upload's answer is a small JSON object
@@ -78,8 +78,8 @@ class CountUploads:
             outcome = _outcome(status, answer)
             UPLOADS.labels(outcome=outcome).inc()
             if 200 <= status < 300 and "request_id" in answer:
-                log.info("job %s accepted: %s images, events %s", answer["request_id"], answer.get("total_images"),
-                         outcome, extra={"request_id": answer["request_id"]})
+                log.info("job %s accepted: %s images", answer["request_id"], answer.get("total_images"),
+                         extra={"request_id": answer["request_id"]})
 
 
 class LogRequestId:
@@ -107,6 +107,6 @@ def _json(body: bytes) -> dict:
 
 def _outcome(status: int, answer: dict) -> str:
     try:
-        return answer["events"] if 200 <= status < 300 else answer["error"]["code"]
+        return "accepted" if 200 <= status < 300 else answer["error"]["code"]
     except (KeyError, TypeError):
         return f"http_{status}"

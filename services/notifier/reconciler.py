@@ -32,14 +32,17 @@ log = logging.getLogger(__name__)
 PASSES_KEPT = 20
 BATCH = 5_000
 
-# The image's request time: the job's publication, or the image's last request by the reconciler.
+# Images released (up to their job's release cursor) and still pending. An image was last requested by
+# the later of its job's last release (the dispatcher releases a job's images in order, so the image's own
+# release was no later) and its last request by the reconciler.
 PENDING_REQUESTED_BEFORE = """
-SELECT i.id, i.job_id, i.row_number, i.position, i.input_url, i.requested_again, j.total_images, j.options
-FROM images i JOIN processing_jobs j ON j.job_id = i.job_id
-WHERE i.status = 'pending' AND j.published_at IS NOT NULL
-  AND coalesce(i.requested_again_at, j.published_at) < %s
+SELECT i.id, i.job_id, i.row_number, i.position, i.input_url, i.requested_again, j.options
+FROM processing_jobs j JOIN images i ON i.job_id = j.job_id
+WHERE j.status <> 'completed' AND j.last_released_at < %(cutoff)s
+  AND i.status = 'pending' AND (i.row_number, i.position) <= (j.release_row, j.release_position)
+  AND greatest(i.requested_again_at, j.last_released_at) < %(cutoff)s
 ORDER BY i.job_id, i.row_number, i.position
-LIMIT %s
+LIMIT %(limit)s
 FOR UPDATE OF i SKIP LOCKED
 """
 
@@ -105,7 +108,7 @@ class Reconciler:
         handled = 0
         while True:
             with self.pool.connection() as conn, conn.transaction():
-                lost = conn.execute(PENDING_REQUESTED_BEFORE, [cutoff, BATCH]).fetchall()
+                lost = conn.execute(PENDING_REQUESTED_BEFORE, {"cutoff": cutoff, "limit": BATCH}).fetchall()
                 if not lost:
                     return handled
                 again = [image for image in lost if image["requested_again"] < self.settings.reconcile_max_requests]
@@ -125,7 +128,7 @@ class Reconciler:
             events = RequestedEvents(job_id, options).encode(
                 (image["id"], image["row_number"], image["position"], image["input_url"]) for image in of_job)
             messages = [(str(image["id"]), event) for image, event in zip(of_job, events)]
-            kafka.produce_and_wait(self.producer, self.settings.request_topic(of_job[0]["total_images"]), messages)
+            kafka.produce_and_wait(self.producer, self.settings.topic_requested_bulk, messages)
 
     def _fail(self, images: list[dict]) -> None:
         error = ImageError(code=FailureCode.LOST, message=f"its events were lost {self.settings.reconcile_max_requests + 1} time(s)")

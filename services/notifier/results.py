@@ -5,6 +5,7 @@ import uuid
 
 from psycopg import Connection
 
+from shared.db import signal_release
 from shared.events import ImageProcessed
 
 log = logging.getLogger(__name__)
@@ -91,6 +92,8 @@ def apply_results(conn: Connection, batch: ResultBatch) -> list[uuid.UUID]:
             completed = sorted(job["job_id"] for job in jobs if job["status"] == "completed" and job["was_open"])
         if completed:
             conn.execute(CREATE_DELIVERIES, [completed])
+        if changed:  # finished images free places in the window: the dispatcher may release more
+            signal_release(conn)
 
         if sum(c["processed"] + c["failed"] for c in changed) < len(batch.results):
             _log_unknown(conn, batch.results)

@@ -2,6 +2,7 @@
 
 `kafka` is the bootstrap servers, or Settings: then the clients are configured as the services' are
 (secured Kafka too)."""
+import json
 import time
 
 from confluent_kafka import OFFSET_BEGINNING, Consumer, Producer, TopicPartition
@@ -102,3 +103,16 @@ def produce_as_another_service(settings: Settings, topic: str, key: bytes | None
     producer = Producer({**client_config(settings), "acks": "all"})
     producer.produce(topic, key=key, value=value)
     assert producer.flush(30) == 0
+
+
+def requested_events(settings: Settings, request_id: str, expected: int, timeout: float = 30) -> list:
+    """The image.requested messages of one job, on either lane, once there are `expected` of them (the
+    dispatcher releases a job's images after its upload, not during it)."""
+    deadline = time.monotonic() + timeout
+    while True:
+        found = [message for topic in (settings.topic_requested, settings.topic_requested_bulk)
+                 for message in read_to_end(settings, topic) if json.loads(message.value())["request_id"] == request_id]
+        if len(found) >= expected:
+            return found
+        assert time.monotonic() < deadline, f"{len(found)} of {expected} events of job {request_id} released"
+        time.sleep(0.05)

@@ -114,8 +114,8 @@ function render(status) {
   $("progress").max = Math.max(total, 1);
   $("progress").value = processed + failed;
   $("counts").textContent =
-    `${processed + failed} of ${total} done: ${processed} processed, ${failed} failed, ${pending} pending` +
-    (status.events === "queued" ? " (events queued: Kafka is slow or down; they will be published)" : "");
+    `${processed + failed} of ${total} done: ${processed} processed, ${failed} failed, ${pending} pending`;
+  $("dispatch").textContent = releaseText(status.dispatch);
   const webhook = status.webhook;
   $("webhook").hidden = !webhook;
   if (webhook) {
@@ -125,6 +125,19 @@ function render(status) {
   $("download-button").hidden = status.status !== "completed";
   renderImages(status.images);
   renderPager(status.page, total);
+}
+
+// The job's place in the release of images: what is out, what waits, its share, the estimates.
+function releaseText(dispatch) {
+  let text = `${dispatch.released} released to the processors, ${dispatch.waiting} waiting`;
+  if (dispatch.share !== null) text += `; share of the processors ${Math.round(dispatch.share * 100)}%`;
+  if (dispatch.started_at === null && dispatch.starts_within_seconds !== null) {
+    text += `; starts within ${Math.ceil(dispatch.starts_within_seconds)} s`;
+  }
+  if (dispatch.expected_finish_seconds !== null) {
+    text += `; about ${Math.ceil(dispatch.expected_finish_seconds)} s to go at that share`;
+  }
+  return text;
 }
 
 function renderImages(images) {

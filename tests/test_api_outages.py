@@ -1,6 +1,7 @@
-"""PostgreSQL is the outbox: with Kafka down an upload is still accepted (202, events "queued") and
-completes once Kafka is back; only PostgreSQL down refuses an upload (503). Real processes throughout:
-a Kafka broker of the test's own, stopped and started again; a PostgreSQL of the test's own, likewise."""
+"""An upload needs PostgreSQL only: with Kafka down it is still accepted, its images wait in PostgreSQL,
+and the dispatcher releases them once Kafka is back; only PostgreSQL down refuses an upload (503). Real
+processes throughout: a Kafka broker of the test's own, stopped and started again; a PostgreSQL of the
+test's own, likewise."""
 import shutil
 import time
 import uuid
@@ -13,7 +14,6 @@ from deploy.local.kafka import KafkaBroker
 from deploy.local.postgres import LocalPostgres
 from deploy.local.probe import free_port
 from services.api.app import create_app
-from services.api.outbox import Delivery
 from shared.events import ImageRequested
 from shared.kafka import make_producer, produce_and_wait
 from tests.support.api_server import ApiServer
@@ -44,30 +44,29 @@ def job_row(database_url: str, request_id: str) -> dict:
         return conn.execute("SELECT * FROM processing_jobs WHERE job_id = %s", (request_id,)).fetchone()
 
 
-def test_kafka_down_at_upload_the_job_is_queued_then_completes_once_kafka_is_back(
+def test_kafka_down_while_images_wait_loses_nothing_and_the_release_resumes(
     start_stack, own_broker, image_host, receivers
 ):
     stack = start_stack(
         processors=1, kafka_bootstrap_servers=own_broker.bootstrap_servers, topic_partitions=4,
-        publish_attempt_seconds=1,  # each attempt gives up after 1 s: several fail while Kafka is down
-        republish_after_seconds=3600, republish_interval_seconds=3600,  # so only failed attempts bring retries
+        publish_attempt_seconds=1,  # each round gives up after 1 s: several fail while Kafka is down
     )
     settings, receiver = stack.settings, receivers()
-    urls = [image_host.add(f"/outbox/{n}.jpg", jpeg_bytes(120, 80, n)) for n in range(6)]
+    urls = [image_host.add(f"/outage/{n}.jpg", jpeg_bytes(120, 80, n)) for n in range(6)]
 
     own_broker.stop()
     reply = upload(stack.api, urls, receiver.url)
     assert reply["events"] == "queued"
     request_id = reply["request_id"]
-    assert job_row(settings.database_url, request_id)["published_at"] is None
+    # The dispatcher tries, Kafka does not acknowledge, and the images stay where they are.
+    deadline = time.monotonic() + 60
+    while stack.services.log_tail("api", 400).count("Kafka did not acknowledge") < 2:
+        assert time.monotonic() < deadline, "the dispatcher did not try to release the images"
+        time.sleep(0.1)
+    job = job_row(settings.database_url, request_id)
+    assert (job["released_images"], job["published_at"]) == (0, None)
     status = stack.api.get(f"/status/{request_id}").json()
     assert (status["status"], status["events"]) == ("pending", "queued")
-
-    # The relay keeps trying while Kafka is away, without waiting for republish_after_seconds.
-    deadline = time.monotonic() + 60
-    while job_row(settings.database_url, request_id)["publish_attempts"] < 3:
-        assert time.monotonic() < deadline, "the relay stopped trying"
-        time.sleep(0.1)
 
     own_broker.start()
     [webhook] = receiver.wait_for(1, JOB_TIMEOUT)
@@ -78,8 +77,8 @@ def test_kafka_down_at_upload_the_job_is_queued_then_completes_once_kafka_is_bac
     assert (job["status"], job["processed_images"], job["failed_images"]) == ("completed", len(urls), 0)
     assert stack.api.get(f"/status/{request_id}").json()["events"] == "published"
 
-    # Publishing again is harmless: every event of the job once more, as a relay whose acknowledgement
-    # was lost would send it. The processor does the work again into the same files; the notifier
+    # Releasing again is harmless: every event of the job once more, as a dispatcher that died before
+    # moving its cursors would send it. The processor does the work again into the same files; the notifier
     # ignores the second result of each image; no second webhook.
     outputs = {image["input_url"]: image["output_url"] for image in webhook.json()["images"]}
     stored = sorted((settings.storage_dir / request_id).iterdir())
@@ -115,7 +114,7 @@ def test_postgres_down_at_upload_answers_503_and_stores_nothing(infra, own_postg
     database_url = own_postgres.url("imgpipe")
     settings = make_test_settings(
         kafka_bootstrap_servers=infra.kafka_bootstrap_servers, database_url=database_url, **own_names("pgdown"),
-        topic_partitions=1, storage_dir=tmp_path / "images", upload_publish_wait_seconds=30,
+        topic_partitions=1, storage_dir=tmp_path / "images",
     )
     body = {"file": ("job.csv", "url\nhttps://127.0.0.1:9/a.jpg\n", "text/csv")}
     with ApiServer(create_app(settings)) as server, httpx.Client(base_url=server.base_url, timeout=60) as api:
@@ -133,17 +132,3 @@ def test_postgres_down_at_upload_answers_503_and_stores_nothing(infra, own_postg
         while (response := api.post("/upload", files=body)).status_code == 503:  # the pool reconnects
             assert time.monotonic() < deadline, response.text
         assert response.status_code == 202, response.text
-        assert response.json()["events"] == "published"
-
-
-def test_an_upload_stops_waiting_once_the_reports_so_far_show_the_rest_cannot_come_in_time():
-    """A large job's 202 is not held for acknowledgements that, at the rate they arrive, cannot all come
-    within the wait; before the first report nothing is known, so the upload keeps waiting."""
-    delivery = Delivery(100_000)
-    assert not delivery.cannot_settle_within(remaining=0.45, elapsed=0.05)
-    for _ in range(5_000):
-        delivery.report(None)
-    assert delivery.cannot_settle_within(remaining=0.45, elapsed=0.05)  # 95,000 more at 100,000/s: 0.95 s
-    assert not delivery.cannot_settle_within(remaining=1.0, elapsed=0.05)
-    delivery.give_up(95_000, "the producer's local queue stayed full")
-    assert delivery.settled.is_set() and not delivery.ok
