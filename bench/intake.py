@@ -52,9 +52,9 @@ def settings_of(services: Services) -> Settings:
 
 
 @contextmanager
-def services_without_processors(bench, name: str, start: tuple[str, ...] = ("api", "notifier")
-                                 ) -> Iterator[tuple[Services, Settings]]:
-    services = Services(bench.infra, f"{next(bench._tags)}-{name}", bench.work_dir)
+def services_without_processors(bench, name: str, start: tuple[str, ...] = ("api", "notifier"),
+                                 api_settings: dict[str, str] | None = None) -> Iterator[tuple[Services, Settings]]:
+    services = Services(bench.infra, f"{next(bench._tags)}-{name}", bench.work_dir, api_settings)
     settings = settings_of(services)
     kafka.ensure_topics(settings)
     try:

@@ -115,16 +115,33 @@ def clients(bench, weight: float = 1.0) -> dict:
     of_b = finished.get(b_job.request_id, 0)
     of_a = sum(finished.get(job.request_id, 0) for job in a_jobs)
     share = of_b / (of_a + of_b) if of_a + of_b else 0.0
+    quarters = _shares_by_quarter(progress, b_job, a_jobs)
     low, high = (0.40, 0.60) if weight == 1 else (0.65, 0.85)
-    _log(_job_line(f"key B (weight {weight:g})", b_job) + f"; B's share {share:.0%} ({of_b} of {of_a + of_b} images)")
+    _log(_job_line(f"key B (weight {weight:g})", b_job) + f"; B's share {share:.0%} ({of_b} of {of_a + of_b} images); "
+         "by quarter of its time: " + ", ".join(f"{q:.0%}" for q in quarters))
     checks = [check(f"{name}: B's share", f"{share:.0%} ({of_b} of {of_a + of_b} images finished while both were active)",
                     f"{low:.0%}-{high:.0%}", low <= share <= high, share)]
     if alone is not None:
         _log(_job_line("key B alone", alone))
         checks.append(_ratio(f"{name}: B's job", alone, b_job))
-    return {"checks": checks, "share_of_b": share,
+    return {"checks": checks, "share_of_b": share, "share_of_b_by_quarter": quarters,
             "jobs": ([alone.summary("key B alone")] if alone else []) + [b_job.summary(f"key B (weight {weight:g})")]
             + [job.summary("key A") for job in a_jobs]}
+
+
+def _shares_by_quarter(progress: Progress, b_job: Job, a_jobs: list[Job]) -> list[float]:
+    """B's share of the images finished in each quarter of its time."""
+    if b_job.finished_at is None:
+        return []
+    step = (b_job.finished_at - b_job.uploaded_at) / 4
+    shares = []
+    for quarter in range(4):
+        start = b_job.uploaded_at + quarter * step
+        finished = progress.finished_between(start, start + step)
+        of_b = finished.get(b_job.request_id, 0)
+        total = of_b + sum(finished.get(job.request_id, 0) for job in a_jobs)
+        shares.append(of_b / total if total else 0.0)
+    return shares
 
 
 def weights(bench) -> dict:

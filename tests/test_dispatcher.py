@@ -134,7 +134,9 @@ def test_clients_share_first_then_the_jobs_of_a_client(stand_in, jobs):
     processors.round()  # the metrics of a round are what it found before releasing
     waiting = {name: REGISTRY.get_sample_value("imgpipe_dispatch_images_waiting", {"client": name})
                for name in (name_a, name_b)}
-    assert waiting == {name_a: 400 - 6, name_b: 200 - 6}  # the first round's 12 places: 6 to each key
+    # The first round: one image beyond the window for the first job not started (a1), then 12 places
+    # shared between the keys: 6 to each.
+    assert waiting == {name_a: 400 - 7, name_b: 200 - 6}
     while len(processors.finished) < 240:
         processors.step()
     # Of the first 240 images finished: half the key B's (one job), a quarter each of key A's two jobs.
@@ -172,8 +174,9 @@ def test_a_new_job_behind_a_large_backlog_is_released_within_one_window(stand_in
 
     newcomer, _ = jobs.create(6)
     processors.step()  # the round after it was stored, with the places the step's finished images freed
-    # Every freed place went to it (it held none); up to half its share (half of 8) passes the queue.
-    assert processors.lane_of_job[str(newcomer)] == Counter(priority=2, bulk=FINISHED_PER_STEP - 2)
+    # Its first image at once, beyond the full window; then freed places while it held least, up to its
+    # share of the window (half of 8), all through the priority lane.
+    assert processors.lane_of_job[str(newcomer)] == Counter(priority=4)
     before = len(processors.finished)
     while jobs.job(newcomer)["status"] != "completed":
         processors.step()

@@ -6,8 +6,8 @@ from services.api.fair_share import JobDemand, Release, allocate, shares
 from services.api.window import Window
 
 
-def job(client=None, weight=1.0, held=0, waiting=1000) -> JobDemand:
-    return JobDemand(uuid.uuid4(), client, weight, held, waiting)
+def job(client=None, weight=1.0, held=0, waiting=1000, released=None) -> JobDemand:
+    return JobDemand(uuid.uuid4(), client, weight, held, waiting, held if released is None else released)
 
 
 def test_clients_share_by_weight_then_their_jobs_equally():
@@ -29,17 +29,19 @@ def test_no_job_gets_more_than_it_has_waiting_and_the_rest_goes_to_the_others():
     assert plan[small.job_id].total == 3 and plan[large.job_id].total == 47
 
 
-def test_a_job_catching_up_passes_the_queue_and_a_job_alone_does_not():
+def test_a_new_jobs_first_images_pass_the_queue_and_a_job_alone_does_not():
     alone = job(waiting=10_000)
     assert allocate([alone], window=64, places=64) == {alone.job_id: Release(priority=0, queued=64)}
 
-    incumbent, newcomer = job(held=64), job(waiting=100)
-    plan = allocate([incumbent, newcomer], window=64, places=20)
-    # half of its share (32 of 64) is 16: those pass the incumbent's queue, the rest queue behind it
-    assert plan == {newcomer.job_id: Release(priority=16, queued=4)}
+    incumbent, newcomer = job(held=64, released=64), job(waiting=100)
+    plan = allocate([incumbent, newcomer], window=64, places=40)
+    # its share of the window (32 of 64) passes the incumbent's queue, the rest queues behind it
+    assert plan == {newcomer.job_id: Release(priority=32, queued=8)}
 
-    at_share = [job(held=31), job(held=32)]
-    assert all(r.priority == 0 for r in allocate(at_share, window=64, places=1).values())
+    # Only a job's first images: one that had its first ones released queues, however few it holds
+    # (images in the priority lane finish sooner; by what it holds, it would keep the lane for itself).
+    started = [job(held=31, released=40), job(held=2, released=32)]
+    assert all(r.priority == 0 for r in allocate(started, window=64, places=8).values())
 
 
 def test_the_window_opens_while_it_limits_the_processors_and_closes_when_they_slow():
@@ -74,3 +76,9 @@ def test_an_idle_spell_keeps_the_pace_measured_before_it():
     for step in range(step + 1, step + 300):
         window.observe(step * 0.1, held=0, released_since=0)  # nothing held: nothing to learn
     assert window.size == 100
+
+
+def test_a_job_not_started_gets_its_first_image_beyond_a_full_window_and_no_more():
+    incumbent, fresh, started = job(held=64, released=64), job(waiting=5), job(held=0, released=3, waiting=5)
+    plan = allocate([incumbent, fresh, started], window=64, places=0, starting_places=4)
+    assert plan == {fresh.job_id: Release(priority=1)}  # one image each, only jobs with none out yet

@@ -14,7 +14,8 @@ the processors and the notifier absorb (everything is keyed by image id); nothin
 one leader nothing is released twice in normal operation. Kafka down: the events are not acknowledged,
 the cursors stay, the round is tried again.
 
-Rounds run when an upload or the notifier signals (NOTIFY on shared.db.RELEASE_CHANNEL: a new job, or
+A new job's first image may go beyond the window by up to an eighth of it, so that it starts at the
+next round even while the window is full. Rounds run when an upload or the notifier signals (NOTIFY on shared.db.RELEASE_CHANNEL: a new job, or
 results that free places), and every POLL_SECONDS otherwise."""
 import logging
 import threading
@@ -43,6 +44,9 @@ POLL_SECONDS = 0.25  # a round at least this often while images wait (NOTIFY usu
 IDLE_POLL_SECONDS = 1.0  # ... and while none wait
 ROUND_MIN_SECONDS = 0.005  # signals closer together than this share one round
 ROUND_MAX_IMAGES = 20_000  # released in one round at most (a round's events are read and held in memory)
+# Beyond the window, an eighth of it more is kept for the first image of jobs with none released yet, so
+# that a new job starts at the next round even while the window is full.
+STARTING_PART = 8
 RETRY_SECONDS = 1.0  # after a round that failed (Kafka or PostgreSQL), before the next
 STATE_EVERY_SECONDS = 1.0  # how often the leader writes what it measured to dispatcher_state
 
@@ -188,10 +192,13 @@ class Dispatcher:
         self._save_state(conn, window, held)
         self._events = {job.demand.job_id: self._events[job.demand.job_id]
                         for job in jobs if job.demand.job_id in self._events}
-        places = min(window - held, ROUND_MAX_IMAGES)
-        if places <= 0 or waiting == 0:
+        places = max(0, min(window - held, ROUND_MAX_IMAGES))
+        starting_places = max(0, window + max(1, window // STARTING_PART) - held) - places
+        if waiting == 0 or places + starting_places == 0:
             return RoundResult(0, waiting)
-        plan = allocate([job.demand for job in jobs], window, places)
+        plan = allocate([job.demand for job in jobs], window, places, starting_places)
+        if not plan:
+            return RoundResult(0, waiting)
         by_id = {job.demand.job_id: job for job in jobs}
         images = self._next_images(conn, [(by_id[job_id], release.total) for job_id, release in plan.items()])
         acknowledged = self._produce(by_id, plan, images, stop)
@@ -204,7 +211,7 @@ class Dispatcher:
         return ActiveJob(
             demand=JobDemand(job_id=row["job_id"], client=row["owner_key_id"], weight=row["weight"],
                              held=max(0, row["released_images"] - row["finished"]),
-                             waiting=row["total_images"] - row["released_images"]),
+                             waiting=row["total_images"] - row["released_images"], released=row["released_images"]),
             client_name=row["client_name"], released=row["released_images"],
             cursor=(row["release_row"], row["release_position"]), options=row["options"],
         )

@@ -7,10 +7,14 @@ least recently (round robin). Images spend about the same time in the processors
 holding places in proportion is finishing images in proportion; a job whose images are slow (a host
 that never answers) holds its places longer and gets no more, so it cannot crowd the others out.
 
-The lane of a released image: a job holding less than half of its fair share of the window while other
-jobs hold images is catching up (it just arrived, or was held back), and its images go to the priority
-lane, which the processors take first, so that they do not queue behind what the others already hold.
-Otherwise its images queue in the bulk lane like everyone's (a job alone has nobody to pass). Pure: no I/O, so it is tested on its own.
+The lane of a released image: a job's first images, as many as its fair share of the window, go to the
+priority lane, which the processors take first, so that a job that just arrived does not
+queue behind what the others already hold (a job alone has nobody to pass: its images queue). Every
+later image queues in the bulk lane like everyone's. It is counted by the images a job has ever had
+released, not by what it holds: images in the priority lane finish sooner, and a rule by what a job
+holds would keep giving it the priority lane, starving the bulk lane (measured: 95 % of the images to
+the prioritised client instead of 75 %). A client with many jobs has small shares per job, so a flood
+of small jobs gets few images through the priority lane. Pure: no I/O, so it is tested on its own.
 """
 import heapq
 import itertools
@@ -19,7 +23,7 @@ import uuid
 from collections.abc import Hashable, Sequence
 from dataclasses import dataclass, field
 
-PRIORITY_PART_OF_SHARE = 0.5  # below this part of its share a job is catching up
+PRIORITY_PART_OF_SHARE = 1.0  # a job's first images, up to this part of its share of the window, pass the queue
 
 
 @dataclass(frozen=True)
@@ -29,6 +33,7 @@ class JobDemand:
     weight: float  # the client's
     held: int  # images released and not finished
     waiting: int  # images not released yet
+    released: int = 0  # images released so far (finished or not)
 
 
 @dataclass
@@ -58,44 +63,60 @@ def shares(jobs: Sequence[JobDemand]) -> dict[uuid.UUID, float]:
     return {job.job_id: share(weights[job.client], active_weight, jobs_of_client[job.client]) for job in active}
 
 
-def allocate(jobs: Sequence[JobDemand], window: int, places: int) -> dict[uuid.UUID, Release]:
-    """How many images of each job to release into `places` free places of a window of `window` images.
-    `jobs` in the order they were created: among equals, the older goes first."""
+def allocate(jobs: Sequence[JobDemand], window: int, places: int, starting_places: int = 0) -> dict[uuid.UUID, Release]:
+    """How many images of each job to release into `places` free places of a window of `window` images,
+    and `starting_places` more kept for the first image of jobs with none released yet (so that a new
+    job starts at once, even when the window is full). `jobs` in the order they were created: among
+    equals, the older goes first."""
     share_of = shares(jobs)
     held = {job.job_id: job.held for job in jobs}
     held_by_all = sum(held.values())
     waiting = {job.job_id: job.waiting for job in jobs}
+    released = {job.job_id: job.released for job in jobs}
+    releases: dict[uuid.UUID, Release] = {}
+    for job in jobs:
+        if starting_places > 0 and released[job.job_id] == 0 and waiting[job.job_id] > 0:
+            first = releases.setdefault(job.job_id, Release())
+            if held_by_all > 0:
+                first.priority += 1
+            else:
+                first.queued += 1
+            held[job.job_id] += 1
+            held_by_all += 1
+            waiting[job.job_id] -= 1
+            released[job.job_id] += 1
+            starting_places -= 1
     served = itertools.count()
     clients: dict[Hashable, _Client] = {}
     for job in jobs:
-        if job.waiting > 0:
+        if waiting[job.job_id] > 0:
             client = clients.setdefault(job.client, _Client(job.weight, next(served)))
-            client.held += job.held
-            heapq.heappush(client.jobs, (job.held, next(served), job.job_id))
+            client.held += held[job.job_id]
+            heapq.heappush(client.jobs, (held[job.job_id], next(served), job.job_id))
     for job in jobs:  # what a client holds counts jobs with nothing left to release too
-        if job.waiting == 0 and job.client in clients:
-            clients[job.client].held += job.held
+        if waiting[job.job_id] == 0 and job.client in clients:
+            clients[job.client].held += held[job.job_id]
     ready = [(client.load(), client.last_served, key) for key, client in clients.items()]
     heapq.heapify(ready)
-    releases: dict[uuid.UUID, Release] = {}
     while places > 0 and ready:
         _, _, key = heapq.heappop(ready)
         client = clients[key]
         _, _, job_id = heapq.heappop(client.jobs)
         release = releases.setdefault(job_id, Release())
-        catching_up = math.floor(PRIORITY_PART_OF_SHARE * share_of[job_id] * window) - held[job_id]
+        first_images_left = math.floor(PRIORITY_PART_OF_SHARE * share_of[job_id] * window) - released[job_id]
         others_hold = held_by_all > held[job_id]
         if not ready and not client.jobs:  # the only job left: the rest at once (a large job alone)
             images = min(places, waiting[job_id])
-            priority = max(0, min(images, catching_up)) if others_hold else 0
+            priority = max(0, min(images, first_images_left)) if others_hold else 0
             release.priority += priority
             release.queued += images - priority
             break
-        if catching_up >= 1 and others_hold:
+        if first_images_left >= 1 and others_hold:
             release.priority += 1
         else:
             release.queued += 1
         held[job_id] += 1
+        released[job_id] += 1
         held_by_all += 1
         waiting[job_id] -= 1
         client.held += 1

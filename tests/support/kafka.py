@@ -5,7 +5,7 @@
 import json
 import time
 
-from confluent_kafka import OFFSET_BEGINNING, Consumer, Producer, TopicPartition
+from confluent_kafka import OFFSET_BEGINNING, Consumer, KafkaError, KafkaException, Producer, TopicPartition
 from confluent_kafka.admin import AdminClient, OffsetSpec
 
 from shared import positions
@@ -17,10 +17,22 @@ def _config(kafka: str | Settings) -> dict:
     return client_config(kafka) if isinstance(kafka, Settings) else {"bootstrap.servers": kafka}
 
 
-def end_offsets(admin: AdminClient, topic: str) -> dict[int, int]:
-    partitions = admin.list_topics(topic, timeout=10).topics[topic].partitions
-    latest = admin.list_offsets({TopicPartition(topic, p): OffsetSpec.latest() for p in partitions})
-    return {tp.partition: future.result(10).offset for tp, future in latest.items()}
+NOT_READY = {KafkaError.NOT_LEADER_FOR_PARTITION, KafkaError.LEADER_NOT_AVAILABLE, KafkaError.UNKNOWN_TOPIC_OR_PART}
+
+
+def end_offsets(admin: AdminClient, topic: str, timeout: float = 10) -> dict[int, int]:
+    """The end offset of each partition; retried while the broker says it is not ready (a topic just
+    created has no leaders for a moment)."""
+    deadline = time.monotonic() + timeout
+    while True:
+        try:
+            partitions = admin.list_topics(topic, timeout=10).topics[topic].partitions
+            latest = admin.list_offsets({TopicPartition(topic, p): OffsetSpec.latest() for p in partitions})
+            return {tp.partition: future.result(10).offset for tp, future in latest.items()}
+        except KafkaException as exc:
+            if exc.args[0].code() not in NOT_READY or time.monotonic() > deadline:
+                raise
+            time.sleep(0.1)
 
 
 def committed_offsets(kafka: str | Settings, group: str, topic: str) -> dict[int, int]:
