@@ -1,5 +1,10 @@
 """The API as the CLI sees it. Every failure (the API unreachable, an error answer) is a CliError whose
-text is one line: the command prints it on stderr and exits non-zero."""
+text is one line: the command prints it on stderr and exits non-zero. An answer that says when to come
+back (429 or 503 with Retry-After: a limit, or a busy moment) is waited for and the request sent again,
+for RETRY_FOR_SECONDS at most in all; that is safe for uploads too, since a refused upload stores nothing."""
+import sys
+import time
+from collections.abc import Callable
 from pathlib import Path
 from urllib.parse import quote
 
@@ -8,6 +13,8 @@ import httpx
 DEFAULT_API_URL = "http://127.0.0.1:8000"
 STATUS_PAGE_LIMIT = 1000  # the largest page /status gives
 TIMEOUT_SECONDS = 30
+RETRY_FOR_SECONDS = 600
+RETRYABLE = {429, 503}
 
 
 class CliError(Exception):
@@ -43,7 +50,8 @@ class ApiClient:
         """options: per-job form fields (quality, max_width, …) passed as given; the API validates them."""
         fields = {**options, **({"webhook_url": webhook_url} if webhook_url else {})}
         with csv_path.open("rb") as csv_file:
-            return _json(self._request("POST", "/upload", files={"file": (csv_path.name, csv_file, "text/csv")}, data=fields))
+            return _json(self._request("POST", "/upload", files={"file": (csv_path.name, csv_file, "text/csv")}, data=fields,
+                                       before_each=lambda: csv_file.seek(0)))
 
     def status_page(self, request_id: str, offset: int = 0, limit: int | None = None) -> dict:
         params = {"offset": offset, **({"limit": limit} if limit else {})}
@@ -65,14 +73,31 @@ class ApiClient:
     def output_csv(self, request_id: str) -> bytes:
         return self._request("GET", f"/output_csv/{_path_segment(request_id)}").content
 
-    def _request(self, method: str, path: str, **kwargs) -> httpx.Response:
-        try:
-            response = self._http.request(method, path, **kwargs)
-        except httpx.TransportError as exc:  # refused, timed out, reset, not HTTP
-            raise CliError(f"cannot reach the API at {self.base_url}: {str(exc) or type(exc).__name__}") from None
-        if response.is_error:
-            raise CliError(describe_error_answer(response))
-        return response
+    def _request(self, method: str, path: str, before_each: Callable[[], object] | None = None, **kwargs) -> httpx.Response:
+        """before_each: run before every attempt (an upload rewinds its file)."""
+        give_up_at = time.monotonic() + RETRY_FOR_SECONDS
+        while True:
+            if before_each is not None:
+                before_each()
+            try:
+                response = self._http.request(method, path, **kwargs)
+            except httpx.TransportError as exc:  # refused, timed out, reset, not HTTP
+                raise CliError(f"cannot reach the API at {self.base_url}: {str(exc) or type(exc).__name__}") from None
+            if not response.is_error:
+                return response
+            wait = _retry_after(response)
+            if wait is None or time.monotonic() + wait > give_up_at:
+                raise CliError(describe_error_answer(response))
+            print(f"{describe_error_answer(response)}; retrying in {wait:g} s", file=sys.stderr, flush=True)
+            time.sleep(wait)
+
+
+def _retry_after(response: httpx.Response) -> float | None:
+    """The seconds a 429 or 503 asks to wait (Retry-After in seconds), else None."""
+    value = response.headers.get("Retry-After", "")
+    if response.status_code not in RETRYABLE or not value.strip().isdigit():
+        return None
+    return float(value)
 
 
 def _json(response: httpx.Response) -> dict:

@@ -81,6 +81,20 @@ class Settings(BaseSettings):
     publish_attempt_seconds: float = Field(30.0, gt=0)
     # When set, every endpoint but /healthz needs "Authorization: Bearer <key>" (python -m services.api.keys).
     api_keys_required: bool = False
+    # Bulkheads (services/api/limits.py). Uploads being accepted at once, and the bytes they declare: one
+    # more is refused at once, before its body is read, with 429 too_many_uploads. Each upload parses on
+    # a core and holds a connection of the intake pool (this many, plus one for the job intake over Kafka);
+    # reads (status, output CSV, jobs, key checks) have a pool of their own, which uploads never touch.
+    max_concurrent_uploads: int = Field(2, ge=1)
+    max_uploading_bytes: int = Field(512 * 1024 * 1024, ge=1)
+    api_read_connections: int = Field(4, ge=1)
+    # How long a request waits for a free connection of its pool before answering 503 busy (the server
+    # answers) or database_unavailable (it does not).
+    api_connection_wait_seconds: float = Field(5.0, gt=0)
+    # Per API key (one bucket for all callers while keys are off), unless the key has its own limits
+    # (python -m services.api.keys set-limits): jobs created per minute, and images not finished at once.
+    uploads_per_minute: int = Field(1200, ge=1)
+    max_waiting_images: int = Field(3_000_000, ge=1)
 
     # Processor
     processor_group: str = "imgpipe-processor"

@@ -122,6 +122,7 @@ def test_postgres_down_at_upload_answers_503_and_stores_nothing(infra, own_postg
         response = api.post("/upload", files=body)
         assert response.status_code == 503, response.text
         assert response.json()["error"]["code"] == "database_unavailable"
+        assert int(response.headers["Retry-After"]) >= 1
         assert api.get(f"/status/{uuid.uuid4()}").json()["error"]["code"] == "database_unavailable"
 
         own_postgres.start()

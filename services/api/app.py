@@ -20,10 +20,12 @@ from starlette.exceptions import HTTPException as StarletteHTTPException
 
 from services.api import jobs, keys, operations
 from services.api.models import Health, JobList, JobState, JobStatus, UploadAccepted, errors
-from services.api.csv_input import CsvError, TooManyImages, read_csv
-from services.api.errors import ApiError, error_response
+from services.api.csv_input import CsvError, TooManyImages
+from services.api.errors import ApiError, database_error, database_unavailable, error_response
 from services.api.guards import RequireApiKey, UploadSizeLimit
 from services.api.intake import JobIntake
+from services.api.limits import UploadLimits
+from services.api.upload_workers import DatabaseDown, UploadWorkers
 from services.api.options import FIELD_DESCRIPTIONS, read_options
 from services.api.dispatcher import Dispatcher
 from services.api.output_csv import render_output_csv
@@ -39,7 +41,6 @@ HTTP_ERROR_CODES = {400: "invalid_request", 404: "not_found", 405: "method_not_a
 # Besides the CSV, an upload's body holds the multipart boundaries and part headers and the webhook_url field.
 MULTIPART_ALLOWANCE_BYTES = 64 * 1024
 WEB_PAGE_DIR = Path(__file__).parent / "static"
-DATABASE_WAIT_SECONDS = 5  # a request waits no longer for a database connection, then answers 503
 
 
 def create_app(settings: Settings | None = None) -> FastAPI:
@@ -50,13 +51,19 @@ def create_app(settings: Settings | None = None) -> FastAPI:
         db.migrate(settings.database_url)
         if settings.create_topics:
             kafka.ensure_topics(settings)
-        app.state.pool = db.make_pool(settings.database_url, timeout=DATABASE_WAIT_SECONDS)
+        # Bulkheads: reads and uploads never wait for each other's connections.
+        app.state.pool = db.make_pool(settings.database_url, max_size=settings.api_read_connections,
+                                      timeout=settings.api_connection_wait_seconds)
+        app.state.uploads = UploadWorkers(settings.database_url, settings.max_concurrent_uploads,
+                                          settings.api_connection_wait_seconds)
+        app.state.intake_pool = db.make_pool(settings.database_url, max_size=1,  # the job intake over Kafka
+                                             timeout=settings.api_connection_wait_seconds)
         app.state.dispatcher = Dispatcher(settings)
         stop = threading.Event()
         dispatcher = threading.Thread(target=app.state.dispatcher.run, args=(stop,), name="dispatcher", daemon=True)
         dispatcher.start()
         producer = kafka.make_producer(settings)  # the job intake's dead letters
-        intake = JobIntake(settings, app.state.pool, producer)
+        intake = JobIntake(settings, app.state.intake_pool, producer)
         intake_thread = threading.Thread(target=intake.run, args=(stop,), name="job-intake", daemon=True)
         intake_thread.start()
         try:
@@ -67,31 +74,36 @@ def create_app(settings: Settings | None = None) -> FastAPI:
             dispatcher.join(timeout=10)
             app.state.dispatcher.close(timeout=10)
             producer.flush(10)
+            app.state.uploads.close()
+            app.state.intake_pool.close()
             app.state.pool.close()
 
     app = FastAPI(title="imgpipe", lifespan=lifespan)
-    _install_error_handlers(app)
+    _install_error_handlers(app, settings)
+    # Middleware added later runs earlier. First the key, then an upload's declared size, then whether it
+    # may come in (its slot, its key's limits): all before its body is read.
+    app.add_middleware(UploadLimits, path="/upload", settings=settings, pool=lambda: app.state.pool)
     app.add_middleware(
         UploadSizeLimit,
         path="/upload",
         max_body_bytes=settings.max_csv_bytes + MULTIPART_ALLOWANCE_BYTES,
         too_large=lambda: error_response(413, *_csv_too_large(settings)),
     )
-    # Added last, so it runs first: a request without a valid key is refused before its body is read.
     app.add_middleware(
         RequireApiKey,
         required=settings.api_keys_required,
-        find_key=lambda presented: keys.find_active_key(app.state.pool, presented),
+        find_key=keys.ActiveKeys(lambda: app.state.pool).find,
+        database_url=settings.database_url,
     )
 
     def caller(request: Request) -> uuid.UUID | None:
         """The id of the key of the request (set by RequireApiKey); None when keys are not required."""
-        key_id = request.state.api_key_id
-        if settings.api_keys_required and key_id is None:  # never show every job for want of a key
+        key = request.state.api_key
+        if settings.api_keys_required and key is None:  # never show every job for want of a key
             raise ApiError(401, "unauthorized", "this API needs a valid key", headers={"WWW-Authenticate": "Bearer"})
-        return key_id
+        return None if key is None else key.id
 
-    @app.post("/upload", status_code=202, response_model=UploadAccepted, responses=errors(401, 413, 422, 503))
+    @app.post("/upload", status_code=202, response_model=UploadAccepted, responses=errors(401, 413, 422, 429, 503))
     def upload(
         request: Request,
         file: Annotated[UploadFile, File()],
@@ -109,12 +121,15 @@ def create_app(settings: Settings | None = None) -> FastAPI:
         webhook_url = webhook_url.strip() or None
         if webhook_url is not None:
             check_webhook_url(webhook_url, settings)
-        try:  # the CSV is read as its rows are stored: a bad row rolls the job back
-            job_id, total_images = jobs.insert_job(
-                request.app.state.pool, read_csv(file.file, settings.max_images_per_job), webhook_url, owner,
-                options=options,
-            )
+        allowance = request.state.image_allowance  # what the key's images not finished leave (UploadLimits)
+        try:  # the CSV is read as its rows are stored, in a worker process: a bad row rolls the job back
+            job_id, total_images = request.app.state.uploads.store(
+                file.file, min(settings.max_images_per_job, allowance.images), webhook_url, owner, options)
+        except DatabaseDown as exc:
+            raise database_unavailable(exc) from None
         except TooManyImages as exc:
+            if allowance.images < settings.max_images_per_job:
+                raise allowance.refusal() from None
             raise ApiError(422, "too_many_images", exc.message, limit=settings.max_images_per_job) from None
         except CsvError as exc:
             details = {"row": exc.row_number} if exc.row_number is not None else {}
@@ -225,15 +240,15 @@ def _job_not_found(request_id: str) -> ApiError:
     return ApiError(404, "job_not_found", f"no job with request_id {request_id[:100]!r}")
 
 
-def _install_error_handlers(app: FastAPI) -> None:
+def _install_error_handlers(app: FastAPI, settings: Settings) -> None:
     @app.exception_handler(ApiError)
     def api_error(_request, exc: ApiError):
         return error_response(exc.status_code, exc.code, exc.message, headers=exc.headers, **exc.details)
 
-    @app.exception_handler(psycopg.OperationalError)  # the server is down or unreachable (PoolTimeout included)
-    def database_unavailable(_request, exc: psycopg.OperationalError):
-        log.error("database unavailable: %s", exc)
-        return error_response(503, "database_unavailable", "the database does not answer; retry later")
+    @app.exception_handler(psycopg.OperationalError)  # the server is down, or the pool busy (PoolTimeout)
+    def database_error_handler(_request, exc: psycopg.OperationalError):
+        error = database_error(exc, settings.database_url)
+        return error_response(error.status_code, error.code, error.message, headers=error.headers)
 
     @app.exception_handler(RequestValidationError)
     def invalid_request(_request, exc: RequestValidationError):

@@ -40,6 +40,9 @@ class CsvError(Exception):
         self.message = message
         self.row_number = row_number
 
+    def __reduce__(self):  # whole across processes (services/api/upload_workers.py)
+        return type(self), (self.message, self.row_number)
+
 
 class TooManyImages(CsvError):
     """The CSV holds more URLs than one job may have."""

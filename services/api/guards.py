@@ -3,7 +3,6 @@ the size of an upload.
 
 FastAPI parses a multipart body, spooling its file to disk, before any endpoint or dependency runs,
 so neither check can wait for the endpoint."""
-import uuid
 from collections.abc import Callable
 
 import psycopg
@@ -12,7 +11,8 @@ from starlette.datastructures import Headers
 from starlette.responses import JSONResponse
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
-from services.api.errors import error_response
+from services.api.errors import database_error, error_response
+from services.api.keys import ApiKey
 
 # Paths open without a key: health, the API's own description, and stored images, whose URLs are
 # unguessable (<request_id>/<image_id>.<ext>, two random UUIDs) and are handed to webhook receivers.
@@ -22,34 +22,37 @@ PUBLIC_PREFIXES = ("/files/", "/web/")  # "/" and /web/: the web page, whose API
 
 class RequireApiKey:
     """When `required`, answers 401 to a request without an active key in `Authorization: Bearer <key>`
-    (public paths excepted); otherwise puts the key's id in the request state as api_key_id
-    (None when keys are not required). find_key(presented) -> key id or None; it may block."""
+    (public paths excepted); otherwise puts the key (keys.ApiKey) in the request state as api_key
+    (None when keys are not required). find_key(presented) -> the key or None; it may block."""
 
-    def __init__(self, app: ASGIApp, required: bool, find_key: Callable[[str], uuid.UUID | None]):
+    def __init__(self, app: ASGIApp, required: bool, find_key: Callable[[str], ApiKey | None], database_url: str):
         self.app = app
         self.required = required
         self.find_key = find_key
+        self.database_url = database_url
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
         if scope["type"] != "http":
             return await self.app(scope, receive, send)
-        key_id = None
+        key = None
         if self.required and not _is_public(scope["path"]):
             scheme, _, presented = Headers(scope=scope).get("authorization", "").partition(" ")
             presented = presented.strip()
             try:
-                key_id = await run_in_threadpool(self.find_key, presented) if scheme.lower() == "bearer" else None
-            except psycopg.OperationalError:  # the server is down (psycopg_pool's PoolTimeout is one)
-                response = error_response(503, "database_unavailable", "the database does not answer; retry later")
+                key = await run_in_threadpool(self.find_key, presented) if scheme.lower() == "bearer" else None
+            except psycopg.OperationalError as exc:  # the server is down, or every read connection in use
+                error = await run_in_threadpool(database_error, exc, self.database_url)
+                response = error_response(error.status_code, error.code, error.message,
+                                          headers={**error.headers, "Connection": "close"})
                 return await response(scope, receive, send)
-            if key_id is None:
+            if key is None:
                 response = error_response(
                     401, "unauthorized", "this API needs a valid key: Authorization: Bearer <key>",
                     # closed: uvicorn would otherwise read the body of a refused upload to discard it
                     headers={"WWW-Authenticate": "Bearer", "Connection": "close"},
                 )
                 return await response(scope, receive, send)
-        scope.setdefault("state", {})["api_key_id"] = key_id
+        scope.setdefault("state", {})["api_key"] = key
         await self.app(scope, receive, send)
 
 

@@ -9,7 +9,10 @@ import hashlib
 import hmac
 import secrets
 import sys
+import time
 import uuid
+from collections.abc import Callable
+from dataclasses import dataclass
 
 import psycopg
 from psycopg.rows import dict_row
@@ -60,30 +63,74 @@ def revoke_key(conn: psycopg.Connection, name: str) -> bool:
     return revoked is not None
 
 
+def set_limits(conn: psycopg.Connection, name: str, uploads_per_minute: int | None, max_waiting_images: int | None) -> bool:
+    """Give the key named `name` limits of its own (None: the settings'); False if there is no such key."""
+    return conn.execute(
+        "UPDATE api_keys SET uploads_per_minute = %s, max_waiting_images = %s WHERE name = %s RETURNING id",
+        (uploads_per_minute, max_waiting_images, name)).fetchone() is not None
+
+
 def list_keys(conn: psycopg.Connection) -> list[dict]:
-    return conn.execute("SELECT id, name, weight, created_at, revoked_at FROM api_keys ORDER BY created_at").fetchall()
+    return conn.execute("SELECT id, name, weight, uploads_per_minute, max_waiting_images, created_at, revoked_at"
+                        " FROM api_keys ORDER BY created_at").fetchall()
 
 
-def find_active_key(pool: ConnectionPool, presented: str) -> uuid.UUID | None:
-    """The id of the key `presented` if it is a stored key not revoked, else None."""
+@dataclass(frozen=True)
+class ApiKey:
+    """An active key, as a request presents it: who it is, and its own limits (None: the settings')."""
+    id: uuid.UUID
+    name: str
+    uploads_per_minute: int | None
+    max_waiting_images: int | None
+
+
+def find_active_key(pool: ConnectionPool, presented: str) -> ApiKey | None:
+    """The key `presented` if it is a stored key not revoked, else None."""
     key_id = _key_id(presented)
     if key_id is None:
         return None
-    stored = _active_key_sha256(pool, key_id)
-    if stored is None:
+    stored = _active_key(pool, key_id)
+    if stored is None or not hmac.compare_digest(bytes(stored["key_sha256"]), key_sha256(presented)):
         return None
-    return key_id if hmac.compare_digest(stored, key_sha256(presented)) else None
+    return ApiKey(key_id, stored["name"], stored["uploads_per_minute"], stored["max_waiting_images"])
+
+
+class ActiveKeys:
+    """find_active_key with the keys found kept for CACHE_SECONDS, so that a client sending many requests
+    does not cost a database query each: a revoked key, or a key's new weight or limits, take effect
+    within that time. Only keys found are kept (at most CACHE_SIZE), so made-up keys cannot fill it."""
+
+    CACHE_SECONDS = 5.0
+    CACHE_SIZE = 10_000
+
+    def __init__(self, pool: Callable[[], ConnectionPool]):
+        self.pool = pool
+        self._found: dict[bytes, tuple[float, ApiKey]] = {}  # sha256 of the key -> (when found, the key)
+
+    def find(self, presented: str) -> ApiKey | None:
+        digest = key_sha256(presented)
+        found_at, key = self._found.get(digest, (0.0, None))
+        if key is not None and time.monotonic() - found_at < self.CACHE_SECONDS:
+            return key
+        key = find_active_key(self.pool(), presented)
+        if key is None:
+            self._found.pop(digest, None)
+        else:
+            if len(self._found) >= self.CACHE_SIZE:
+                self._found.clear()
+            self._found[digest] = (time.monotonic(), key)
+        return key
 
 
 def is_active_key(pool: ConnectionPool, key_id: uuid.UUID) -> bool:
     """Whether a key with this id is stored and not revoked (a key named by id, e.g. in a job.requested event)."""
-    return _active_key_sha256(pool, key_id) is not None
+    return _active_key(pool, key_id) is not None
 
 
-def _active_key_sha256(pool: ConnectionPool, key_id: uuid.UUID) -> bytes | None:
+def _active_key(pool: ConnectionPool, key_id: uuid.UUID) -> dict | None:
     with pool.connection() as conn:
-        row = conn.execute("SELECT key_sha256 FROM api_keys WHERE id = %s AND revoked_at IS NULL", (key_id,)).fetchone()
-    return None if row is None else bytes(row["key_sha256"])
+        return conn.execute("SELECT key_sha256, name, uploads_per_minute, max_waiting_images FROM api_keys"
+                            " WHERE id = %s AND revoked_at IS NULL", (key_id,)).fetchone()
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -96,6 +143,10 @@ def main(argv: list[str] | None = None) -> int:
     weight = commands.add_parser("set-weight", help="change a key's share of the processors")
     weight.add_argument("name")
     weight.add_argument("weight", type=_weight)
+    limits = commands.add_parser("set-limits", help="give a key limits of its own (an option left out: the setting's)")
+    limits.add_argument("name")
+    limits.add_argument("--uploads-per-minute", type=_positive, help="jobs it may create per minute")
+    limits.add_argument("--max-waiting-images", type=_positive, help="images of its jobs not finished at once")
     revoke = commands.add_parser("revoke", help="revoke a key: requests with it are refused from now on")
     revoke.add_argument("name")
     commands.add_parser("list", help="list the keys (names, ids, dates; never the keys themselves)")
@@ -117,6 +168,12 @@ def main(argv: list[str] | None = None) -> int:
                 print(f"no key named {args.name!r}", file=sys.stderr)
                 return 1
             print(f"API key {args.name!r} now has weight {args.weight:g}", file=sys.stderr)
+        elif args.command == "set-limits":
+            if not set_limits(conn, args.name, args.uploads_per_minute, args.max_waiting_images):
+                print(f"no key named {args.name!r}", file=sys.stderr)
+                return 1
+            print(f"API key {args.name!r}: uploads per minute {args.uploads_per_minute or 'as the setting'}, "
+                  f"images waiting at most {args.max_waiting_images or 'as the setting'}", file=sys.stderr)
         elif args.command == "revoke":
             if not revoke_key(conn, args.name):
                 print(f"no active key named {args.name!r}", file=sys.stderr)
@@ -125,9 +182,18 @@ def main(argv: list[str] | None = None) -> int:
         else:
             for key in list_keys(conn):
                 revoked = f"revoked {key['revoked_at']:%Y-%m-%d %H:%M:%S%z}" if key["revoked_at"] else "active"
-                print(f"{key['name']}\t{key['id']}\tweight {key['weight']:g}\tcreated {key['created_at']:%Y-%m-%d %H:%M:%S%z}"
-                      f"\t{revoked}")
+                limits = "\t".join(f"{label} {key[column] if key[column] is not None else 'default'}" for label, column in
+                                   (("uploads/min", "uploads_per_minute"), ("waiting images", "max_waiting_images")))
+                print(f"{key['name']}\t{key['id']}\tweight {key['weight']:g}\t{limits}"
+                      f"\tcreated {key['created_at']:%Y-%m-%d %H:%M:%S%z}\t{revoked}")
     return 0
+
+
+def _positive(text: str) -> int:
+    value = int(text)
+    if value < 1:
+        raise argparse.ArgumentTypeError("a limit is at least 1")
+    return value
 
 
 def _weight(text: str) -> float:

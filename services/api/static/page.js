@@ -27,6 +27,9 @@ async function callApi(path, options = {}) {
     const { error } = await response.json();
     detail = `${error.code} (${response.status}): ${error.message || ""}`;
   } catch (_) { /* not the JSON error shape: keep the HTTP status */ }
+  // 429 and 503 say when to come back: a limit or a busy moment, not a broken request.
+  const retryAfter = response.headers.get("Retry-After");
+  if (retryAfter) detail += ` Try again in ${retryAfter} s.`;
   throw new Error(detail);
 }
 
