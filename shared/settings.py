@@ -73,7 +73,7 @@ class Settings(BaseSettings):
     # The dispatcher (services/api/dispatcher.py) keeps released-and-not-finished images at what the
     # processors finish in dispatch_window_seconds (measured), within these bounds: a shorter window lets a
     # new job reach the processors sooner, a longer one absorbs the pauses between its release rounds.
-    dispatch_window_seconds: float = Field(2.0, gt=0)
+    dispatch_window_seconds: float = Field(1.0, gt=0)
     dispatch_window_min_images: int = Field(64, ge=1)
     dispatch_window_max_images: int = Field(20_000, ge=1)
     # How long the dispatcher's producer tries to deliver a round's events before that round fails and is

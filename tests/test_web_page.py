@@ -128,6 +128,8 @@ def test_with_api_keys_on_the_page_is_public_and_its_calls_carry_the_key_typed(m
         [sys.executable, "-m", "services.api.keys", "create", "web-page"], env=service_env(settings),
         cwd=REPO_ROOT, capture_output=True, text=True, timeout=60, check=True,
     ).stdout.strip()
+    subprocess.run([sys.executable, "-m", "services.api.keys", "set-limits", "web-page", "--uploads-per-minute", "1"],
+                   env=service_env(settings), cwd=REPO_ROOT, capture_output=True, timeout=60, check=True)
     csv_file = tmp_path / "job.csv"
     csv_file.write_text(url_csv(["https://127.0.0.1:9/a.jpg"]))
     with ApiServer(create_app(settings)) as server:
@@ -141,3 +143,7 @@ def test_with_api_keys_on_the_page_is_public_and_its_calls_carry_the_key_typed(m
         expect(page.locator("#request-id")).to_have_text(re.compile(r"^[0-9a-f-]{36}$"))
         expect(page.locator("#counts")).to_contain_text("of 1 done")  # a status answer, read with the key
         expect(page.locator("#error")).to_be_hidden()
+
+        page.click("#upload-button")  # the key's second upload this minute, over its limit of 1
+        expect(page.locator("#error")).to_contain_text("uploads_per_minute (429):")
+        expect(page.locator("#error")).to_contain_text(re.compile(r"Try again in \d+ s\."))
