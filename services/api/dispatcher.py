@@ -47,6 +47,9 @@ ROUND_MAX_IMAGES = 20_000  # released in one round at most (a round's events are
 # Beyond the window, an eighth of it more is kept for the first image of jobs with none released yet, so
 # that a new job starts at the next round even while the window is full.
 STARTING_PART = 8
+# The window is refilled once an eighth of it is free (or all that waits fits): a round per finished image
+# made the broker, the processors' fetches and PostgreSQL work for every single image.
+REFILL_PART = 8
 RETRY_SECONDS = 1.0  # after a round that failed (Kafka or PostgreSQL), before the next
 STATE_EVERY_SECONDS = 1.0  # how often the leader writes what it measured to dispatcher_state
 
@@ -193,7 +196,10 @@ class Dispatcher:
         self._events = {job.demand.job_id: self._events[job.demand.job_id]
                         for job in jobs if job.demand.job_id in self._events}
         places = max(0, min(window - held, ROUND_MAX_IMAGES))
-        starting_places = max(0, window + max(1, window // STARTING_PART) - held) - places
+        if places < max(1, window // REFILL_PART) and waiting > places:
+            places = 0  # too few to be worth a round's produce requests: wait until more are free
+        new_jobs = any(job.released == 0 and job.demand.waiting for job in jobs)
+        starting_places = max(0, window + max(1, window // STARTING_PART) - held) - places if new_jobs else 0
         if waiting == 0 or places + starting_places == 0:
             return RoundResult(0, waiting)
         plan = allocate([job.demand for job in jobs], window, places, starting_places)
