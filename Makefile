@@ -8,6 +8,7 @@ PY := $(VENV)/bin/python
 install: $(VENV)/.installed
 
 $(VENV)/.installed: requirements.txt
+	$(PYTHON) -m deploy.local.debian
 	$(PYTHON) -m venv $(VENV)
 	$(PY) -m pip install --quiet --upgrade pip
 	$(PY) -m pip install --quiet -r requirements.txt

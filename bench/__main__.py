@@ -10,12 +10,15 @@ import traceback
 from contextlib import ExitStack
 from pathlib import Path
 
-from bench.images import ImageSpec, ensure_images
-from bench.report import describe_machine, table_rows, text_table, write
-from bench.scenarios import SCENARIOS, Bench, Sizes
-from bench.servers import ImageServer, WebhookReceiver
-from bench.stack import infrastructure
-from deploy.local.services import REPO_ROOT
+# The codec scenario runs Pillow in this process: tuned as the processor runs it (read when Pillow is imported).
+os.environ.setdefault("PILLOW_BLOCKS_MAX", "16")
+
+from bench.images import ImageSpec, ensure_images  # noqa: E402
+from bench.report import describe_machine, table_rows, text_table, write  # noqa: E402
+from bench.scenarios import SCENARIOS, Bench, Sizes  # noqa: E402
+from bench.servers import ImageServer, WebhookReceiver  # noqa: E402
+from bench.stack import infrastructure  # noqa: E402
+from deploy.local.services import REPO_ROOT  # noqa: E402
 
 
 def _list(kind):

@@ -14,6 +14,14 @@ from deploy.local.kafka import KAFKA_VERSION
 from deploy.local.services import REPO_ROOT
 
 
+def _turbojpeg_versions() -> str:
+    """PyTurboJPEG's version and the system libjpeg-turbo's (Debian's package) that it binds."""
+    from importlib.metadata import version
+
+    package = subprocess.run(["dpkg-query", "-W", "-f", "${Version}", "libturbojpeg0"], capture_output=True, text=True)
+    return f"PyTurboJPEG {version('PyTurboJPEG')} on libturbojpeg0 {package.stdout.strip() or '(not from dpkg)'}"
+
+
 def describe_machine(postgres_version: str, kafka_started_here: bool) -> dict:
     cpuinfo = Path("/proc/cpuinfo").read_text()
     meminfo = Path("/proc/meminfo").read_text()
@@ -28,6 +36,7 @@ def describe_machine(postgres_version: str, kafka_started_here: bool) -> dict:
         "python": platform.python_version(),
         "pillow": PIL.__version__,
         "libjpeg_turbo": features.version("libjpeg_turbo"),
+        "turbojpeg": _turbojpeg_versions(),
         "kafka": KAFKA_VERSION if kafka_started_here else f"external broker (deploy/local pins {KAFKA_VERSION})",
         "postgresql": postgres_version,
         "commit": git("rev-parse", "--short", "HEAD"),
@@ -68,7 +77,8 @@ def markdown(report: dict) -> str:
         f"`{' '.join(['python -m bench', *run['argv']])}`, {machine['date']}, {run['seconds']:.0f} s in all; "
         f"commit {machine['commit']}{' (work tree modified)' if machine['work_tree_modified'] else ''}.", "",
         f"Machine: {machine['cpu']}, {machine['cores']} cores, {machine['ram_gib']} GiB RAM; Python {machine['python']}, "
-        f"Pillow {machine['pillow']} (libjpeg-turbo {machine['libjpeg_turbo']}), Kafka {machine['kafka']}, "
+        f"Pillow {machine['pillow']} (libjpeg-turbo {machine['libjpeg_turbo']}), {machine.get('turbojpeg')}, "
+        f"Kafka {machine['kafka']}, "
         f"PostgreSQL {machine['postgresql']}.", "",
         *_markdown_table(["scenario", "measured", "target", "met?"], [list(row) for row in table_rows(report["scenarios"])]),
         "", "## Jobs", "",
@@ -77,12 +87,13 @@ def markdown(report: dict) -> str:
              _number(job["seconds"]), _number(job["images_per_second"], 1)]
             for name, outcome in report["scenarios"].items() for job in _summarised_jobs(outcome)]),
     ]
-    baseline = report.get("baseline")
-    if baseline:
+    baselines = report.get("baseline") or {}
+    if baselines:
         lines += ["", "## Bare Pillow (same images, in memory, no Kafka, HTTP or database)", "",
-                  *_markdown_table(["processes", "images", "seconds", "images/s", "megapixels/s"], [
-                      [b["processes"], b["images"], _number(b["seconds"]), _number(b["images_per_second"], 1),
-                       _number(b["megapixels_per_second"], 0)] for b in baseline.values()])]
+                  *_markdown_table(["images", "processes", "images", "seconds", "images/s", "megapixels/s"], [
+                      [image_set, b["processes"], b["images"], _number(b["seconds"]), _number(b["images_per_second"], 1),
+                       _number(b["megapixels_per_second"], 0)]
+                      for image_set, baseline in baselines.items() for b in baseline.values()])]
     efficiency = report["scenarios"].get("efficiency", {})
     if efficiency.get("cpu_seconds"):
         ways = efficiency["cpu_seconds"]  # the last pass of each way

@@ -108,6 +108,7 @@ class Settings(BaseSettings):
     processor_drain_seconds: float = Field(20.0, ge=0)  # on SIGTERM, finish in-flight work this long
     jpeg_quality: int = Field(50, ge=1, le=95)
     jpeg_optimize: bool = False
+    turbojpeg_library: str | None = None  # libturbojpeg's file (the fast JPEG path); None: as the loader finds it
     png_optimize: bool = False
     max_image_pixels: int = Field(100_000_000, ge=1)
     max_download_bytes: int = Field(50_000_000, ge=1)

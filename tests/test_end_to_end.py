@@ -12,6 +12,7 @@ import psycopg
 from PIL import Image
 
 from deploy.local.stack import wait_for_api
+from services.processor import fast_jpeg
 from tests.support.stack import (
     CRASH_TEST_SETTINGS, JOB_TIMEOUT, KILLED, all_images, assert_settled_with_one_webhook, upload, url_csv,
     wait_for_status,
@@ -90,6 +91,7 @@ def test_a_job_of_jpegs_and_pngs_is_compressed_and_reported(running_stack, image
         assert len(output) <= len(source)
         if before.format == "JPEG":
             assert len(output) < 0.8 * len(source), image["input_url"]
+            assert output == fast_jpeg.reencode(source, quality=50, max_pixels=10**8)  # the fast path's output
         assert image["bytes_in"] == len(source) and image["bytes_out"] == len(output)
 
     output_csv = api.get(f"/output_csv/{request_id}")

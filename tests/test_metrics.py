@@ -51,6 +51,7 @@ def test_each_service_counts_what_a_job_did_and_is_ready(start_stack, image_host
 
     processors = [health_url(stack.services, name) for name in stack.services.names if name.startswith("processor")]
     assert total(processors, "imgpipe_images_processed_total") == 2
+    assert total(processors, "imgpipe_images_encoded_total", codec="turbojpeg") == 2  # JPEGs: the fast path
     assert total(processors, "imgpipe_images_failed_total", reason="http_404") == 1
     assert sum(sum(scrape(url).matching("imgpipe_images_failed_total").values()) for url in processors) == 1
     assert total(processors, "imgpipe_downloaded_bytes_total") == sum(map(len, jpegs))

@@ -40,6 +40,7 @@ from functools import cached_property
 from pathlib import Path
 from urllib.parse import urlparse, urlunparse
 
+from deploy.local.debian import apt_install
 from deploy.local.probe import port_open, tail
 
 REPO = Path(__file__).resolve().parents[2]
@@ -63,12 +64,7 @@ def ensure_installed() -> Path:
 
     bin_dir = find()
     if bin_dir is None:
-        if os.geteuid() != 0:
-            raise RuntimeError("PostgreSQL server binaries (initdb, pg_ctl) not found: "
-                               "install them, e.g. `sudo apt-get install -y postgresql`")
-        env = {**os.environ, "DEBIAN_FRONTEND": "noninteractive"}
-        subprocess.run(["apt-get", "update"], check=True, env=env)
-        subprocess.run(["apt-get", "install", "-y", "postgresql"], check=True, env=env)
+        apt_install("postgresql")  # the server binaries (initdb, pg_ctl)
         bin_dir = find()
         if bin_dir is None:
             raise RuntimeError("installed postgresql but still found no initdb")

@@ -2,7 +2,12 @@
 given. A job's options may ask for another quality, a maximum width and height (scaled down keeping the
 aspect ratio, never enlarged) and another format (WebP, JPEG). Only an output the input itself could
 stand for (same format, no scaling needed) falls back to the input when re-encoding does not make it
-smaller: a caller asking for WebP or 100 px gets WebP or 100 px, even if that takes more bytes."""
+smaller: a caller asking for WebP or 100 px gets WebP or 100 px, even if that takes more bytes.
+
+A JPEG kept a JPEG at its own size takes the fast path (services/processor/fast_jpeg.py); everything
+else, and whatever that path does not cover, goes through Pillow. A JPEG to be scaled down is decoded
+at the smallest of libjpeg's DCT scales (1/2, 1/4, 1/8) that still leaves it at least as large as the
+target, then resampled to the exact size."""
 import io
 import struct
 import warnings
@@ -13,6 +18,7 @@ from PIL import Image, ImageSequence, UnidentifiedImageError
 
 from shared.events import JobOptions
 from shared.failures import FailureCode
+from services.processor import fast_jpeg
 from services.processor.failures import ImageFailure
 from shared.settings import Settings
 
@@ -58,9 +64,18 @@ class Compressed:
     format: str  # Pillow format name, e.g. "JPEG"
     extension: str  # e.g. ".jpg"
     content_type: str  # e.g. "image/jpeg"
+    codec: str  # which path encoded it: FAST_JPEG or PILLOW
+
+
+FAST_JPEG, PILLOW = "turbojpeg", "pillow"
 
 
 def compress(data: bytes | bytearray, options: CompressOptions) -> Compressed:
+    if options.output_format in (None, "JPEG") and data[:2] == fast_jpeg.SOI:
+        encoded = fast_jpeg.reencode(data, options.quality, options.max_image_pixels, options.jpeg_optimize,
+                                     options.max_width, options.max_height)
+        if encoded is not None:
+            return _compressed(data, encoded, "JPEG", True, FAST_JPEG)
     try:
         with warnings.catch_warnings():
             # The limit is ours (_check_total_pixels, before any decoding), per call and not
@@ -76,6 +91,8 @@ def compress(data: bytes | bytearray, options: CompressOptions) -> Compressed:
                 animated = "JPEG" not in (input_format, image_format) and getattr(image, "n_frames", 1) > 1
                 size = fitted_size(image.size, options.max_width, options.max_height)
                 input_would_do = image_format == input_format and size == image.size
+                if size != image.size and not animated:
+                    image.draft(image.mode, size)  # JPEG only: decoded at a DCT scale still >= size
                 encoded = _encode(image, image_format, animated, size, options)
     except Image.DecompressionBombError as exc:
         raise ImageFailure(FailureCode.TOO_LARGE, str(exc)) from None
@@ -85,10 +102,15 @@ def compress(data: bytes | bytearray, options: CompressOptions) -> Compressed:
         raise ImageFailure(FailureCode.TOO_LARGE, "the image needs more memory than this processor has") from None
     except CORRUPT_DATA_ERRORS as exc:
         raise ImageFailure(FailureCode.DECODE_ERROR, f"the image is corrupt or truncated: {exc}") from None
+    return _compressed(data, encoded, image_format, input_would_do, PILLOW)
+
+
+def _compressed(data: bytes | bytearray, encoded: bytes, image_format: str, input_would_do: bool,
+                codec: str) -> Compressed:
     extension, content_type = SUPPORTED_FORMATS[image_format]
     if input_would_do and len(encoded) >= len(data):
         encoded = bytes(data)  # already as small as we can make it (an MPO stays as it was; it is still a valid JPEG)
-    return Compressed(data=encoded, format=image_format, extension=extension, content_type=content_type)
+    return Compressed(data=encoded, format=image_format, extension=extension, content_type=content_type, codec=codec)
 
 
 def _check_total_pixels(image: Image.Image, max_pixels: int) -> None:

@@ -8,6 +8,7 @@ import time
 from concurrent.futures import ProcessPoolExecutor
 from concurrent.futures.process import BrokenProcessPool
 
+from services.processor import fast_jpeg
 from services.processor.compress import Compressed, CompressOptions, compress
 from services.processor.priority import PriorityGate
 
@@ -15,8 +16,9 @@ PARENT_CHECK_SECONDS = 1.0
 
 
 class Compressor:
-    def __init__(self, processes: int | None):
+    def __init__(self, processes: int | None, turbojpeg_library: str | None = None):
         self.processes = (os.cpu_count() or 1) if processes is None else processes
+        self.turbojpeg_library = turbojpeg_library
         self._lock = threading.Lock()
         self._pool = self._new_pool() if self.processes else None
         # One image more than there are workers: each worker has the next image at hand, and an image
@@ -49,11 +51,16 @@ class Compressor:
     def _new_pool(self) -> ProcessPoolExecutor:
         # spawn, not fork: this process runs librdkafka's and httpx's threads, which a fork would copy mid-flight.
         pool = ProcessPoolExecutor(self.processes, mp_context=multiprocessing.get_context("spawn"),
-                                   initializer=_exit_with_parent, initargs=(os.getpid(),))
+                                   initializer=_start_worker, initargs=(os.getpid(), self.turbojpeg_library))
         # Start every worker now (each busy a moment, so the next submit spawns another), not at the first images.
         for future in [pool.submit(time.sleep, 0.05) for _ in range(self.processes)]:
             future.result()
         return pool
+
+
+def _start_worker(parent_pid: int, turbojpeg_library: str | None) -> None:
+    fast_jpeg.load(turbojpeg_library)
+    _exit_with_parent(parent_pid)
 
 
 def _exit_with_parent(parent_pid: int) -> None:

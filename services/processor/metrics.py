@@ -3,6 +3,8 @@ Counters and histograms only on the path of an image: a few microseconds each.""
 from prometheus_client import Counter, Gauge, Histogram
 
 IMAGES_PROCESSED = Counter("imgpipe_images_processed_total", "Images compressed and stored")
+IMAGES_ENCODED = Counter("imgpipe_images_encoded_total", "Images compressed, by the codec path that encoded them: "
+                         "turbojpeg (the fast JPEG path) or pillow", ["codec"])
 IMAGES_FAILED = Counter("imgpipe_images_failed_total", "Images that failed, by reason (the failure code)", ["reason"])
 DOWNLOADED_BYTES = Counter("imgpipe_downloaded_bytes_total", "Bytes downloaded, of the images processed")
 STORED_BYTES = Counter("imgpipe_stored_bytes_total", "Bytes stored after compression, of the images processed")

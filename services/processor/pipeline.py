@@ -156,6 +156,7 @@ class ImagePipeline:
         log.info("image %s of job %s: %s %d -> %d bytes", event.image_id, event.request_id,
                  task.compressed.format, task.bytes_in, len(task.compressed.data))
         metrics.IMAGES_PROCESSED.inc()
+        metrics.IMAGES_ENCODED.labels(codec=task.compressed.codec).inc()
         metrics.DOWNLOADED_BYTES.inc(task.bytes_in)
         metrics.STORED_BYTES.inc(len(task.compressed.data))
         return Finished(ImageProcessed(

@@ -74,7 +74,7 @@ class Processor:
             },
         )
         readiness.add("consumer", consumer_check(self.assigned))
-        self.compressor = Compressor(settings.compress_processes)
+        self.compressor = Compressor(settings.compress_processes, settings.turbojpeg_library)
         self.client = make_http_client(settings)
         hosts = HostGuard(settings.fetch_per_host_limit, settings.host_failure_threshold, settings.host_cooldown_seconds)
         memory = ByteBudget(settings.processor_max_in_flight_bytes)
