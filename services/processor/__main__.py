@@ -1,17 +1,9 @@
 """python -m services.processor: consume image.requested until SIGTERM or SIGINT."""
-import ctypes
 import os
 
-# The download threads allocate buffers of an image's size (MBs). glibc would give each thread an arena of
-# its own (up to 8 per core), each keeping what was freed in it, so peak RSS with 12-megapixel images in
-# flight grew with the threads. Two arenas bound that and still reuse freed buffers; returning every
-# large buffer to the system instead (mmap threshold 128 KiB, before the fast JPEG path) cost page
-# faults on every download and hand-off: the processor's own CPU per JPEG fell from 13 to 6 ms without
-# it (docs/performance.md). The compression workers (one thread each) keep glibc's defaults.
-M_ARENA_MAX = -8  # glibc's mallopt() parameter
-malloc_arenas = int(os.environ.get("MALLOC_ARENA_MAX", 2))
-if hasattr(libc := ctypes.CDLL(None), "mallopt"):  # glibc; other C libraries keep their own ways
-    libc.mallopt(M_ARENA_MAX, malloc_arenas)
+from services.processor.memory import limit_arenas
+
+limit_arenas()  # before any thread allocates
 
 # Pillow reads this once, when PIL.Image is first imported, so it is set before anything imports Pillow.
 # Keeping more freed image blocks for reuse cut allocation time in decode-heavy work (docs/performance.md).

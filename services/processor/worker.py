@@ -25,6 +25,7 @@ from services.processor import metrics
 from services.processor.compressor import Compressor
 from services.processor.fetch import make_http_client
 from services.processor.hosts import HostGuard
+from services.processor.memory import return_free_memory
 from services.processor.pipeline import ByteBudget, ImagePipeline, ImageTask, RetryLater
 from services.processor.priority import BULK, NORMAL
 from services.processor.storage import Storage, make_storage
@@ -93,6 +94,7 @@ class Processor:
         self.waiting = 0  # of which are waiting for a retry
         self.unacked = 0  # results handed to the producer and not yet acknowledged
         self.paused: set[tuple[str, int]] = set()
+        self.trimmed = True  # free memory handed back since the last image finished
         metrics.IMAGES_IN_FLIGHT.set_function(lambda: self.working)
         for lane, name in ((settings.topic_requested, "normal"), (settings.topic_requested_bulk, "bulk")):
             metrics.IMAGES_QUEUED.labels(lane=name).set_function(lambda queue=self.lanes[lane]: len(queue))
@@ -113,6 +115,11 @@ class Processor:
                     self._queue(message)
                 self._start_queued()
                 store_offsets(self.consumer, self.tracker)
+                if self.working:
+                    self.trimmed = False
+                elif not self.trimmed:
+                    return_free_memory()
+                    self.trimmed = True
         finally:
             self._drain()
             self.consumer.close()  # commits the stored offsets of finished work
