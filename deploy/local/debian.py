@@ -14,22 +14,23 @@ LIBRARIES = {"libturbojpeg0": "turbojpeg"}  # the processor's fast JPEG path (se
 COMMANDS = {"libjpeg-turbo-progs": "jpegtran"}  # the tests make arithmetic-coded JPEGs with it
 
 
-def apt_install(package: str) -> None:
+def apt_install(*packages: str) -> None:
     if os.geteuid() != 0:
-        raise RuntimeError(f"the Debian package {package} is missing: install it, e.g. `sudo apt-get install -y {package}`")
+        names = " ".join(packages)
+        raise RuntimeError(f"missing Debian packages: {names}; install them, e.g. `sudo apt-get install -y {names}`")
     env = {**os.environ, "DEBIAN_FRONTEND": "noninteractive"}
     subprocess.run(["apt-get", "update"], check=True, env=env)
-    subprocess.run(["apt-get", "install", "-y", package], check=True, env=env)
+    subprocess.run(["apt-get", "install", "-y", *packages], check=True, env=env)
 
 
 def ensure_installed() -> None:
     present = {**{package: lambda name=name: ctypes.util.find_library(name) for package, name in LIBRARIES.items()},
                **{package: lambda name=name: shutil.which(name) for package, name in COMMANDS.items()}}
-    for package, found in present.items():
-        if found() is None:
-            apt_install(package)
-            if found() is None:
-                raise RuntimeError(f"installed {package} but still cannot find what it provides")
+    missing = [package for package, found in present.items() if found() is None]
+    if missing:
+        apt_install(*missing)
+        if still := [package for package in missing if present[package]() is None]:
+            raise RuntimeError(f"installed {', '.join(still)} but still cannot find what they provide")
 
 
 if __name__ == "__main__":
