@@ -7,7 +7,7 @@ from PIL import Image, ImageCms
 from services.processor.compress import CompressOptions, compress
 from services.processor.failures import ImageFailure
 from tests.support.settings import make_test_settings
-from tests.support.images import encode, photo_like
+from tests.support.images import decode, encode, photo_like
 
 ORIENTATION = 0x0112
 
@@ -20,12 +20,6 @@ def options() -> CompressOptions:
 
 def photo(size=(800, 600), mode="RGB") -> Image.Image:
     return photo_like(*size, seed=7, mode=mode)
-
-
-def decode(data: bytes) -> Image.Image:
-    image = Image.open(io.BytesIO(data))
-    image.load()
-    return image
 
 
 def failure_code(data: bytes, options: CompressOptions) -> str:

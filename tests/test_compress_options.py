@@ -6,7 +6,7 @@ from PIL import Image
 
 from services.processor.compress import CompressOptions, compress, fitted_size
 from shared.events import JobOptions
-from tests.support.images import encode, photo_like
+from tests.support.images import decode, encode, photo_like
 from tests.support.settings import make_test_settings
 
 
@@ -17,12 +17,6 @@ def defaults() -> CompressOptions:
 
 def job(defaults: CompressOptions, **options) -> CompressOptions:
     return defaults.for_job(JobOptions(**options))
-
-
-def decode(data: bytes) -> Image.Image:
-    image = Image.open(io.BytesIO(data))
-    image.load()
-    return image
 
 
 def quantization(data: bytes) -> dict:

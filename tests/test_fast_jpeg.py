@@ -12,7 +12,7 @@ import pytest
 from PIL import Image, ImageCms, JpegImagePlugin
 
 from services.processor.compress import FAST_JPEG, PILLOW, CompressOptions, compress
-from tests.support.images import encode, photo_like
+from tests.support.images import decode, encode, photo_like
 from tests.support.settings import make_test_settings
 
 ORIENTATION = 0x0112
@@ -26,12 +26,6 @@ def options() -> CompressOptions:
 
 def photo(size=(801, 601), mode="RGB") -> Image.Image:
     return photo_like(*size, seed=11, mode=mode)  # odd sizes: the planes' padding is part of what is tested
-
-
-def decode(data: bytes) -> Image.Image:
-    image = Image.open(io.BytesIO(data))
-    image.load()
-    return image
 
 
 def pillow_at_quality_50(source: bytes) -> bytes:

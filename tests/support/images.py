@@ -22,6 +22,13 @@ def photo_like(width: int, height: int, seed: int, mode: str = "RGB") -> Image.I
     return image
 
 
+def decode(data: bytes) -> Image.Image:
+    """An image's bytes decoded whole (a truncated file fails here, not later)."""
+    image = Image.open(io.BytesIO(data))
+    image.load()
+    return image
+
+
 def encode(image: Image.Image, fmt: str, **options) -> bytes:
     buffer = io.BytesIO()
     image.save(buffer, fmt, **options)
