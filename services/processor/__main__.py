@@ -10,7 +10,7 @@ limit_arenas()  # before any thread allocates
 # The compression workers, spawned from this process, inherit it.
 os.environ.setdefault("PILLOW_BLOCKS_MAX", "16")
 
-from services.processor import fast_jpeg  # noqa: E402
+from services.processor.libturbojpeg import library_path  # noqa: E402
 from services.processor.worker import run  # noqa: E402
 from shared.health import serve_health  # noqa: E402
 from shared.kafka import check_kafka  # noqa: E402
@@ -22,7 +22,7 @@ def main() -> None:
     settings = get_settings()
     setup_logging(settings.log_level, settings.log_format)
     with exit_on_startup_error():
-        fast_jpeg.load(settings.turbojpeg_library)
+        library_path(settings.turbojpeg_library)  # checked here; the compression workers load it
         serve_health(settings, "kafka", "consumer")  # first: /readyz says what is missing while Kafka is awaited
         check_kafka(settings)
     run(settings, stop_on_signals())

@@ -18,7 +18,6 @@ from PIL import Image, ImageSequence, UnidentifiedImageError
 
 from shared.events import JobOptions
 from shared.failures import FailureCode
-from services.processor import fast_jpeg
 from services.processor.failures import ImageFailure
 from shared.settings import Settings
 
@@ -31,6 +30,7 @@ SUPPORTED_FORMATS = {
     "GIF": (".gif", "image/gif"),
 }
 SAVED_AS = {"MPO": "JPEG"}
+JPEG_START = b"\xff\xd8"
 # What Pillow's decoders raise on truncated or corrupt data.
 CORRUPT_DATA_ERRORS = (OSError, SyntaxError, ValueError, EOFError, IndexError, KeyError, TypeError, struct.error, zlib.error)
 
@@ -71,7 +71,9 @@ FAST_JPEG, PILLOW = "turbojpeg", "pillow"
 
 
 def compress(data: bytes | bytearray, options: CompressOptions) -> Compressed:
-    if options.output_format in (None, "JPEG") and data[:2] == fast_jpeg.SOI:
+    if options.output_format in (None, "JPEG") and data[:2] == JPEG_START:
+        from services.processor import fast_jpeg  # here, not above: the processor process itself needs no numpy
+
         encoded = fast_jpeg.reencode(data, options.quality, options.max_image_pixels, options.jpeg_optimize,
                                      options.max_width, options.max_height)
         if encoded is not None:

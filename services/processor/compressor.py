@@ -8,7 +8,6 @@ import time
 from concurrent.futures import ProcessPoolExecutor
 from concurrent.futures.process import BrokenProcessPool
 
-from services.processor import fast_jpeg
 from services.processor.compress import Compressed, CompressOptions, compress
 from services.processor.priority import PriorityGate
 
@@ -59,6 +58,8 @@ class Compressor:
 
 
 def _start_worker(parent_pid: int, turbojpeg_library: str | None) -> None:
+    from services.processor import fast_jpeg  # in the worker only: the processor process itself needs no numpy
+
     fast_jpeg.load(turbojpeg_library)
     _exit_with_parent(parent_pid)
 

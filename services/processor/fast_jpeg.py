@@ -12,7 +12,7 @@ import warnings
 
 import numpy as np
 
-from shared.runtime import StartupError
+from services.processor.libturbojpeg import library_path
 
 # Debian's libturbojpeg0 is the 2.1 series, whose API PyTurboJPEG 1.x binds (2.x needs libjpeg-turbo 3).
 from turbojpeg import (TJCS_GRAY, TJCS_YCbCr, TJFLAG_PROGRESSIVE, TJFLAG_STOPONWARNING, TJSAMP_420,
@@ -33,20 +33,11 @@ PLANE_ROW_ALIGNMENT = 4  # PyTurboJPEG's YUV buffers pad every plane's rows to 4
 _library: TurboJPEG | None = None
 
 
-class LibraryMissing(StartupError):
-    pass
-
-
 def load(path: str | None = None) -> TurboJPEG:
     """Load the TurboJPEG library (from `path`, or where the system's loader finds it) for this process;
-    LibraryMissing names the package to install. The processor loads it at start, so a machine without
-    it refuses to start instead of silently taking the slower path."""
+    LibraryMissing names the package to install."""
     global _library
-    try:
-        _library = TurboJPEG(path)
-    except (OSError, RuntimeError) as exc:
-        raise LibraryMissing("libjpeg-turbo's TurboJPEG library was not found "
-                             f"(Debian: apt-get install -y libturbojpeg0): {exc}") from None
+    _library = TurboJPEG(library_path(path))
     return _library
 
 
