@@ -11,12 +11,11 @@ import os
 import warnings
 
 import numpy as np
-
-from services.processor.libturbojpeg import library_path
-
 # Debian's libturbojpeg0 is the 2.1 series, whose API PyTurboJPEG 1.x binds (2.x needs libjpeg-turbo 3).
 from turbojpeg import (TJCS_GRAY, TJCS_YCbCr, TJFLAG_PROGRESSIVE, TJFLAG_STOPONWARNING, TJSAMP_420,
                        TJSAMP_422, TJSAMP_440, TJSAMP_444, TJSAMP_GRAY, TurboJPEG)
+
+from services.processor.libturbojpeg import library_path
 
 SOI = b"\xff\xd8"
 APP0, APP1, APP2, COM, SOS = 0xE0, 0xE1, 0xE2, 0xFE, 0xDA
