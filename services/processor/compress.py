@@ -30,7 +30,6 @@ SUPPORTED_FORMATS = {
     "GIF": (".gif", "image/gif"),
 }
 SAVED_AS = {"MPO": "JPEG"}
-JPEG_START = b"\xff\xd8"
 # What Pillow's decoders raise on truncated or corrupt data.
 CORRUPT_DATA_ERRORS = (OSError, SyntaxError, ValueError, EOFError, IndexError, KeyError, TypeError, struct.error, zlib.error)
 
@@ -71,7 +70,7 @@ FAST_JPEG, PILLOW = "turbojpeg", "pillow"
 
 
 def compress(data: bytes | bytearray, options: CompressOptions) -> Compressed:
-    if options.output_format in (None, "JPEG") and data[:2] == JPEG_START:
+    if options.output_format in (None, "JPEG"):  # reencode() itself tells a JPEG from anything else
         from services.processor import fast_jpeg  # here, not above: the processor process itself needs no numpy
 
         encoded = fast_jpeg.reencode(data, options.quality, options.max_image_pixels, options.jpeg_optimize,
