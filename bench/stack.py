@@ -193,7 +193,7 @@ class Services:
                 if (group.state == ConsumerGroupState.STABLE and len(group.members) >= wanted
                         and all(member.assignment.topic_partitions for member in group.members)):
                     return True
-            except KafkaException:
+            except (KafkaException, TimeoutError):  # e.g. the group coordinator still loading after a start
                 pass
             time.sleep(0.2)
         return False

@@ -103,7 +103,7 @@ class Settings(BaseSettings):
     # messages are dropped and fetched again on resume: a long queue keeps the images in flight fed
     # meanwhile, and makes those stutters rare when a backlog fails fast (a dead host's 10,000 images).
     processor_queued_per_lane: int = Field(1000, ge=1)
-    processor_max_in_flight_bytes: int = Field(32_000_000, ge=1)  # downloads wait while more is held
+    processor_max_in_flight_bytes: int = Field(32_000_000, ge=1)  # a body is read only once it fits beside what is held
     compress_processes: int | None = Field(None, ge=0)  # None: one per core; 0: compress in threads
     processor_drain_seconds: float = Field(20.0, ge=0)  # on SIGTERM, finish in-flight work this long
     jpeg_quality: int = Field(50, ge=1, le=95)

@@ -64,6 +64,10 @@ class ImageServer(BaseHTTPRequestHandler):
             self.wfile.write(b"x" * (MAX_BYTES + 1))
         elif name == "exactly-max":
             self.reply(200, b"x" * MAX_BYTES)
+        elif name == "exactly-max-undeclared":
+            self.send_response(200)
+            self.end_headers()
+            self.wfile.write(b"x" * MAX_BYTES)
         elif name == "empty":
             self.reply(200, b"")
         elif name == "trickle":  # a whole body, one byte per TRICKLE_SECONDS: each read is quick, the total is not
@@ -124,6 +128,15 @@ def failure(fetch, url: str) -> ImageFailure:
 
 def test_ok(fetch, server):
     assert fetch(f"{server}/ok") == BODY
+
+
+@pytest.mark.parametrize("path, announced", [("/ok", len(BODY)), ("/exactly-max-undeclared", None)])
+def test_the_body_size_is_announced_before_the_body_is_read(settings, server, path, announced):
+    sizes = []
+    with make_http_client(settings) as client:
+        body = fetch_image(client, f"{server}{path}", settings.max_download_bytes, before_body=sizes.append)
+    assert sizes == [announced]
+    assert len(body) == (len(BODY) if announced else MAX_BYTES)
 
 
 def test_not_found_fails_at_once(fetch, server):

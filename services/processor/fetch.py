@@ -1,6 +1,7 @@
 """Download one image over HTTP(S) in one attempt, with limits on time, redirects and size.
 Whether and when to try again is the caller's decision (TransientFailure says it may help)."""
 import time
+from collections.abc import Callable
 
 import httpx
 
@@ -39,9 +40,11 @@ def check_url(url: str) -> httpx.URL:
     return parsed
 
 
-def fetch_image(client: httpx.Client, url: str, max_bytes: int, total_seconds: float | None = None) -> bytearray:
+def fetch_image(client: httpx.Client, url: str, max_bytes: int, total_seconds: float | None = None,
+                before_body: Callable[[int | None], None] = lambda declared: None) -> bytearray:
     """The body of `url`, or ImageFailure (a TransientFailure when another attempt may succeed).
-    total_seconds bounds the whole download, redirects included, however slowly the server sends."""
+    total_seconds bounds the whole download, redirects included, however slowly the server sends.
+    before_body(the body's declared size, or None) is called once the answer is accepted, before its body is read."""
     check_url(url)
     try:
         with total_deadline(total_seconds) as deadline, client.stream("GET", url) as response:
@@ -53,6 +56,7 @@ def fetch_image(client: httpx.Client, url: str, max_bytes: int, total_seconds: f
             declared = response.headers.get("Content-Length", "")
             if declared.isdigit() and int(declared) > max_bytes:
                 raise ImageFailure(FailureCode.TOO_LARGE, f"the server declares {declared} bytes; the limit is {max_bytes}")
+            before_body(_declared_size(response))
             body = _read_body(response, max_bytes)
     except ForbiddenAddress as exc:
         raise ImageFailure(FailureCode.FORBIDDEN_ADDRESS, str(exc)) from None
@@ -71,11 +75,17 @@ def fetch_image(client: httpx.Client, url: str, max_bytes: int, total_seconds: f
     return body
 
 
+def _declared_size(response: httpx.Response) -> int | None:
+    """The body's size as it will be read (a compressed body is decoded, so its Content-Length is not)."""
+    declared = response.headers.get("Content-Length", "")
+    return int(declared) if declared.isdigit() and not response.headers.get("Content-Encoding") else None
+
+
 def _read_body(response: httpx.Response, max_bytes: int) -> bytearray:
     """The body, in one buffer sized once from Content-Length when the server gives it (growing a
     buffer chunk by chunk holds up to twice the image at times)."""
-    declared = response.headers.get("Content-Length", "")
-    body = bytearray(int(declared)) if declared.isdigit() and not response.headers.get("Content-Encoding") else bytearray()
+    declared = _declared_size(response)
+    body = bytearray(declared) if declared is not None else bytearray()
     size = 0
     for chunk in response.iter_bytes():
         end = size + len(chunk)

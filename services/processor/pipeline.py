@@ -6,7 +6,6 @@ tried image_max_attempts times, then fails as internal_error; an unavailable sto
 again without limit (it is not the image's fault), keeping the compressed bytes meanwhile."""
 import logging
 import threading
-from contextlib import contextmanager
 from dataclasses import dataclass, field
 from urllib.parse import urlsplit
 
@@ -33,6 +32,7 @@ UNEXPECTED_RETRY_SECONDS = 0.5
 STORAGE_RETRY_SECONDS = 1.0
 MAX_RETRY_SECONDS = 30.0
 MESSAGE_MAX_CHARS = 1000
+UNKNOWN_SIZE_BYTES = 1_000_000  # reserved for a body sent without Content-Length, corrected once read
 
 
 @dataclass
@@ -67,9 +67,10 @@ class RetryLater:
 
 
 class ByteBudget:
-    """Bytes of images held in memory by this process. A download starts only while fewer than
-    `limit` are held, so memory stays bounded whatever the backlog (a download already running may
-    still add its own bytes). Waiting images of the normal lane go first."""
+    """Bytes of images held in memory by this process. A download reads its body only once the
+    body's size (Content-Length, or UNKNOWN_SIZE_BYTES without one) fits under `limit` beside what is
+    held, or nothing is held (an image larger than the limit goes alone); so memory stays bounded
+    however many downloads run at once. Waiting images of the normal lane go first."""
 
     def __init__(self, limit: int):
         self.limit = limit
@@ -79,29 +80,52 @@ class ByteBudget:
 
     def wait_below_limit(self, priority: int) -> None:
         with self._changed:
-            if priority == NORMAL:
-                self._normal_waiting += 1
-                self._changed.wait_for(lambda: self.held < self.limit)
-                self._normal_waiting -= 1
-            else:
-                self._changed.wait_for(lambda: self.held < self.limit and not self._normal_waiting)
+            self._wait(lambda: self.held < self.limit, priority)
+
+    def reserve(self, count: int, priority: int) -> None:
+        with self._changed:
+            self._wait(lambda: self.held + count <= self.limit or self.held == 0, priority)
+            self.held += count
+
+    def _wait(self, room, priority: int) -> None:
+        if priority == NORMAL:
+            self._normal_waiting += 1
+            self._changed.wait_for(room)
+            self._normal_waiting -= 1
+        else:
+            self._changed.wait_for(lambda: room() and not self._normal_waiting)
 
     def add(self, count: int) -> None:
         with self._changed:
             self.held += count
+            self._changed.notify_all()  # count may be negative (a body smaller than reserved)
 
     def release(self, count: int) -> None:
-        with self._changed:
-            self.held -= count
-            self._changed.notify_all()
+        self.add(-count)
 
-    @contextmanager
-    def holding(self, count: int):
-        self.add(count)
-        try:
-            yield
-        finally:
-            self.release(count)
+
+class Reservation:
+    """One download's share of a ByteBudget, given back when the `with` block ends."""
+
+    def __init__(self, budget: ByteBudget, priority: int):
+        self.budget, self.priority, self.held = budget, priority, 0
+
+    def body_size(self, declared: int | None) -> None:
+        """fetch_image's hook: called once the headers are in, before the body is read."""
+        size = UNKNOWN_SIZE_BYTES if declared is None else declared
+        self.budget.reserve(size, self.priority)
+        self.held = size
+
+    def resize(self, actual: int) -> None:
+        self.budget.add(actual - self.held)
+        self.held = actual
+
+    def __enter__(self):
+        return self
+
+    def __exit__(self, *exc_info):
+        self.budget.release(self.held)
+        self.held = 0
 
 
 class ImagePipeline:
@@ -170,21 +194,23 @@ class ImagePipeline:
 
     def _fetch_and_compress(self, task: ImageTask) -> None:
         host = task.origin
-        self.memory.wait_below_limit(task.priority)
-        with self.hosts.slot(host, task.priority):
-            task.fetch_attempts += 1
-            try:
-                with metrics.DOWNLOAD_SECONDS.time():
-                    data = fetch_image(self.client, task.event.input_url, self.settings.max_download_bytes,
-                                       self.settings.fetch_total_timeout)
-            except TransientFailure as failure:
-                if failure.host_unreachable:
-                    self.hosts.failed(host)
-                raise
-            self.hosts.succeeded(host)
-        with self.memory.holding(len(data)), metrics.COMPRESS_SECONDS.time():
-            compressed = self.compressor.compress(data, self.options.for_job(task.event.options), task.priority)
-        self.memory.add(len(compressed.data))
+        self.memory.wait_below_limit(task.priority)  # opens no connection while the budget is spent
+        with Reservation(self.memory, task.priority) as reservation:
+            with self.hosts.slot(host, task.priority):
+                task.fetch_attempts += 1
+                try:
+                    with metrics.DOWNLOAD_SECONDS.time():
+                        data = fetch_image(self.client, task.event.input_url, self.settings.max_download_bytes,
+                                           self.settings.fetch_total_timeout, reservation.body_size)
+                except TransientFailure as failure:
+                    if failure.host_unreachable:
+                        self.hosts.failed(host)
+                    raise
+                self.hosts.succeeded(host)
+            reservation.resize(len(data))
+            with metrics.COMPRESS_SECONDS.time():
+                compressed = self.compressor.compress(data, self.options.for_job(task.event.options), task.priority)
+            self.memory.add(len(compressed.data))
         task.bytes_in, task.compressed = len(data), compressed
 
     def fail_fast(self, task: ImageTask) -> Finished | None:
