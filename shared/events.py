@@ -6,11 +6,18 @@ from enum import Enum
 from collections.abc import Iterable, Sequence
 from typing import Literal
 
-from pydantic import BaseModel, Field
+from pydantic import BaseModel, Field, ValidationError
 
 from shared.failures import CODE_DESCRIPTION
 
 MAX_DIMENSION = 65_535  # the largest width or height a JPEG can have
+MAX_BYTES = 2**63 - 1  # PostgreSQL's bigint
+
+
+def describe_invalid(exc: ValidationError, event_type: str) -> str:
+    """One line for a message that is not a valid `event_type` event: each error, where and what."""
+    return f"not a valid {event_type} event: " + "; ".join(
+        f"{'.'.join(map(str, error['loc'])) or 'event'}: {error['msg']}" for error in exc.errors())
 
 
 def _now() -> datetime:
@@ -100,8 +107,8 @@ class ImageProcessed(ImageRef):
     status: ImageStatus
     output_url: str | None = None
     format: str | None = Field(None, description="Pillow format name, e.g. JPEG, PNG")
-    bytes_in: int | None = Field(None, ge=0)
-    bytes_out: int | None = Field(None, ge=0)
+    bytes_in: int | None = Field(None, ge=0, le=MAX_BYTES)
+    bytes_out: int | None = Field(None, ge=0, le=MAX_BYTES)
     error: ImageError | None = None
 
 

@@ -128,10 +128,20 @@ def produce_and_wait(producer: Producer, topic: str, messages: Iterable[tuple], 
     return sent
 
 
+DEAD_LETTER_ERROR_MAX_CHARS = 1000
+
+
+def dead_letter(message: Message, topic: str, error: str) -> tuple[bytes | None, bytes | None, list[tuple[str, bytes]]]:
+    """The message as it is passed on, unchanged, to the dead-letter `topic` (logged): its key, its
+    value, and headers saying why and where from."""
+    log.warning("message %s[%d]@%d sent to %s: %s", message.topic(), message.partition(), message.offset(), topic, error)
+    return message.key(), message.value(), dead_letter_headers(message, error)
+
+
 def dead_letter_headers(message: Message, error: str) -> list[tuple[str, bytes]]:
     """The headers of a message passed on unchanged to a dead-letter topic: its own, why, and where from."""
     return list(message.headers() or []) + [
-        ("error", error.encode()),
+        ("error", error[:DEAD_LETTER_ERROR_MAX_CHARS].encode()),
         ("source_topic", message.topic().encode()),
         ("source_partition", str(message.partition()).encode()),
         ("source_offset", str(message.offset()).encode()),

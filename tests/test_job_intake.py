@@ -6,6 +6,8 @@ import io
 import json
 import uuid
 
+import psycopg
+
 from shared.events import JobRequested
 from tests.support.images import jpeg_bytes
 from tests.support.kafka import produce_as_another_service, read_to_end, wait_until_consumed
@@ -64,6 +66,30 @@ def test_events_that_cannot_become_jobs_go_to_the_dead_letter_topic_with_the_rea
     assert stack.api.get(f"/status/{valid['request_id']}").status_code == 404  # nothing stored
 
 
+def test_an_event_the_database_keeps_refusing_goes_to_the_dead_letter_topic_and_the_next_is_taken(start_stack):
+    stack = start_stack(processors=0)
+    settings = stack.settings
+    refused, following = (JobRequested(request_id=uuid.uuid4(), image_urls=["https://img.example.com/a.jpg"])
+                          for _ in range(2))
+    with psycopg.connect(settings.database_url, autocommit=True) as conn:  # the test's own database
+        conn.execute(f"""CREATE FUNCTION refuse_one_job() RETURNS trigger LANGUAGE plpgsql AS $$
+            BEGIN
+                IF NEW.job_id = '{refused.request_id}' THEN RAISE EXCEPTION 'refused by the test''s trigger'; END IF;
+                RETURN NEW;
+            END $$""")
+        conn.execute("CREATE TRIGGER refuse_one_job BEFORE INSERT ON processing_jobs FOR EACH ROW EXECUTE FUNCTION refuse_one_job()")
+    for job in (refused, following):  # one key: one partition, the refused event first
+        produce_as_another_service(settings, settings.topic_job_requested, b"same-producer", job.model_dump_json().encode())
+
+    wait_until_consumed(settings, settings.intake_group, [settings.topic_job_requested])
+    [letter] = read_to_end(settings, settings.topic_job_dead_letter)
+    assert letter.value() == refused.model_dump_json().encode()
+    error = dict(letter.headers())["error"].decode()
+    assert error.startswith("could not be stored in 3 tries") and "refused by the test's trigger" in error
+    assert stack.api.get(f"/status/{refused.request_id}").status_code == 404
+    assert stack.api.get(f"/status/{following.request_id}").status_code == 200
+
+
 def test_results_the_notifier_cannot_read_go_to_its_dead_letter_topic_and_it_moves_on(start_stack):
     stack = start_stack(processors=0)
     settings = stack.settings
@@ -72,4 +98,5 @@ def test_results_the_notifier_cannot_read_go_to_its_dead_letter_topic_and_it_mov
     wait_until_consumed(settings, settings.notifier_group, [settings.topic_processed])
     [letter] = read_to_end(settings, settings.topic_processed_dead_letter)
     assert letter.value() == b'{"event_type": "image.processed", "status": "maybe"}'
-    assert dict(letter.headers())["error"].startswith(b"not an image.processed event")
+    error = dict(letter.headers())["error"]
+    assert error.startswith(b"not a valid image.processed event: ") and b"status: Input should be 'processed' or 'failed'" in error

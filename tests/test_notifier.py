@@ -14,7 +14,7 @@ from services.notifier.consumer import run
 from services.notifier.results import ResultBatch, apply_results
 from shared.kafka import make_producer, produce_and_wait
 from tests.support.jobs import Jobs, expected_payload, result
-from tests.support.kafka import wait_until_consumed
+from tests.support.kafka import read_to_end, wait_until_consumed
 from tests.support.threads import ServiceThread
 
 # --- apply_results ------------------------------------------------------------------------------
@@ -265,3 +265,26 @@ def test_results_with_fields_it_does_not_know_are_applied(notifier_settings, job
     wait_until_settled(notifier_settings, jobs, job_id)
     assert [(i["status"], i["error_code"]) for i in jobs.images(job_id)] == [("processed", None), ("failed", "http_404")]
     assert len(receiver.requests) == 1
+
+
+def test_a_result_the_database_refuses_goes_to_the_dead_letter_topic_and_the_others_are_applied(
+        notifier_settings, jobs, receivers, notifiers):
+    """A poison result (valid JSON, but text PostgreSQL cannot store) must not stall the notifier."""
+    receiver = receivers()
+    job_id, images = jobs.create(2, webhook_url=receiver.url)
+    poison = result(job_id, images[0], failed=True)
+    poison.error.message = "NUL \x00 is no character PostgreSQL can store"
+    notifiers(notifier_settings)
+
+    produce(notifier_settings, [poison, result(job_id, images[1])])
+    wait_until_consumed(notifier_settings.kafka_bootstrap_servers, notifier_settings.notifier_group,
+                        [notifier_settings.topic_processed])
+    [letter] = read_to_end(notifier_settings, notifier_settings.topic_processed_dead_letter)
+    assert letter.value() == poison.model_dump_json().encode()  # passed on unchanged
+    assert dict(letter.headers())["error"].startswith(f"the database refused image.processed {poison.event_id}".encode())
+    assert [i["status"] for i in jobs.images(job_id)] == ["pending", "processed"]
+
+    produce(notifier_settings, [result(job_id, images[0])])  # the image's result sent again, repaired
+    [request] = receiver.wait_for(1)
+    assert request.headers["webhook-id"] == str(job_id)
+    assert jobs.job(job_id)["processed_images"] == 2

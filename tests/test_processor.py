@@ -132,7 +132,7 @@ def test_images_get_results_and_garbage_goes_to_the_dead_letter_topic(settings, 
     assert sorted((m.key(), m.value()) for m in dead) == sorted((k.encode(), v) for k, v in garbage)
     for message in dead:
         headers = dict(message.headers())
-        assert headers["error"].startswith(b"not an ImageRequested event")
+        assert headers["error"].startswith(b"not a valid image.requested event")
         assert headers["source_topic"] == settings.topic_requested.encode()
 
 

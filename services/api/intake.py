@@ -8,7 +8,7 @@ import logging
 import threading
 import uuid
 
-from confluent_kafka import Consumer, Message, Producer
+from confluent_kafka import KafkaException, Message, Producer
 from psycopg_pool import ConnectionPool
 from pydantic import ValidationError
 
@@ -17,13 +17,15 @@ from services.api.csv_input import CsvRow, ParsedCsv
 from services.api.errors import ApiError
 from services.api.urls import check_webhook_url, is_http_url
 from shared import kafka
-from shared.events import JobOptions, JobRequested
+from shared.events import JobOptions, JobRequested, describe_invalid
+from shared.metrics import CONSUMER_LAG
+from shared.offsets import OffsetTracker
+from shared.retry import MESSAGE_MAX_ATTEMPTS, UNAVAILABLE, Backoff
 from shared.settings import Settings
 
 log = logging.getLogger(__name__)
 
 POLL_SECONDS = 0.5
-MAX_RETRY_DELAY_SECONDS = 30.0
 URL_COLUMN = "url"  # the one column of the output CSV of a job created over Kafka, beside Output Image Urls
 
 
@@ -35,8 +37,7 @@ def read_job(value: bytes | None, settings: Settings) -> tuple[JobRequested, Par
     try:
         job = JobRequested.model_validate_json(value or b"")
     except ValidationError as exc:
-        raise InvalidJob("not a job.requested event: " + "; ".join(
-            f"{'.'.join(map(str, error['loc'])) or 'event'}: {error['msg']}" for error in exc.errors())) from None
+        raise InvalidJob(describe_invalid(exc, "job.requested")) from None
     if len(job.image_urls) > settings.max_images_per_job:
         raise InvalidJob(f"{len(job.image_urls)} images; a job may have at most {settings.max_images_per_job}")
     for number, url in enumerate(job.image_urls, start=1):
@@ -58,52 +59,55 @@ class JobIntake:
         self.producer = producer
 
     def run(self, stop: threading.Event) -> None:
-        consumer = Consumer({
-            **kafka.client_config(self.settings),
-            "group.id": self.settings.intake_group,
-            "enable.auto.commit": True,
-            "enable.auto.offset.store": False,
-            "auto.commit.interval.ms": self.settings.kafka_auto_commit_interval_ms,
-            "auto.offset.reset": "earliest",
-        })
-        consumer.subscribe([self.settings.topic_job_requested])
+        tracker = OffsetTracker()
+        consumer = kafka.make_consumer(self.settings, self.settings.intake_group, [self.settings.topic_job_requested],
+                                       tracker, **CONSUMER_LAG.consumer_config(self.settings.intake_group))
         try:
             while not stop.is_set():
                 message = consumer.poll(POLL_SECONDS)
                 if message is None:
                     continue
                 if message.error() is not None:
+                    if message.error().fatal():
+                        raise KafkaException(message.error())
                     log.warning("job intake consumer error: %s", message.error())
                     continue
-                if self._take_until_done(message, stop):
-                    consumer.store_offsets(message)
+                partition = (message.topic(), message.partition())
+                epoch = tracker.start(partition, message.offset())
+                if not self._take_until_done(message, stop):
+                    break
+                tracker.finish(partition, message.offset(), epoch)
+                kafka.store_offsets(consumer, tracker)
         finally:
             consumer.close()
 
     def _take_until_done(self, message: Message, stop: threading.Event) -> bool:
-        """Take the message, retrying while the database or Kafka fails; False if stopped first."""
-        delay = 0.5
+        """Take the message, retrying while the database or Kafka is unavailable; after MESSAGE_MAX_ATTEMPTS
+        failures for another reason, pass it on to the dead-letter topic. False if stopped first."""
+        backoff, failures = Backoff(), []
         while True:
             try:
-                self.take(message)
+                if len(failures) < MESSAGE_MAX_ATTEMPTS:
+                    self.take(message)
+                else:
+                    self._dead_letter(message, f"could not be stored in {len(failures)} tries: {failures[-1]!r}")
                 return True
-            except Exception:
-                log.exception("taking the job at %s[%d]@%d failed; retrying in %gs",
-                              message.topic(), message.partition(), message.offset(), delay)
-                if stop.wait(delay):
-                    return False
-                delay = min(delay * 2, MAX_RETRY_DELAY_SECONDS)
+            except UNAVAILABLE as exc:
+                log.warning("taking the job at %s[%d]@%d waits for the database or Kafka (%s); next try in %gs",
+                            message.topic(), message.partition(), message.offset(), exc, backoff.delay)
+            except Exception as exc:
+                failures.append(exc)
+                log.exception("taking the job at %s[%d]@%d failed (try %d of %d); next try in %gs", message.topic(),
+                              message.partition(), message.offset(), len(failures), MESSAGE_MAX_ATTEMPTS, backoff.delay)
+            if not backoff.wait(stop):
+                return False
 
     def take(self, message: Message) -> None:
         try:
             job, parsed = read_job(message.value(), self.settings)
-        except InvalidJob as exc:
-            self._dead_letter(message, exc)
-            return
-        try:
             owner = self._owner(job)
         except InvalidJob as exc:
-            self._dead_letter(message, exc)
+            self._dead_letter(message, str(exc))
             return
         stored = jobs.insert_job(self.pool, parsed, job.webhook_url, owner, job_id=job.request_id,
                                  options=job.options or JobOptions(quality=self.settings.jpeg_quality))
@@ -120,8 +124,6 @@ class JobIntake:
             raise InvalidJob(f"api_key_id {job.api_key_id}: no such API key, or it is revoked")
         return job.api_key_id
 
-    def _dead_letter(self, message: Message, reason: InvalidJob) -> None:
-        log.warning("job event %s[%d]@%d sent to %s: %s", message.topic(), message.partition(), message.offset(),
-                    self.settings.topic_job_dead_letter, reason)
-        kafka.produce_and_wait(self.producer, self.settings.topic_job_dead_letter,
-                               [(message.key(), message.value(), kafka.dead_letter_headers(message, str(reason)))])
+    def _dead_letter(self, message: Message, error: str) -> None:
+        topic = self.settings.topic_job_dead_letter
+        kafka.produce_and_wait(self.producer, topic, [kafka.dead_letter(message, topic, error)])

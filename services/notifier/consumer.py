@@ -5,6 +5,7 @@ from concurrent.futures import Future, ThreadPoolExecutor
 from typing import NamedTuple
 
 from confluent_kafka import Consumer, KafkaException, Message
+from pydantic import ValidationError
 from psycopg_pool import ConnectionPool
 from standardwebhooks import Webhook
 
@@ -13,22 +14,22 @@ from services.notifier.reconciler import Reconciler, reconcile_until
 from services.notifier.results import ResultBatch, apply_results
 from services.notifier.webhook import deliver_due, make_webhook_client
 from shared.db import make_pool, migrate
-from shared.events import ImageProcessed
+from shared.events import ImageProcessed, describe_invalid
 from shared.faults import crash_point
 from shared.health import consumer_check, readiness
 from shared.kafka import (
-    DeliveryError, commit_stored, dead_letter_headers, ensure_topics, make_consumer, make_producer, produce_and_wait,
+    DeliveryError, commit_stored, dead_letter, ensure_topics, make_consumer, make_producer, produce_and_wait,
     store_offsets,
 )
 from shared.metrics import CONSUMER_LAG
 from shared.offsets import OffsetTracker
+from shared.retry import MESSAGE_MAX_ATTEMPTS, UNAVAILABLE, Backoff
 from shared.settings import Settings
 
 log = logging.getLogger(__name__)
 
 BATCH_SIZE = 10_000
 DELIVERY_INTERVAL_SECONDS = 1.0
-MAX_RETRY_DELAY_SECONDS = 30.0
 POLL_SECONDS = 0.5
 # After a batch's first result, what else comes within this is applied in the same transaction:
 # one commit per 20 ms at most instead of one per result while images finish one by one.
@@ -71,9 +72,10 @@ def run(settings: Settings, stop: threading.Event) -> None:
             following = None
             if messages:
                 started = [(m, tracker.start((m.topic(), m.partition()), m.offset())) for m in messages if m.error() is None]
-                results, unreadable = _parse(messages)
-                batch = ResultBatch(results)
-                following = Applying(applier.submit(_apply_until_committed, pool, batch, stop), len(results), started, unreadable)
+                readable, unreadable = _parse(messages)
+                batch = ResultBatch([result for _, result in readable])
+                following = Applying(applier.submit(_apply_until_committed, pool, batch, readable, stop), len(readable),
+                                     started, unreadable)
             if applying is not None and not _finish(applying, consumer, tracker, producer, settings, deliveries_due, stop):
                 break
             applying = following
@@ -90,9 +92,14 @@ def run(settings: Settings, stop: threading.Event) -> None:
         pool.close()
 
 
+class Applied(NamedTuple):
+    completed: list  # the jobs the batch completed
+    refused: list[tuple[Message, str]]  # results the database refused, with why: to the dead-letter topic
+
+
 class Applying(NamedTuple):
     """A batch handed to the applier thread, with what its end needs on the consuming thread."""
-    committed: Future  # the jobs it completed, or None if stopped before the batch was committed
+    committed: Future  # Applied, or None if stopped before the batch was committed
     results: int
     started: list[tuple[Message, int]]  # its messages, with the epoch of their partition at the start
     unreadable: list[tuple[Message, str]]  # to pass on to the dead-letter topic
@@ -102,9 +109,10 @@ def _finish(applying: Applying, consumer: Consumer, tracker: OffsetTracker, prod
             deliveries_due: threading.Event, stop: threading.Event) -> bool:
     """Wait for the batch to be committed to the database, then announce the jobs it completed, pass
     its unreadable messages on and store its offsets. False if stopped first: its offsets stay unstored."""
-    completed = applying.committed.result()
-    if completed is None:
+    applied = applying.committed.result()
+    if applied is None:
         return False
+    completed, letters = applied.completed, applying.unreadable + applied.refused
     metrics.RESULTS_APPLIED.inc(applying.results)
     if completed:
         for job_id in completed:
@@ -112,7 +120,7 @@ def _finish(applying: Applying, consumer: Consumer, tracker: OffsetTracker, prod
         metrics.JOBS_COMPLETED.inc(len(completed))
         crash_point(settings, "notifier.after_completing_commit", lambda: commit_stored(consumer))
         deliveries_due.set()
-    if applying.unreadable and not _dead_letter_until_sent(producer, settings, applying.unreadable, stop):
+    if letters and not _dead_letter_until_sent(producer, settings, letters, stop):
         return False
     for message, epoch in applying.started:
         tracker.finish((message.topic(), message.partition()), message.offset(), epoch)
@@ -126,9 +134,9 @@ def _take(consumer: Consumer, timeout: float) -> list[Message]:
     return [] if first is None else [first] + consumer.consume(BATCH_SIZE - 1, timeout=BATCH_WINDOW_SECONDS)
 
 
-def _parse(messages: list[Message]) -> tuple[list[ImageProcessed], list[tuple[Message, str]]]:
-    """The results, and the messages that are not results with why."""
-    results, unreadable = [], []
+def _parse(messages: list[Message]) -> tuple[list[tuple[Message, ImageProcessed]], list[tuple[Message, str]]]:
+    """The results with their messages, and the messages that are not results with why."""
+    readable, unreadable = [], []
     for message in messages:
         if message.error() is not None:
             if message.error().fatal():
@@ -136,44 +144,62 @@ def _parse(messages: list[Message]) -> tuple[list[ImageProcessed], list[tuple[Me
             log.warning("consumer error: %s", message.error())
             continue
         try:
-            results.append(ImageProcessed.model_validate_json(message.value() or b""))
-        except ValueError as exc:
-            unreadable.append((message, f"not an image.processed event: {exc}"[:1000]))
-    return results, unreadable
+            readable.append((message, ImageProcessed.model_validate_json(message.value() or b"")))
+        except ValidationError as exc:
+            unreadable.append((message, describe_invalid(exc, "image.processed")))
+    return readable, unreadable
 
 
-def _dead_letter_until_sent(producer, settings: Settings, unreadable: list[tuple[Message, str]], stop) -> bool:
-    """Pass unreadable messages on unchanged to the results' dead-letter topic, with why; retry while Kafka
-    refuses. False if stopped first."""
-    for message, error in unreadable:
-        log.error("result at %s[%d]@%d sent to %s: %s", message.topic(), message.partition(), message.offset(),
-                  settings.topic_processed_dead_letter, error)
-    letters = [(m.key(), m.value(), dead_letter_headers(m, error)) for m, error in unreadable]
-    delay = 0.5
+def _dead_letter_until_sent(producer, settings: Settings, letters: list[tuple[Message, str]], stop) -> bool:
+    """Pass messages on unchanged to the results' dead-letter topic, with why; retry while Kafka refuses.
+    False if stopped first."""
+    topic = settings.topic_processed_dead_letter
+    messages = [dead_letter(message, topic, error) for message, error in letters]
+    backoff = Backoff()
     while True:
         try:
-            produce_and_wait(producer, settings.topic_processed_dead_letter, letters)
+            produce_and_wait(producer, topic, messages)
             return True
         except DeliveryError as exc:
-            log.warning("dead letters not acknowledged (%s); retrying in %gs", exc, delay)
-            if stop.wait(delay):
+            log.warning("dead letters not acknowledged (%s); retrying in %gs", exc, backoff.delay)
+            if not backoff.wait(stop):
                 return False
-            delay = min(delay * 2, MAX_RETRY_DELAY_SECONDS)
 
 
-def _apply_until_committed(pool: ConnectionPool, batch: ResultBatch, stop: threading.Event) -> list | None:
-    """Apply the batch, retrying while the database fails; return the jobs it completed, or None if
-    stopped before it was committed."""
-    delay = 0.5
+def _apply_until_committed(pool: ConnectionPool, batch: ResultBatch, readable: list[tuple[Message, ImageProcessed]],
+                           stop: threading.Event) -> Applied | None:
+    """Apply the batch, retrying while the database is unavailable; None if stopped before it was committed.
+    A batch that fails MESSAGE_MAX_ATTEMPTS times for another reason is applied one result at a time,
+    and the results the database refuses are passed on to the dead-letter topic."""
+    backoff, failures = Backoff(), 0
     while True:
         try:
-            with pool.connection() as conn:
-                return apply_results(conn, batch)
+            if failures < MESSAGE_MAX_ATTEMPTS:
+                with pool.connection() as conn:
+                    return Applied(apply_results(conn, batch), [])
+            return _apply_one_by_one(pool, readable)
+        except UNAVAILABLE as exc:
+            log.warning("the database is unavailable (%s); applying %d results again in %gs", exc,
+                        len(batch.results), backoff.delay)
         except Exception:
-            log.exception("applying %d results failed; retrying in %gs", len(batch.results), delay)
-            if stop.wait(delay):
-                return None
-            delay = min(delay * 2, MAX_RETRY_DELAY_SECONDS)
+            failures += 1
+            log.exception("applying %d results failed (try %d of %d); trying again in %gs", len(batch.results),
+                          failures, MESSAGE_MAX_ATTEMPTS, backoff.delay)
+        if not backoff.wait(stop):
+            return None
+
+
+def _apply_one_by_one(pool: ConnectionPool, readable: list[tuple[Message, ImageProcessed]]) -> Applied:
+    completed, refused = [], []
+    with pool.connection() as conn:
+        for message, result in readable:
+            try:
+                completed += apply_results(conn, ResultBatch([result]))
+            except UNAVAILABLE:
+                raise
+            except Exception as exc:
+                refused.append((message, f"the database refused image.processed {result.event_id}: {exc}"))
+    return Applied(completed, refused)
 
 
 def _send_webhooks(

@@ -29,17 +29,16 @@ from services.processor.memory import return_free_memory
 from services.processor.pipeline import ByteBudget, ImagePipeline, ImageTask, RetryLater
 from services.processor.priority import BULK, NORMAL
 from services.processor.storage import Storage, make_storage
-from shared.events import ImageProcessed, ImageRequested
+from shared.events import ImageProcessed, ImageRequested, describe_invalid
 from shared.faults import crash_point
 from shared.health import consumer_check, readiness
-from shared.kafka import commit_stored, dead_letter_headers, ensure_topics, make_consumer, make_producer, store_offsets
+from shared.kafka import commit_stored, dead_letter, ensure_topics, make_consumer, make_producer, store_offsets
 from shared.metrics import CONSUMER_LAG
 from shared.offsets import OffsetTracker
 from shared.settings import Settings
 
 log = logging.getLogger(__name__)
 
-DEAD_LETTER_ERROR_MAX_CHARS = 1000
 IDLE_WAIT_SECONDS = 0.2
 BUSY_WAIT_SECONDS = 0.02  # while images are open: delivery reports are served this soon
 RESULTS_LINGER_MS = 20
@@ -175,7 +174,8 @@ class Processor:
             event = ImageRequested.model_validate_json(message.value() or b"")
         except ValidationError as exc:
             self.working += 1
-            self.threads.submit(self._in_thread, self._send_dead_letter, message, epoch, _describe(exc), True)
+            error = describe_invalid(exc, "image.requested")
+            self.threads.submit(self._in_thread, self._send_dead_letter, message, epoch, error, True)
             return
         priority = NORMAL if message.topic() == self.settings.topic_requested else BULK
         self.lanes[message.topic()].append(ImageTask(partition, message.offset(), event, priority, epoch=epoch))
@@ -232,9 +232,7 @@ class Processor:
 
     def _send_dead_letter(self, message: Message, epoch: int, error: str, in_thread: bool) -> None:
         """Pass an unreadable message on unchanged, with headers saying why and where from."""
-        log.warning("message %s[%d]@%d sent to %s: %s", message.topic(), message.partition(), message.offset(),
-                    self.settings.topic_dead_letter, error)
-        headers = dead_letter_headers(message, error)
+        key, value, headers = dead_letter(message, self.settings.topic_dead_letter, error)
 
         def delivered(kafka_error, _message) -> None:
             if kafka_error is None:
@@ -243,7 +241,7 @@ class Processor:
                 log.warning("dead letter not acknowledged (%s); sending it again", kafka_error)
                 self._schedule(PRODUCE_RETRY_SECONDS, lambda: self._send_dead_letter(message, epoch, error, False))
 
-        self._produce(self.settings.topic_dead_letter, message.key(), message.value(), headers, delivered)
+        self._produce(self.settings.topic_dead_letter, key, value, headers, delivered)
         if in_thread:  # the first time, not a retry
             metrics.DEAD_LETTERS.inc()
             self.from_threads.put((None, None))
@@ -303,9 +301,3 @@ class Processor:
             self._hear_from_threads()
         store_offsets(self.consumer, self.tracker)
 
-
-def _describe(exc: ValidationError) -> str:
-    first = exc.errors()[0]
-    where = ".".join(str(part) for part in first["loc"]) or "message"
-    text = f"not an ImageRequested event ({exc.error_count()} errors); {where}: {first['msg']}"
-    return text[:DEAD_LETTER_ERROR_MAX_CHARS]
