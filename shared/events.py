@@ -41,7 +41,8 @@ class ImageRef(BaseModel):
 class JobOptions(BaseModel):
     """How a job's images are compressed; every field has a default, so {} is valid."""
 
-    quality: int = Field(50, ge=1, le=95, description="JPEG and WebP quality (PNG and GIF are lossless here)")
+    quality: int | None = Field(None, ge=1, le=95, description="JPEG and WebP quality (PNG and GIF are lossless here); "
+                                "absent: the service's default (IMGPIPE_DEFAULT_QUALITY, 50 unless set)")
     max_width: int | None = Field(None, ge=1, le=MAX_DIMENSION,
                                   description="Scale down to at most this width, keeping the aspect ratio; never enlarge")
     max_height: int | None = Field(None, ge=1, le=MAX_DIMENSION,
@@ -49,6 +50,10 @@ class JobOptions(BaseModel):
     format: Literal["keep", "webp", "jpeg"] = Field(
         "keep", description="keep: the input's format (the output never has more bytes than the input); "
         "webp or jpeg: converted (JPEG: transparency flattened on white)")
+
+    def with_default_quality(self, quality: int) -> "JobOptions":
+        """These options, with `quality` if they name none: what a job is stored with."""
+        return self if self.quality is not None else self.model_copy(update={"quality": quality})
 
 
 class ImageRequested(ImageRef):

@@ -106,7 +106,9 @@ class Settings(BaseSettings):
     processor_max_in_flight_bytes: int = Field(32_000_000, ge=1)  # a body is read only once it fits beside what is held
     compress_processes: int | None = Field(None, ge=0)  # None: one per core; 0: compress in threads
     processor_drain_seconds: float = Field(20.0, ge=0)  # on SIGTERM, finish in-flight work this long
-    jpeg_quality: int = Field(50, ge=1, le=95)
+    # JPEG and WebP quality of a job that names none (IMGPIPE_JPEG_QUALITY: its former name, still read).
+    default_quality: int = Field(50, ge=1, le=95,
+                                 validation_alias=AliasChoices("IMGPIPE_DEFAULT_QUALITY", "IMGPIPE_JPEG_QUALITY"))
     jpeg_optimize: bool = False
     turbojpeg_library: str | None = None  # libturbojpeg's file (the fast JPEG path); None: as the loader finds it
     png_optimize: bool = False

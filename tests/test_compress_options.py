@@ -140,3 +140,11 @@ def test_animated_gif_to_jpeg_keeps_the_first_frame(defaults):
     source = encode(frames[0], "GIF", save_all=True, append_images=frames[1:], duration=80, loop=0)
     output = decode(compress(source, job(defaults, format="jpeg")).data)
     assert output.format == "JPEG" and output.size == (200, 150)
+
+
+def test_options_without_a_quality_take_the_settings_default():
+    """A job.requested or image.requested producer may send options without one: IMGPIPE_DEFAULT_QUALITY applies."""
+    processor = CompressOptions.from_settings(make_test_settings(default_quality=70))
+    reference = photo()
+    result = compress(encode(reference, "JPEG", quality=95), processor.for_job(JobOptions(format="keep")))
+    assert quantization(result.data) == quantization(encode(reference, "JPEG", quality=70))

@@ -21,7 +21,8 @@ from tests.support.kafka import requested_events
 from tests.support.settings import make_test_settings, own_names
 from tests.support.stack import all_images, url_csv, wait_for_status
 
-DEFAULTS = {"quality": 50, "max_width": None, "max_height": None, "format": "keep"}
+DEFAULT_QUALITY = 60  # not the built-in 50: a job that names no quality must get the setting's
+DEFAULTS = {"quality": DEFAULT_QUALITY, "max_width": None, "max_height": None, "format": "keep"}
 
 
 @pytest.fixture(scope="module")
@@ -32,6 +33,7 @@ def settings(infra, module_database, tmp_path_factory):
         **own_names("options"),
         topic_partitions=2,
         storage_dir=tmp_path_factory.mktemp("images"),
+        default_quality=DEFAULT_QUALITY,
     )
 
 
@@ -100,12 +102,15 @@ def test_a_job_over_kafka_takes_its_options_and_refuses_bad_ones(settings):
         read_job(json.dumps(bad).encode(), settings)
 
 
-def test_a_job_over_kafka_stores_its_options(client, settings):
-    job = JobRequested(request_id=uuid.uuid4(), image_urls=["https://img.example.com/k.jpg"],
-                       options=JobOptions(quality=70, max_height=300, format="jpeg"))
+@pytest.mark.parametrize("options, expected", [
+    (JobOptions(quality=70, max_height=300, format="jpeg"), {"quality": 70, "max_width": None, "max_height": 300, "format": "jpeg"}),
+    (JobOptions(max_width=200), {**DEFAULTS, "max_width": 200}),  # no quality: the setting's
+    (None, DEFAULTS),
+])
+def test_a_job_over_kafka_stores_its_options(client, settings, options, expected):
+    job = JobRequested(request_id=uuid.uuid4(), image_urls=["https://img.example.com/k.jpg"], options=options)
     produce_and_wait(make_producer(settings), settings.topic_job_requested,
-                     [(str(job.request_id), job.model_dump_json().encode())])
-    expected = {"quality": 70, "max_width": None, "max_height": 300, "format": "jpeg"}
+                     [(str(job.request_id), job.model_dump_json(exclude_none=True).encode())])
     deadline = time.monotonic() + 60
     # Taken once stored; its images are released after that, by the dispatcher: wait for "published".
     while (status := client.get(f"/status/{job.request_id}")).status_code == 404 or status.json()["events"] != "published":

@@ -6,8 +6,24 @@ def test_the_imgpipe_name_wins_over_the_conventional_one(monkeypatch):
     monkeypatch.setenv("DATABASE_URL", "postgresql://conventional/db")
     monkeypatch.setenv("IMGPIPE_DATABASE_URL", "postgresql://imgpipe/db")
     monkeypatch.setenv("KAFKA_BOOTSTRAP_SERVERS", "conventional:9092")
-    assert Settings().database_url == "postgresql://imgpipe/db"
-    assert Settings().kafka_bootstrap_servers == "conventional:9092"
+    monkeypatch.setenv("IMGPIPE_KAFKA_BOOTSTRAP_SERVERS", "imgpipe:9092")
+    assert (Settings().database_url, Settings().kafka_bootstrap_servers) == ("postgresql://imgpipe/db", "imgpipe:9092")
+
+
+def test_the_conventional_name_alone_is_read(monkeypatch):
+    monkeypatch.delenv("IMGPIPE_DATABASE_URL", raising=False)
+    monkeypatch.delenv("IMGPIPE_KAFKA_BOOTSTRAP_SERVERS", raising=False)
+    monkeypatch.setenv("DATABASE_URL", "postgresql://conventional/db")
+    monkeypatch.setenv("KAFKA_BOOTSTRAP_SERVERS", "conventional:9092")
+    assert (Settings().database_url, Settings().kafka_bootstrap_servers) == ("postgresql://conventional/db", "conventional:9092")
+
+
+def test_the_default_quality_is_also_read_by_its_former_name(monkeypatch):
+    monkeypatch.delenv("IMGPIPE_DEFAULT_QUALITY", raising=False)
+    monkeypatch.setenv("IMGPIPE_JPEG_QUALITY", "65")
+    assert Settings().default_quality == 65
+    monkeypatch.setenv("IMGPIPE_DEFAULT_QUALITY", "70")
+    assert Settings().default_quality == 70
 
 
 def test_fields_are_set_by_their_own_names(monkeypatch):

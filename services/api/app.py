@@ -114,7 +114,7 @@ def create_app(settings: Settings | None = None) -> FastAPI:
         format: Annotated[str | None, Form(description="keep (default), webp or jpeg. " + FIELD_DESCRIPTIONS["format"])] = None,
     ):
         owner = caller(request)
-        options = read_options(settings.jpeg_quality, quality=quality, max_width=max_width, max_height=max_height,
+        options = read_options(settings.default_quality, quality=quality, max_width=max_width, max_height=max_height,
                                format=format)
         if _size_of(file.file) > settings.max_csv_bytes:
             raise ApiError(413, *_csv_too_large(settings))

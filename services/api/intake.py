@@ -110,7 +110,7 @@ class JobIntake:
             self._dead_letter(message, str(exc))
             return
         stored = jobs.insert_job(self.pool, parsed, job.webhook_url, owner, job_id=job.request_id,
-                                 options=job.options or JobOptions(quality=self.settings.jpeg_quality))
+                                 options=(job.options or JobOptions()).with_default_quality(self.settings.default_quality))
         if stored is None:
             log.info("job %s exists already; event %s changes nothing", job.request_id, job.event_id)
             return

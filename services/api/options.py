@@ -12,11 +12,10 @@ FIELD_DESCRIPTIONS = {
 def read_options(default_quality: int, **fields: str | None) -> JobOptions:
     """JobOptions from form values; an empty or missing field takes its default (quality: the setting's)."""
     given = {name: value.strip() for name, value in fields.items() if value is not None and value.strip()}
-    given.setdefault("quality", str(default_quality))
     if "format" in given:
         given["format"] = given["format"].lower()
     try:
-        return JobOptions(**given)
+        return JobOptions(**given).with_default_quality(default_quality)
     except ValidationError as exc:
         first = exc.errors()[0]
         field = str(first["loc"][0])

@@ -37,7 +37,7 @@ CORRUPT_DATA_ERRORS = (OSError, SyntaxError, ValueError, EOFError, IndexError, K
 @dataclass(frozen=True)
 class CompressOptions:
     """What compress() needs of the settings: small, so it crosses to a worker process cheaply."""
-    quality: int = 50  # JPEG and WEBP
+    quality: int  # JPEG and WEBP
     jpeg_optimize: bool = False
     png_optimize: bool = False
     max_image_pixels: int = 100_000_000
@@ -47,14 +47,14 @@ class CompressOptions:
 
     @classmethod
     def from_settings(cls, settings: Settings) -> "CompressOptions":
-        return cls(settings.jpeg_quality, settings.jpeg_optimize, settings.png_optimize, settings.max_image_pixels)
+        return cls(settings.default_quality, settings.jpeg_optimize, settings.png_optimize, settings.max_image_pixels)
 
     def for_job(self, job: JobOptions | None) -> "CompressOptions":
-        """These settings with a job's options applied; no options (an older producer): unchanged."""
+        """These settings with a job's options applied; no options (an older producer), or no quality: the settings'."""
         if job is None:
             return self
-        return replace(self, quality=job.quality, max_width=job.max_width, max_height=job.max_height,
-                       output_format=None if job.format == "keep" else job.format.upper())
+        return replace(self, quality=self.quality if job.quality is None else job.quality, max_width=job.max_width,
+                       max_height=job.max_height, output_format=None if job.format == "keep" else job.format.upper())
 
 
 @dataclass(frozen=True)
