@@ -3,7 +3,7 @@ PYTHON ?= python3
 VENV := .venv
 PY := $(VENV)/bin/python
 
-.PHONY: install run run-cluster test bench schemas api-key clean
+.PHONY: install run run-cluster test lint bench schemas api-key clean
 
 install: $(VENV)/.installed
 
@@ -25,6 +25,11 @@ run-cluster: install
 
 test: install
 	$(PY) -m pytest
+
+# ruff (lint, import order, format) on the whole tree; settings in pyproject.toml.
+lint: install
+	$(VENV)/bin/ruff check .
+	$(VENV)/bin/ruff format --check .
 
 # The performance harness (docs/performance.md); not part of `make test`. Results in bench/results/.
 bench: install

@@ -1,6 +1,7 @@
 """Run imgpipe's benchmark scenarios, print their table, write latest.json, latest.md and scaling.png.
 
 `make bench` runs `python -m bench`; docs/performance.md says what each scenario does and measures."""
+
 import argparse
 import os
 import shutil
@@ -27,18 +28,33 @@ def _list(kind):
 
 def parse_args(argv: list[str] | None) -> argparse.Namespace:
     parser = argparse.ArgumentParser(prog="python -m bench", description=__doc__.splitlines()[0])
-    parser.add_argument("--scenarios", type=_list(str), default=list(SCENARIOS),
-                        help=f"comma-separated subset of {','.join(SCENARIOS)} (default: all)")
-    parser.add_argument("--scale", type=float, default=1.0,
-                        help="multiply every job's size and the number of distinct images (e.g. 0.01 for a smoke run)")
+    parser.add_argument(
+        "--scenarios",
+        type=_list(str),
+        default=list(SCENARIOS),
+        help=f"comma-separated subset of {','.join(SCENARIOS)} (default: all)",
+    )
+    parser.add_argument(
+        "--scale",
+        type=float,
+        default=1.0,
+        help="multiply every job's size and the number of distinct images (e.g. 0.01 for a smoke run)",
+    )
     parser.add_argument("--out", type=Path, default=REPO_ROOT / "bench" / "results", help="where the results go")
-    parser.add_argument("--work-dir", type=Path, default=REPO_ROOT / ".local" / "bench",
-                        help="Kafka and PostgreSQL data (when started here), service logs, stored images")
+    parser.add_argument(
+        "--work-dir",
+        type=Path,
+        default=REPO_ROOT / ".local" / "bench",
+        help="Kafka and PostgreSQL data (when started here), service logs, stored images",
+    )
     parser.add_argument("--max-wait", type=float, default=300.0, help="the longest any one job is waited for (s)")
-    parser.add_argument("--in-flight", type=_list(int), default=[1, 2, 4, 8, 16, 32],
-                        help="scaling: IMGPIPE_PROCESSOR_MAX_IN_FLIGHT settings")
-    parser.add_argument("--processors", type=_list(int), default=[1, 2],
-                        help="scaling: numbers of processor processes")
+    parser.add_argument(
+        "--in-flight",
+        type=_list(int),
+        default=[1, 2, 4, 8, 16, 32],
+        help="scaling: IMGPIPE_PROCESSOR_MAX_IN_FLIGHT settings",
+    )
+    parser.add_argument("--processors", type=_list(int), default=[1, 2], help="scaling: numbers of processor processes")
     args = parser.parse_args(argv)
     unknown = set(args.scenarios) - set(SCENARIOS)
     if unknown:
@@ -58,15 +74,21 @@ def main(argv: list[str] | None = None) -> int:
     with ExitStack() as resources:
         shutil.rmtree(args.work_dir / "logs", ignore_errors=True)  # the services append: keep this run's only
         (args.work_dir / "logs").mkdir(parents=True)
-        infra = resources.enter_context(infrastructure(
-            args.work_dir, os.environ.get("KAFKA_BOOTSTRAP_SERVERS"), os.environ.get("DATABASE_URL")))
+        infra = resources.enter_context(
+            infrastructure(args.work_dir, os.environ.get("KAFKA_BOOTSTRAP_SERVERS"), os.environ.get("DATABASE_URL"))
+        )
         images = ensure_images(image_spec(args.scale))
         bench = Bench(
-            infra=infra, images=images,
+            infra=infra,
+            images=images,
             image_server=resources.enter_context(ImageServer(images.directory)),
             webhooks=resources.enter_context(WebhookReceiver()),
-            sizes=sizes, work_dir=args.work_dir, max_wait=args.max_wait, in_flight=args.in_flight,
-            processor_counts=args.processors, scale=args.scale,
+            sizes=sizes,
+            work_dir=args.work_dir,
+            max_wait=args.max_wait,
+            in_flight=args.in_flight,
+            processor_counts=args.processors,
+            scale=args.scale,
         )
         resources.callback(bench.stop_services)
         for name in [name for name in SCENARIOS if name in args.scenarios]:
@@ -79,9 +101,13 @@ def main(argv: list[str] | None = None) -> int:
         machine = describe_machine(infra.postgres_version(), infra.started_here)
     report = {
         "machine": machine,
-        "run": {"argv": sys.argv[1:] if argv is None else argv, "scale": args.scale, "sizes": vars(sizes),
-                "images": {"mixed": len(images.mixed), "large": len(images.large), "cache": str(images.directory)},
-                "seconds": time.monotonic() - started},
+        "run": {
+            "argv": sys.argv[1:] if argv is None else argv,
+            "scale": args.scale,
+            "sizes": vars(sizes),
+            "images": {"mixed": len(images.mixed), "large": len(images.large), "cache": str(images.directory)},
+            "seconds": time.monotonic() - started,
+        },
         "baseline": bench.baseline,
         "scenarios": outcomes,
     }

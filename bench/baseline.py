@@ -1,6 +1,7 @@
 """Bare Pillow: each image decoded and saved again in its own format (JPEG and WebP at quality 50), over
 the same images held in memory, in a multiprocessing.Pool (imap_unordered, chunksize 1), with
 PILLOW_BLOCKS_MAX=16 as the processor runs it, and no Kafka, HTTP, database or fast JPEG path."""
+
 import io
 import multiprocessing
 import os

@@ -1,6 +1,7 @@
 """The benchmark's images, made in code from fixed seeds: photo-like JPEGs (quality 90) spread from 0.3
 to 12 megapixels, some ~1-megapixel PNGs (RGB and RGBA) and a few 12-megapixel JPEGs. They are cached
 under .cache/bench-images/<hash of the parameters>/, so a later run reads them instead of making them."""
+
 import hashlib
 import json
 import os
@@ -81,11 +82,14 @@ def plan(spec: ImageSpec) -> tuple[list[ImageFile], list[ImageFile]]:
     for n in range(spec.pngs):
         mode = "RGBA" if n % 2 else "RGB"
         width, height = _size(PNG_MEGAPIXELS, ASPECTS[n % len(ASPECTS)])
-        mixed.append(ImageFile(f"p{n:03d}-{mode.lower()}-{width}x{height}.png", "PNG", mode, width, height,
-                               spec.seed + 1000 + n))
+        mixed.append(
+            ImageFile(f"p{n:03d}-{mode.lower()}-{width}x{height}.png", "PNG", mode, width, height, spec.seed + 1000 + n)
+        )
     random.Random(spec.seed).shuffle(mixed)
-    large = [ImageFile(f"l{n:03d}-{LARGE_SIZE[0]}x{LARGE_SIZE[1]}.jpg", "JPEG", "RGB", *LARGE_SIZE, spec.seed + 2000 + n)
-             for n in range(spec.large)]
+    large = [
+        ImageFile(f"l{n:03d}-{LARGE_SIZE[0]}x{LARGE_SIZE[1]}.jpg", "JPEG", "RGB", *LARGE_SIZE, spec.seed + 2000 + n)
+        for n in range(spec.large)
+    ]
     return mixed, large
 
 

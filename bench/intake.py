@@ -2,12 +2,13 @@
 Kafka, peak memory) and the notifier's rate on many prepared results against a bare COPY in the same run.
 These scenarios start services of their own without processors (nothing fetches the URLs), so the
 dispatcher releases one window of images and the rest waits in PostgreSQL; they stop them at the end."""
+
 import threading
 import time
 import uuid
+from collections.abc import Iterator
 from contextlib import contextmanager
 from pathlib import Path
-from typing import Iterator
 
 import httpx
 import psycopg
@@ -47,13 +48,19 @@ def write_url_csv(path: Path, rows: int) -> Path:
 
 def settings_of(services: Services) -> Settings:
     """The services' settings, as they read them from their IMGPIPE_* environment."""
-    return Settings(**{key.removeprefix("IMGPIPE_").lower(): value for key, value in services.env.items()
-                       if key.startswith("IMGPIPE_")})
+    return Settings(
+        **{
+            key.removeprefix("IMGPIPE_").lower(): value
+            for key, value in services.env.items()
+            if key.startswith("IMGPIPE_")
+        }
+    )
 
 
 @contextmanager
-def services_without_processors(bench, name: str, start: tuple[str, ...] = ("api", "notifier"),
-                                 api_settings: dict[str, str] | None = None) -> Iterator[tuple[Services, Settings]]:
+def services_without_processors(
+    bench, name: str, start: tuple[str, ...] = ("api", "notifier"), api_settings: dict[str, str] | None = None
+) -> Iterator[tuple[Services, Settings]]:
     services = Services(bench.infra, f"{next(bench._tags)}-{name}", bench.work_dir, api_settings)
     settings = settings_of(services)
     kafka.ensure_topics(settings)
@@ -132,7 +139,8 @@ def upload(services: Services, path: Path) -> tuple[float, float, int]:
 
 
 def intake(bench) -> dict:
-    from bench.scenarios import check, _log
+    from bench.scenarios import _log, check
+
     rows = bench.sizes.intake_rows
     path = write_url_csv(bench.work_dir / "intake.csv", rows)
     with services_without_processors(bench, "intake") as (services, settings):
@@ -152,16 +160,37 @@ def intake(bench) -> dict:
             count.close()
         bare = _bare_store_seconds(services.database_url, path)
     to_202 = answered - before
-    _log(f"{rows} rows: committed after {committed - before:.2f} s, 202 after {to_202:.2f} s; first images in Kafka "
-         + (f"{(first_released - committed) * 1000:.0f} ms after the commit" if first_released else "not within 30 s")
-         + f"; the same CSV stored bare (insert_job in the harness): {bare:.2f} s")
-    checks = [check("intake: 202", f"{to_202:.2f} s for {rows} rows ({to_202 / bare:.2f}x storing it bare, {bare:.2f} s)",
-                    f"<= {UPLOAD_TARGET_SECONDS:g} s", to_202 <= UPLOAD_TARGET_SECONDS, to_202)]
-    return {"checks": checks,
-            "jobs": [{"job": f"{rows}-row CSV, upload -> 202", "images": rows, "seconds": to_202,
-                      "images_per_second": rows / to_202, "finished": True, "failed_images": None}],
-            "seconds_to_202": to_202, "seconds_to_commit": committed - before, "bare_store_seconds": bare,
-            "first_release_after_commit_seconds": None if first_released is None else first_released - committed}
+    _log(
+        f"{rows} rows: committed after {committed - before:.2f} s, 202 after {to_202:.2f} s; first images in Kafka "
+        + (f"{(first_released - committed) * 1000:.0f} ms after the commit" if first_released else "not within 30 s")
+        + f"; the same CSV stored bare (insert_job in the harness): {bare:.2f} s"
+    )
+    checks = [
+        check(
+            "intake: 202",
+            f"{to_202:.2f} s for {rows} rows ({to_202 / bare:.2f}x storing it bare, {bare:.2f} s)",
+            f"<= {UPLOAD_TARGET_SECONDS:g} s",
+            to_202 <= UPLOAD_TARGET_SECONDS,
+            to_202,
+        )
+    ]
+    return {
+        "checks": checks,
+        "jobs": [
+            {
+                "job": f"{rows}-row CSV, upload -> 202",
+                "images": rows,
+                "seconds": to_202,
+                "images_per_second": rows / to_202,
+                "finished": True,
+                "failed_images": None,
+            }
+        ],
+        "seconds_to_202": to_202,
+        "seconds_to_commit": committed - before,
+        "bare_store_seconds": bare,
+        "first_release_after_commit_seconds": None if first_released is None else first_released - committed,
+    }
 
 
 def _bare_store_seconds(database_url: str, path: Path) -> float:
@@ -191,7 +220,8 @@ def _rss_kib(pid: int) -> int:
 
 
 def intake_memory(bench) -> dict:
-    from bench.scenarios import check, _log
+    from bench.scenarios import _log, check
+
     rows = bench.sizes.intake_memory_rows
     path = write_url_csv(bench.work_dir / "intake-memory.csv", rows)
     with services_without_processors(bench, "intake_memory") as (services, settings):
@@ -208,45 +238,88 @@ def intake_memory(bench) -> dict:
         finally:
             count.close()
     above_idle = sampler.peak_mib - idle_kib / 1024
-    _log(f"{rows} rows ({path.stat().st_size / 1e6:.0f} MB): 202 after {answered - before:.1f} s; "
-         f"API peak RSS {sampler.peak_mib:.0f} MB, idle {idle_kib / 1024:.0f} MB")
+    _log(
+        f"{rows} rows ({path.stat().st_size / 1e6:.0f} MB): 202 after {answered - before:.1f} s; "
+        f"API peak RSS {sampler.peak_mib:.0f} MB, idle {idle_kib / 1024:.0f} MB"
+    )
     measured = f"{above_idle:.0f} MB above idle ({idle_kib / 1024:.0f} MB) for {rows} rows" + (
-        "" if released else " (no image released within 30 s)")
-    return {"checks": [check("intake memory", measured, f"<= {MEMORY_TARGET_MIB} MB above idle",
-                             above_idle <= MEMORY_TARGET_MIB and released is not None, above_idle)],
-            "jobs": [{"job": f"{rows}-row CSV, upload -> 202", "images": rows, "seconds": answered - before,
-                      "images_per_second": rows / (answered - before), "finished": True, "failed_images": None}],
-            "seconds_to_202": answered - before, "csv_bytes": path.stat().st_size,
-            "idle_rss_mib": idle_kib / 1024, "peak_rss_mib": sampler.peak_mib}
+        "" if released else " (no image released within 30 s)"
+    )
+    return {
+        "checks": [
+            check(
+                "intake memory",
+                measured,
+                f"<= {MEMORY_TARGET_MIB} MB above idle",
+                above_idle <= MEMORY_TARGET_MIB and released is not None,
+                above_idle,
+            )
+        ],
+        "jobs": [
+            {
+                "job": f"{rows}-row CSV, upload -> 202",
+                "images": rows,
+                "seconds": answered - before,
+                "images_per_second": rows / (answered - before),
+                "finished": True,
+                "failed_images": None,
+            }
+        ],
+        "seconds_to_202": answered - before,
+        "csv_bytes": path.stat().st_size,
+        "idle_rss_mib": idle_kib / 1024,
+        "peak_rss_mib": sampler.peak_mib,
+    }
 
 
 def _store_job(pool, rows: int) -> tuple[uuid.UUID, list[dict]]:
-    parsed = ParsedCsv(header=["url"], url_column=0,
-                       rows=[CsvRow(row_number=n + 1, cells=[_url(n)], urls=[_url(n)]) for n in range(rows)])
+    parsed = ParsedCsv(
+        header=["url"],
+        url_column=0,
+        rows=[CsvRow(row_number=n + 1, cells=[_url(n)], urls=[_url(n)]) for n in range(rows)],
+    )
     job_id, _ = insert_job(pool, parsed, None)
     with pool.connection() as conn:
-        images = conn.execute("SELECT id, row_number, position, input_url FROM images WHERE job_id = %s",
-                              (job_id,)).fetchall()
+        images = conn.execute(
+            "SELECT id, row_number, position, input_url FROM images WHERE job_id = %s", (job_id,)
+        ).fetchall()
     return job_id, images
 
 
 def _result(job_id: uuid.UUID, image: dict) -> bytes:
-    return ImageProcessed(request_id=job_id, image_id=image["id"], row_number=image["row_number"],
-                          position=image["position"], input_url=image["input_url"], status=ImageStatus.processed,
-                          output_url=f"http://127.0.0.1:9/files/{image['id']}.jpg", format="JPEG",
-                          bytes_in=250_000, bytes_out=120_000).model_dump_json().encode()
+    return (
+        ImageProcessed(
+            request_id=job_id,
+            image_id=image["id"],
+            row_number=image["row_number"],
+            position=image["position"],
+            input_url=image["input_url"],
+            status=ImageStatus.processed,
+            output_url=f"http://127.0.0.1:9/files/{image['id']}.jpg",
+            format="JPEG",
+            bytes_in=250_000,
+            bytes_out=120_000,
+        )
+        .model_dump_json()
+        .encode()
+    )
 
 
 def notifier(bench) -> dict:
-    from bench.scenarios import check, _log
+    from bench.scenarios import _log, check
+
     results = bench.sizes.notifier_results
     pool = None
     try:
         with services_without_processors(bench, "notifier", start=()) as (services, settings):
             pool = db.make_pool(services.database_url, max_size=1)
             job_id, images = _store_job(pool, results)
-            kafka.produce_and_wait(kafka.make_producer(settings), settings.topic_processed,
-                                   [(str(job_id).encode(), _result(job_id, image)) for image in images], timeout=300)
+            kafka.produce_and_wait(
+                kafka.make_producer(settings),
+                settings.topic_processed,
+                [(str(job_id).encode(), _result(job_id, image)) for image in images],
+                timeout=300,
+            )
             services.core.start("notifier")
             first = last = None
             seen = 0
@@ -255,8 +328,9 @@ def notifier(bench) -> dict:
                 while time.monotonic() < deadline:
                     if services.core.processes["notifier"].poll() is not None:
                         raise RuntimeError("the notifier exited")
-                    seen = conn.execute("SELECT processed_images + failed_images FROM processing_jobs WHERE job_id = %s",
-                                        (job_id,)).fetchone()[0]
+                    seen = conn.execute(
+                        "SELECT processed_images + failed_images FROM processing_jobs WHERE job_id = %s", (job_id,)
+                    ).fetchone()[0]
                     now = time.monotonic()
                     if seen and first is None:
                         first = (now, seen)
@@ -275,27 +349,62 @@ def notifier(bench) -> dict:
         rate = None
     else:
         rate = (results - first[1]) / (last - first[0])  # from the first committed batch: startup excluded
-        result = check("notifier", f"{rate:.0f} results/s (bare COPY {bare_rate:.0f} rows/s)", target,
-                       rate >= NOTIFIER_TARGET_PER_SECOND, rate)
+        result = check(
+            "notifier",
+            f"{rate:.0f} results/s (bare COPY {bare_rate:.0f} rows/s)",
+            target,
+            rate >= NOTIFIER_TARGET_PER_SECOND,
+            rate,
+        )
     _log(f"notifier: {result['measured']}")
-    return {"checks": [result],
-            "jobs": [{"job": f"{results} prepared results, Kafka -> committed rows", "images": results,
-                      "seconds": None if last is None else last - first[0], "images_per_second": rate,
-                      "finished": last is not None, "failed_images": None}],
-            "bare_copy_seconds": bare, "bare_copy_rows_per_second": bare_rate}
+    return {
+        "checks": [result],
+        "jobs": [
+            {
+                "job": f"{results} prepared results, Kafka -> committed rows",
+                "images": results,
+                "seconds": None if last is None else last - first[0],
+                "images_per_second": rate,
+                "finished": last is not None,
+                "failed_images": None,
+            }
+        ],
+        "bare_copy_seconds": bare,
+        "bare_copy_rows_per_second": bare_rate,
+    }
 
 
 def _bare_copy_seconds(pool, rows: int) -> float:
     """COPY `rows` finished images (the columns a result sets) into the images table, committed."""
-    job_id, _ = insert_job(pool, ParsedCsv(header=["url"], url_column=0,
-                                           rows=[CsvRow(row_number=1, cells=[_url(0)], urls=[_url(0)])]), None)
+    job_id, _ = insert_job(
+        pool,
+        ParsedCsv(header=["url"], url_column=0, rows=[CsvRow(row_number=1, cells=[_url(0)], urls=[_url(0)])]),
+        None,
+    )
     with pool.connection() as conn:
         started = time.monotonic()
-        with conn.transaction(), conn.cursor() as cur, cur.copy(
+        with (
+            conn.transaction(),
+            conn.cursor() as cur,
+            cur.copy(
                 "COPY images (id, job_id, row_number, position, input_url, output_url, status, format, bytes_in,"
-                " bytes_out) FROM STDIN") as copy:
+                " bytes_out) FROM STDIN"
+            ) as copy,
+        ):
             for n in range(rows):
                 image_id = uuid.uuid4()
-                copy.write_row((image_id, job_id, n + 2, 1, _url(n), f"http://127.0.0.1:9/files/{image_id}.jpg",
-                                "processed", "JPEG", 250_000, 120_000))
+                copy.write_row(
+                    (
+                        image_id,
+                        job_id,
+                        n + 2,
+                        1,
+                        _url(n),
+                        f"http://127.0.0.1:9/files/{image_id}.jpg",
+                        "processed",
+                        "JPEG",
+                        250_000,
+                        120_000,
+                    )
+                )
         return time.monotonic() - started

@@ -1,4 +1,5 @@
 """Jobs through the real API: upload a one-column CSV with a webhook, then wait for that webhook."""
+
 import json
 import time
 import uuid
@@ -50,8 +51,12 @@ class Jobs:
         job = Job(images=len(urls), hook_key=uuid.uuid4().hex, uploaded_at=time.monotonic(), api_key=api_key)
         csv_text = "url\n" + "\n".join(urls) + "\n"
         headers = {"Authorization": f"Bearer {api_key}"} if api_key else {}
-        response = self.api.post("/upload", files={"file": ("bench.csv", csv_text, "text/csv")},
-                                 data={"webhook_url": self.webhooks.url(job.hook_key)}, headers=headers)
+        response = self.api.post(
+            "/upload",
+            files={"file": ("bench.csv", csv_text, "text/csv")},
+            data={"webhook_url": self.webhooks.url(job.hook_key)},
+            headers=headers,
+        )
         if response.status_code != 202:
             raise RuntimeError(f"upload of {len(urls)} URLs answered {response.status_code}: {response.text[:500]}")
         job.request_id = response.json()["request_id"]

@@ -3,9 +3,10 @@ its uploads-per-minute limit while another key works. Against the api and the no
 the uploads' rows are stored and nothing is fetched). The harness's own clients (httpx in threads), not
 Locust: the scenario is a precise choreography (uploads released together, a poller at a fixed interval,
 two keys with their own limits) measured in the same run as everything else, and it needs nothing more."""
+
+import multiprocessing
 import time
 import uuid
-import multiprocessing
 from concurrent.futures import ProcessPoolExecutor, ThreadPoolExecutor
 
 import httpx
@@ -34,8 +35,9 @@ class Poller:
         context = multiprocessing.get_context("spawn")
         self._stop = context.Event()
         self._answers = context.Queue()
-        self._process = context.Process(target=_poll, args=(base_url, path, headers or {}, self._stop, self._answers),
-                                        daemon=True)
+        self._process = context.Process(
+            target=_poll, args=(base_url, path, headers or {}, self._stop, self._answers), daemon=True
+        )
         self._process.start()
 
     def stop(self) -> list[tuple[float, int]]:
@@ -72,12 +74,14 @@ def _upload(base_url: str, csv_path, key: str | None = None) -> tuple[float, int
 
 def _p99(seconds: list[float]) -> float:
     from bench.scenarios import percentile
+
     return percentile(seconds, 99) if seconds else float("inf")
 
 
 def uploads(bench) -> dict:
     """Many 100,000-row uploads at once, a status poller beside them, the API's peak memory."""
-    from bench.scenarios import check, _log
+    from bench.scenarios import _log, check
+
     rows, count = bench.sizes.load_rows, bench.sizes.load_uploads
     big = write_url_csv(bench.work_dir / "load.csv", rows)
     small = write_url_csv(bench.work_dir / "load-small.csv", 2)
@@ -95,32 +99,59 @@ def uploads(bench) -> dict:
             stored = conn.execute("SELECT count(*) FROM processing_jobs WHERE total_images = %s", [rows]).fetchone()[0]
     accepted = [a for a in answers if a[1] == 202]
     refused = [a for a in answers if a[1] != 202]
-    honest = all(a[1] in (429, 503) and "retry-after" in a[3] and a[2].get("code") != "database_unavailable"
-                 for a in refused)
+    honest = all(
+        a[1] in (429, 503) and "retry-after" in a[3] and a[2].get("code") != "database_unavailable" for a in refused
+    )
     codes = sorted({a[2].get("code", str(a[1])) for a in refused})
     read_errors = [status for _, status in busy_answers if status != 200]
     p99, idle_p99 = _p99([s for s, _ in busy_answers]), _p99([s for s, _ in idle_answers])
-    _log(f"{count} uploads of {rows} rows: {len(accepted)} accepted (in {min(a[0] for a in accepted):.1f}-"
-         f"{max(a[0] for a in accepted):.1f} s), {len(refused)} refused ({', '.join(codes) or '-'}); {stored} stored")
-    _log(f"status every {POLL_SECONDS * 1000:.0f} ms: {len(busy_answers)} answers, {len(read_errors)} errors, "
-         f"p99 {p99 * 1000:.0f} ms (idle {idle_p99 * 1000:.0f} ms); API peak memory {memory.peak_mib:.0f} MB")
+    _log(
+        f"{count} uploads of {rows} rows: {len(accepted)} accepted (in {min(a[0] for a in accepted):.1f}-"
+        f"{max(a[0] for a in accepted):.1f} s), {len(refused)} refused ({', '.join(codes) or '-'}); {stored} stored"
+    )
+    _log(
+        f"status every {POLL_SECONDS * 1000:.0f} ms: {len(busy_answers)} answers, {len(read_errors)} errors, "
+        f"p99 {p99 * 1000:.0f} ms (idle {idle_p99 * 1000:.0f} ms); API peak memory {memory.peak_mib:.0f} MB"
+    )
     return {
         "checks": [
-            check("load: uploads", f"{len(accepted)} of {count} accepted; refused: {', '.join(codes) or 'none'}, "
-                  f"{'each' if honest else 'NOT each'} with Retry-After; {stored} stored",
-                  "202, or 429/503 with Retry-After and not database_unavailable; nothing stored when refused",
-                  honest and stored == len(accepted) and bool(accepted)),
-            check("load: status reads", f"p99 {p99 * 1000:.0f} ms, {len(read_errors)} errors of {len(busy_answers)} "
-                  f"(idle p99 {idle_p99 * 1000:.0f} ms)", f"no error; p99 <= {STATUS_P99_TARGET * 1000:.0f} ms",
-                  not read_errors and p99 <= STATUS_P99_TARGET, p99),
-            check("load: API memory", f"{memory.peak_mib:.0f} MB peak", f"<= {MEMORY_TARGET_MIB} MB",
-                  memory.peak_mib <= MEMORY_TARGET_MIB, memory.peak_mib),
+            check(
+                "load: uploads",
+                f"{len(accepted)} of {count} accepted; refused: {', '.join(codes) or 'none'}, "
+                f"{'each' if honest else 'NOT each'} with Retry-After; {stored} stored",
+                "202, or 429/503 with Retry-After and not database_unavailable; nothing stored when refused",
+                honest and stored == len(accepted) and bool(accepted),
+            ),
+            check(
+                "load: status reads",
+                f"p99 {p99 * 1000:.0f} ms, {len(read_errors)} errors of {len(busy_answers)} "
+                f"(idle p99 {idle_p99 * 1000:.0f} ms)",
+                f"no error; p99 <= {STATUS_P99_TARGET * 1000:.0f} ms",
+                not read_errors and p99 <= STATUS_P99_TARGET,
+                p99,
+            ),
+            check(
+                "load: API memory",
+                f"{memory.peak_mib:.0f} MB peak",
+                f"<= {MEMORY_TARGET_MIB} MB",
+                memory.peak_mib <= MEMORY_TARGET_MIB,
+                memory.peak_mib,
+            ),
         ],
-        "jobs": [{"job": f"{count} concurrent {rows}-row uploads", "images": rows * len(accepted),
-                  "seconds": max(a[0] for a in answers), "images_per_second": None, "finished": True,
-                  "failed_images": None}],
+        "jobs": [
+            {
+                "job": f"{count} concurrent {rows}-row uploads",
+                "images": rows * len(accepted),
+                "seconds": max(a[0] for a in answers),
+                "images_per_second": None,
+                "finished": True,
+                "failed_images": None,
+            }
+        ],
         "uploads": [{"seconds": a[0], "status": a[1], "code": a[2].get("code")} for a in answers],
-        "status_p99_seconds": p99, "status_idle_p99_seconds": idle_p99, "peak_rss_mib": memory.peak_mib,
+        "status_p99_seconds": p99,
+        "status_idle_p99_seconds": idle_p99,
+        "peak_rss_mib": memory.peak_mib,
     }
 
 
@@ -128,19 +159,23 @@ def keys_limit(bench) -> dict:
     """Key A over its uploads-per-minute limit (two clients ignoring its Retry-After, each uploading every
     FLOOD_INTERVAL_SECONDS) while key B uploads every B_UPLOAD_SECONDS and reads every POLL_SECONDS: B's
     answers against B alone, in the same run."""
-    from bench.scenarios import check, _log
+    from bench.scenarios import _log, check
+
     small = write_url_csv(bench.work_dir / "load-small.csv", 2)
     seconds = bench.sizes.load_flood_seconds
     with services_without_processors(bench, "load_keys", api_settings={"IMGPIPE_API_KEYS_REQUIRED": "true"}) as (
-            services, _settings):
+        services,
+        _settings,
+    ):
         with psycopg.connect(services.database_url, autocommit=True) as conn:
             name_a = f"a-{uuid.uuid4().hex[:6]}"
             _, key_a = keys.create_key(conn, name_a)
             _, key_b = keys.create_key(conn, f"b-{uuid.uuid4().hex[:6]}")
             keys.set_limits(conn, name_a, uploads_per_minute=LIMITED_PER_MINUTE, max_waiting_images=None)
         _upload(services.api_url, small, key_b)  # warm
-        request_id = httpx.get(f"{services.api_url}/jobs", headers={"Authorization": f"Bearer {key_b}"}).json()[
-            "jobs"][0]["request_id"]
+        request_id = httpx.get(f"{services.api_url}/jobs", headers={"Authorization": f"Bearer {key_b}"}).json()["jobs"][
+            0
+        ]["request_id"]
         idle = _key_b_traffic(services.api_url, small, key_b, request_id, seconds)
         # Key A's clients in processes of their own: their CPU does not share the harness's interpreter lock
         # with key B's client, whose answers are timed.
@@ -152,25 +187,48 @@ def keys_limit(bench) -> dict:
     a_refused = [a for a in a_answers if a[1] == 429 and "retry-after" in a[3]]
     a_codes = sorted({a[2].get("code") for a in a_refused})
     b_ok = all(a[1] == 202 for a in busy["uploads"]) and all(status == 200 for _, status in busy["reads"])
-    p99 = {name: {kind: _p99([a[0] for a in traffic[kind]]) for kind in ("uploads", "reads")}
-           for name, traffic in (("idle", idle), ("busy", busy))}
+    p99 = {
+        name: {kind: _p99([a[0] for a in traffic[kind]]) for kind in ("uploads", "reads")}
+        for name, traffic in (("idle", idle), ("busy", busy))
+    }
     ratios = {kind: p99["busy"][kind] / p99["idle"][kind] for kind in ("uploads", "reads")}
-    measured = (f"uploads p99 {p99['busy']['uploads'] * 1000:.0f} ms vs {p99['idle']['uploads'] * 1000:.0f} ms alone "
-                f"({ratios['uploads']:.2f}x), reads p99 {p99['busy']['reads'] * 1000:.0f} ms vs "
-                f"{p99['idle']['reads'] * 1000:.0f} ms ({ratios['reads']:.2f}x)")
-    _log(f"key A: {a_accepted} accepted, {len(a_refused)} refused ({', '.join(a_codes)}) in {seconds} s; key B: {measured}")
+    measured = (
+        f"uploads p99 {p99['busy']['uploads'] * 1000:.0f} ms vs {p99['idle']['uploads'] * 1000:.0f} ms alone "
+        f"({ratios['uploads']:.2f}x), reads p99 {p99['busy']['reads'] * 1000:.0f} ms vs "
+        f"{p99['idle']['reads'] * 1000:.0f} ms ({ratios['reads']:.2f}x)"
+    )
+    _log(
+        f"key A: {a_accepted} accepted, {len(a_refused)} refused ({', '.join(a_codes)}) in {seconds} s; key B: {measured}"
+    )
     return {
         "checks": [
-            check("load: key over its limit", f"{len(a_refused)} of key A's {len(a_answers)} uploads refused "
-                  f"({', '.join(a_codes)}; its uploads_per_minute is {LIMITED_PER_MINUTE}), {a_accepted} accepted",
-                  "429 with Retry-After", a_accepted == LIMITED_PER_MINUTE and len(a_refused) == len(a_answers) - a_accepted),
-            check("load: the other key", measured + ("" if b_ok else "; NOT every answer a success"),
-                  f"<= {UNAFFECTED_RATIO}x alone, no error", b_ok and max(ratios.values()) <= UNAFFECTED_RATIO,
-                  max(ratios.values())),
+            check(
+                "load: key over its limit",
+                f"{len(a_refused)} of key A's {len(a_answers)} uploads refused "
+                f"({', '.join(a_codes)}; its uploads_per_minute is {LIMITED_PER_MINUTE}), {a_accepted} accepted",
+                "429 with Retry-After",
+                a_accepted == LIMITED_PER_MINUTE and len(a_refused) == len(a_answers) - a_accepted,
+            ),
+            check(
+                "load: the other key",
+                measured + ("" if b_ok else "; NOT every answer a success"),
+                f"<= {UNAFFECTED_RATIO}x alone, no error",
+                b_ok and max(ratios.values()) <= UNAFFECTED_RATIO,
+                max(ratios.values()),
+            ),
         ],
-        "jobs": [{"job": "key B's uploads beside key A's flood", "images": 2 * len(busy["uploads"]),
-                  "seconds": seconds, "images_per_second": None, "finished": b_ok, "failed_images": None}],
-        "key_a_uploads": len(a_answers), "p99_seconds": p99,
+        "jobs": [
+            {
+                "job": "key B's uploads beside key A's flood",
+                "images": 2 * len(busy["uploads"]),
+                "seconds": seconds,
+                "images_per_second": None,
+                "finished": b_ok,
+                "failed_images": None,
+            }
+        ],
+        "key_a_uploads": len(a_answers),
+        "p99_seconds": p99,
     }
 
 

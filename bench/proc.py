@@ -1,4 +1,5 @@
 """CPU time and peak memory of process trees, and the owner of a listening port, read from /proc (Linux)."""
+
 import os
 import signal
 import threading

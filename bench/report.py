@@ -1,4 +1,5 @@
 """The results: a table on the terminal, latest.json and latest.md, and the scaling figure (scaling.png)."""
+
 import datetime
 import json
 import math
@@ -29,10 +30,10 @@ def describe_machine(postgres_version: str, kafka_started_here: bool) -> dict:
     mem_kib = int(next(line.split()[1] for line in meminfo.splitlines() if line.startswith("MemTotal:")))
     git = lambda *args: subprocess.run(["git", *args], cwd=REPO_ROOT, capture_output=True, text=True).stdout.strip()  # noqa: E731
     return {
-        "date": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
+        "date": datetime.datetime.now(datetime.UTC).isoformat(timespec="seconds"),
         "cpu": model,
         "cores": os.cpu_count(),
-        "ram_gib": round(mem_kib / 1024 ** 2, 1),
+        "ram_gib": round(mem_kib / 1024**2, 1),
         "python": platform.python_version(),
         "pillow": PIL.__version__,
         "libjpeg_turbo": features.version("libjpeg_turbo"),
@@ -56,14 +57,17 @@ def table_rows(scenarios: dict) -> list[tuple[str, str, str, str]]:
 
 def text_table(rows: list[tuple[str, ...]], header=("scenario", "measured", "target", "met?")) -> str:
     widths = [max(len(row[i]) for row in [header, *rows]) for i in range(len(header))]
-    lines = [" | ".join(cell.ljust(width) for cell, width in zip(row, widths)) for row in [header, *rows]]
+    lines = [" | ".join(cell.ljust(width) for cell, width in zip(row, widths, strict=True)) for row in [header, *rows]]
     lines.insert(1, "-+-".join("-" * width for width in widths))
     return "\n".join(lines)
 
 
 def _markdown_table(header: list[str], rows: list[list]) -> list[str]:
-    return ["| " + " | ".join(header) + " |", "|" + "---|" * len(header),
-            *("| " + " | ".join(str(cell) for cell in row) + " |" for row in rows)]
+    return [
+        "| " + " | ".join(header) + " |",
+        "|" + "---|" * len(header),
+        *("| " + " | ".join(str(cell) for cell in row) + " |" for row in rows),
+    ]
 
 
 def _number(value, digits: int = 2) -> str:
@@ -73,43 +77,94 @@ def _number(value, digits: int = 2) -> str:
 def markdown(report: dict) -> str:
     machine, run = report["machine"], report["run"]
     lines = [
-        "# Benchmark results", "",
+        "# Benchmark results",
+        "",
         f"`{' '.join(['python -m bench', *run['argv']])}`, {machine['date']}, {run['seconds']:.0f} s in all; "
-        f"commit {machine['commit']}{' (work tree modified)' if machine['work_tree_modified'] else ''}.", "",
+        f"commit {machine['commit']}{' (work tree modified)' if machine['work_tree_modified'] else ''}.",
+        "",
         f"Machine: {machine['cpu']}, {machine['cores']} cores, {machine['ram_gib']} GiB RAM; Python {machine['python']}, "
         f"Pillow {machine['pillow']} (libjpeg-turbo {machine['libjpeg_turbo']}), {machine.get('turbojpeg')}, "
         f"Kafka {machine['kafka']}, "
-        f"PostgreSQL {machine['postgresql']}.", "",
-        *_markdown_table(["scenario", "measured", "target", "met?"], [list(row) for row in table_rows(report["scenarios"])]),
-        "", "## Jobs", "",
-        *_markdown_table(["scenario", "job", "images", "wall time (s)", "images/s"], [
-            [name, job["job"] + ("" if job["finished"] else _unfinished(job)), job["images"],
-             _number(job["seconds"]), _number(job["images_per_second"], 1)]
-            for name, outcome in report["scenarios"].items() for job in _summarised_jobs(outcome)]),
+        f"PostgreSQL {machine['postgresql']}.",
+        "",
+        *_markdown_table(
+            ["scenario", "measured", "target", "met?"], [list(row) for row in table_rows(report["scenarios"])]
+        ),
+        "",
+        "## Jobs",
+        "",
+        *_markdown_table(
+            ["scenario", "job", "images", "wall time (s)", "images/s"],
+            [
+                [
+                    name,
+                    job["job"] + ("" if job["finished"] else _unfinished(job)),
+                    job["images"],
+                    _number(job["seconds"]),
+                    _number(job["images_per_second"], 1),
+                ]
+                for name, outcome in report["scenarios"].items()
+                for job in _summarised_jobs(outcome)
+            ],
+        ),
     ]
     baselines = report.get("baseline") or {}
     if baselines:
-        lines += ["", "## Bare Pillow (same images, in memory, no Kafka, HTTP or database)", "",
-                  *_markdown_table(["images", "processes", "images", "seconds", "images/s", "megapixels/s"], [
-                      [image_set, b["processes"], b["images"], _number(b["seconds"]), _number(b["images_per_second"], 1),
-                       _number(b["megapixels_per_second"], 0)]
-                      for image_set, baseline in baselines.items() for b in baseline.values()])]
+        lines += [
+            "",
+            "## Bare Pillow (same images, in memory, no Kafka, HTTP or database)",
+            "",
+            *_markdown_table(
+                ["images", "processes", "images", "seconds", "images/s", "megapixels/s"],
+                [
+                    [
+                        image_set,
+                        b["processes"],
+                        b["images"],
+                        _number(b["seconds"]),
+                        _number(b["images_per_second"], 1),
+                        _number(b["megapixels_per_second"], 0),
+                    ]
+                    for image_set, baseline in baselines.items()
+                    for b in baseline.values()
+                ],
+            ),
+        ]
     efficiency = report["scenarios"].get("efficiency", {})
     if efficiency.get("cpu_seconds"):
         ways = efficiency["cpu_seconds"]  # the last pass of each way
         walls = {job["job"].rsplit(", ", 1)[-1]: job["seconds"] for job in efficiency["jobs"]}
         names = list(next(iter(ways.values())))
-        lines += ["", "## CPU seconds during the efficiency job (the last pass each way)", "",
-                  *_markdown_table(["process group", *ways], [[name, *(_number(cpu[name]) for cpu in ways.values())]
-                                                              for name in names]),
-                  "", *(f"{way}: {_number(sum(s for s in cpu.values() if s))} CPU seconds in {_number(walls.get(way))} s "
-                        f"of wall time, which offers {_number(walls.get(way) and walls[way] * machine['cores'])} on "
-                        f"{machine['cores']} cores." for way, cpu in ways.items())]
+        lines += [
+            "",
+            "## CPU seconds during the efficiency job (the last pass each way)",
+            "",
+            *_markdown_table(
+                ["process group", *ways], [[name, *(_number(cpu[name]) for cpu in ways.values())] for name in names]
+            ),
+            "",
+            *(
+                f"{way}: {_number(sum(s for s in cpu.values() if s))} CPU seconds in {_number(walls.get(way))} s "
+                f"of wall time, which offers {_number(walls.get(way) and walls[way] * machine['cores'])} on "
+                f"{machine['cores']} cores."
+                for way, cpu in ways.items()
+            ),
+        ]
     if "scaling" in report["scenarios"] and "jobs" in report["scenarios"]["scaling"]:
-        lines += ["", "## Scaling", "", "![scaling](scaling.png)", "",
-                  *_markdown_table(["processors", "in flight", "compression", "images/s"], [
-                      [p["processors"], p["in_flight"], _compression(p), _number(p["images_per_second"], 1)]
-                      for p in report["scenarios"]["scaling"]["jobs"]])]
+        lines += [
+            "",
+            "## Scaling",
+            "",
+            "![scaling](scaling.png)",
+            "",
+            *_markdown_table(
+                ["processors", "in flight", "compression", "images/s"],
+                [
+                    [p["processors"], p["in_flight"], _compression(p), _number(p["images_per_second"], 1)]
+                    for p in report["scenarios"]["scaling"]["jobs"]
+                ],
+            ),
+        ]
     return "\n".join(lines) + "\n"
 
 
@@ -138,13 +193,27 @@ def scaling_figure(scaling: dict, path: Path) -> None:
     in_processes = [p for p in scaling["jobs"] if _compression(p) == "worker processes"]
     for processors in sorted({p["processors"] for p in in_processes}):
         line = [p for p in in_processes if p["processors"] == processors]
-        axes.plot([p["in_flight"] for p in line], [p["images_per_second"] or 0 for p in line], marker="o",
-                  label=f"{processors} processor process{'es' if processors > 1 else ''}")
+        axes.plot(
+            [p["in_flight"] for p in line],
+            [p["images_per_second"] or 0 for p in line],
+            marker="o",
+            label=f"{processors} processor process{'es' if processors > 1 else ''}",
+        )
     for point in (p for p in scaling["jobs"] if _compression(p) == "threads"):
-        axes.plot([point["in_flight"]], [point["images_per_second"] or 0], marker="x", markersize=9, linestyle="",
-                  label="1 processor, compressing in threads")
-    axes.axhline(scaling["baseline_2_processes_images_per_second"], color="grey", linestyle="--",
-                 label="bare Pillow, 2 processes")
+        axes.plot(
+            [point["in_flight"]],
+            [point["images_per_second"] or 0],
+            marker="x",
+            markersize=9,
+            linestyle="",
+            label="1 processor, compressing in threads",
+        )
+    axes.axhline(
+        scaling["baseline_2_processes_images_per_second"],
+        color="grey",
+        linestyle="--",
+        label="bare Pillow, 2 processes",
+    )
     settings = sorted({p["in_flight"] for p in scaling["jobs"]})
     axes.set_xscale("log", base=2)
     axes.set_xticks(settings, labels=[str(n) for n in settings])

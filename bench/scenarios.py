@@ -1,18 +1,18 @@
 """The scenarios. Each one runs its jobs through the services (Bench.stack) and returns its checks (measured
 figure against target), the wall time and images/s of its jobs, and what else it measured.
 Every figure is a ratio or a bound measured within the same run: the machine is shared and noisy."""
+
 import itertools
 import math
 import os
 import time
+from collections.abc import Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass, field, fields, replace
 from pathlib import Path
-from typing import Iterator
 
-from bench import proc
+from bench import codec, intake, load, proc, sharing
 from bench.baseline import pillow_throughput
-from bench import codec, intake, load, sharing
 from bench.images import ImageFile, ImageSet
 from bench.jobs import Job, Jobs
 from bench.servers import ImageServer, WebhookReceiver
@@ -53,21 +53,41 @@ class Sizes:
     load_flood_seconds: int = 20
 
     def scaled(self, scale: float) -> "Sizes":
-        return replace(self, **{f.name: max(MINIMUM_SIZES[f.name], round(getattr(self, f.name) * scale))
-                                for f in fields(self)})
+        return replace(
+            self, **{f.name: max(MINIMUM_SIZES[f.name], round(getattr(self, f.name) * scale)) for f in fields(self)}
+        )
 
 
-MINIMUM_SIZES = dict(efficiency_images=4, isolation_images=4, black_hole_urls=2, dead_host_urls=20,
-                     fairness_bulk_images=10, fairness_small_jobs=3, latency_jobs=3, memory_images=2,
-                     scaling_images=4, intake_rows=100, intake_memory_rows=100, notifier_results=100,
-                     cliff_small_images=3, cliff_mid_images=6, cliff_backlog_images=30, client_job_images=6,
-                     client_b_delay_seconds=1, backlog_rows=100, backlog_watch_seconds=2, load_rows=100,
-                     load_uploads=2, load_flood_seconds=2)
+MINIMUM_SIZES = dict(
+    efficiency_images=4,
+    isolation_images=4,
+    black_hole_urls=2,
+    dead_host_urls=20,
+    fairness_bulk_images=10,
+    fairness_small_jobs=3,
+    latency_jobs=3,
+    memory_images=2,
+    scaling_images=4,
+    intake_rows=100,
+    intake_memory_rows=100,
+    notifier_results=100,
+    cliff_small_images=3,
+    cliff_mid_images=6,
+    cliff_backlog_images=30,
+    client_job_images=6,
+    client_b_delay_seconds=1,
+    backlog_rows=100,
+    backlog_watch_seconds=2,
+    load_rows=100,
+    load_uploads=2,
+    load_flood_seconds=2,
+)
 
 
 @dataclass
 class Bench:
     """What every scenario shares: the infrastructure, the images and their server, the webhook receiver."""
+
     infra: Infrastructure
     images: ImageSet
     image_server: ImageServer
@@ -109,13 +129,20 @@ class Bench:
                 result = pillow_throughput(data, order, processes)
                 result["megapixels_per_second"] = megapixels / result["seconds"]
                 self.baseline[image_set][f"{processes}_process{'es' if processes > 1 else ''}"] = result
-                print(f"  bare Pillow, {image_set}, {processes} process(es): {result['images_per_second']:.1f} img/s",
-                      flush=True)
+                print(
+                    f"  bare Pillow, {image_set}, {processes} process(es): {result['images_per_second']:.1f} img/s",
+                    flush=True,
+                )
         return self.baseline[image_set]
 
     @contextmanager
-    def stack(self, scenario: str, processors: int = DEFAULT_PROCESSORS, processor_settings: dict[str, str] | None = None,
-              api_settings: dict[str, str] | None = None) -> Iterator[tuple[Services, Jobs]]:
+    def stack(
+        self,
+        scenario: str,
+        processors: int = DEFAULT_PROCESSORS,
+        processor_settings: dict[str, str] | None = None,
+        api_settings: dict[str, str] | None = None,
+    ) -> Iterator[tuple[Services, Jobs]]:
         """The services with these settings, warmed up. A scenario gets the services of the one before if
         that one finished every job it uploaded and ran its api with the same settings (only the
         processors are restarted if their settings differ), else new services on topics and a database
@@ -188,11 +215,13 @@ def _ratio_check(name: str, alone: Job, behind: Job, waited: float) -> dict:
         return check(name, "the job alone did not finish", target, False)
     if behind.seconds is None:
         bound = waited / alone.seconds
-        return check(name, f"> {bound:.1f}x (not done after {waited:.0f} s; alone {alone.seconds:.1f} s)",
-                     target, False, bound)
+        return check(
+            name, f"> {bound:.1f}x (not done after {waited:.0f} s; alone {alone.seconds:.1f} s)", target, False, bound
+        )
     ratio = behind.seconds / alone.seconds
-    return check(name, f"{ratio:.2f}x ({behind.seconds:.1f} s vs {alone.seconds:.1f} s alone)", target,
-                 ratio <= 1.3, ratio)
+    return check(
+        name, f"{ratio:.2f}x ({behind.seconds:.1f} s vs {alone.seconds:.1f} s alone)", target, ratio <= 1.3, ratio
+    )
 
 
 def _log(message: str) -> None:
@@ -229,8 +258,10 @@ def efficiency(bench: Bench) -> dict:
             runs[way].append(_efficiency_job(bench, api_settings))
     job = runs["with the window"][-1][0]
     cpu_seconds = {way: done[-1][1] for way, done in runs.items()}  # of each way's last pass
-    ratios = {way: [j.images_per_second / baseline["images_per_second"] if j.seconds else 0.0 for j, _ in done]
-              for way, done in runs.items()}
+    ratios = {
+        way: [j.images_per_second / baseline["images_per_second"] if j.seconds else 0.0 for j, _ in done]
+        for way, done in runs.items()
+    }
     means = {way: sum(values) / len(values) for way, values in ratios.items()}
     for way, values in ratios.items():
         _log(f"{way}: " + ", ".join(f"{v:.2f}" for v in values))
@@ -239,15 +270,28 @@ def efficiency(bench: Bench) -> dict:
         result = check("efficiency", f"not done after {bench.max_wait:.0f} s", target, False)
     else:
         ratio = means["with the window"]
-        result = check("efficiency", f"{ratio:.2f} ({job.images_per_second:.1f} vs {baseline['images_per_second']:.1f} img/s)",
-                       target, ratio >= 0.90, ratio)
+        result = check(
+            "efficiency",
+            f"{ratio:.2f} ({job.images_per_second:.1f} vs {baseline['images_per_second']:.1f} img/s)",
+            target,
+            ratio >= 0.90,
+            ratio,
+        )
     without = means["without the window"]
-    window = check("efficiency: the window's cost", f"{means['with the window']:.2f} with, {without:.2f} without "
-                   f"(means of {EFFICIENCY_PASSES} alternating passes)", ">= without - 0.03",
-                   means["with the window"] >= without - 0.03, means["with the window"] - without)
-    return {"checks": [result, window],
-            "jobs": [j.summary(f"mixed images, upload -> webhook, {way}") for way, done in runs.items() for j, _ in done],
-            "ratios": ratios, "baseline": bench.baseline["mixed"], "cpu_seconds": cpu_seconds}
+    window = check(
+        "efficiency: the window's cost",
+        f"{means['with the window']:.2f} with, {without:.2f} without (means of {EFFICIENCY_PASSES} alternating passes)",
+        ">= without - 0.03",
+        means["with the window"] >= without - 0.03,
+        means["with the window"] - without,
+    )
+    return {
+        "checks": [result, window],
+        "jobs": [j.summary(f"mixed images, upload -> webhook, {way}") for way, done in runs.items() for j, _ in done],
+        "ratios": ratios,
+        "baseline": bench.baseline["mixed"],
+        "cpu_seconds": cpu_seconds,
+    }
 
 
 def jpeg_efficiency(bench: Bench) -> dict:
@@ -256,27 +300,45 @@ def jpeg_efficiency(bench: Bench) -> dict:
     job, cpu_seconds = _efficiency_job(bench, {}, bench.jpegs())
     target = ">= 1.0 of bare Pillow, 2 processes"
     if job.seconds is None:
-        return {"checks": [check("efficiency on JPEGs", f"not done after {bench.max_wait:.0f} s", target, False)],
-                "jobs": [job.summary("JPEGs, upload -> webhook")]}
+        return {
+            "checks": [check("efficiency on JPEGs", f"not done after {bench.max_wait:.0f} s", target, False)],
+            "jobs": [job.summary("JPEGs, upload -> webhook")],
+        }
     ratio = job.images_per_second / baseline["images_per_second"]
-    result = check("efficiency on JPEGs", f"{ratio:.2f} ({job.images_per_second:.1f} vs "
-                   f"{baseline['images_per_second']:.1f} img/s)", target, ratio >= 1.0, ratio)
-    return {"checks": [result], "jobs": [job.summary("JPEGs, upload -> webhook")], "baseline": bench.baseline["jpegs"],
-            "cpu_seconds": cpu_seconds}
+    result = check(
+        "efficiency on JPEGs",
+        f"{ratio:.2f} ({job.images_per_second:.1f} vs {baseline['images_per_second']:.1f} img/s)",
+        target,
+        ratio >= 1.0,
+        ratio,
+    )
+    return {
+        "checks": [result],
+        "jobs": [job.summary("JPEGs, upload -> webhook")],
+        "baseline": bench.baseline["jpegs"],
+        "cpu_seconds": cpu_seconds,
+    }
 
 
-def _efficiency_job(bench: Bench, api_settings: dict[str, str], images: list[ImageFile] | None = None) -> tuple[Job, dict]:
+def _efficiency_job(
+    bench: Bench, api_settings: dict[str, str], images: list[ImageFile] | None = None
+) -> tuple[Job, dict]:
     with bench.stack("efficiency", api_settings=api_settings) as (services, jobs):
         roots = {name: [pid] for name, pid in services.pids().items() if not name.startswith("processor-")}
-        roots |= {"processors": services.processor_pids(), "kafka": [bench.infra.kafka_pid()],
-                  "postgres": [bench.infra.postgres_pid()], "image server": [bench.image_server.process.pid]}
+        roots |= {
+            "processors": services.processor_pids(),
+            "kafka": [bench.infra.kafka_pid()],
+            "postgres": [bench.infra.postgres_pid()],
+            "image server": [bench.image_server.process.pid],
+        }
         before = _cpu_seconds(roots)
         job = jobs.upload(bench.urls_of(images or bench.images.mixed, bench.sizes.efficiency_images))
         jobs.wait(job, bench.max_wait)
         after = _cpu_seconds(roots)
     _log(_job_line(f"{'JPEG' if images else 'mixed'} job{' without the window' if api_settings else ''}", job))
-    return job, {name: None if after[name] is None or before[name] is None else after[name] - before[name]
-                 for name in after}
+    return job, {
+        name: None if after[name] is None or before[name] is None else after[name] - before[name] for name in after
+    }
 
 
 def isolation(bench: Bench) -> dict:
@@ -290,8 +352,10 @@ def isolation(bench: Bench) -> dict:
         jobs.wait(behind, waited)
     _log(_job_line("alone", alone))
     _log(_job_line("after the black-hole URLs", behind))
-    return {"checks": [_ratio_check("isolation", alone, behind, waited)],
-            "jobs": [alone.summary("alone"), behind.summary(f"after {bench.sizes.black_hole_urls} black-hole URLs")]}
+    return {
+        "checks": [_ratio_check("isolation", alone, behind, waited)],
+        "jobs": [alone.summary("alone"), behind.summary(f"after {bench.sizes.black_hole_urls} black-hole URLs")],
+    }
 
 
 def _patience(bench: Bench, alone: Job) -> float:
@@ -315,14 +379,22 @@ def dead_host(bench: Bench) -> dict:
     _log(_job_line("after them", behind))
     target = f"all failed within {DEAD_HOST_TARGET:.0f} s"
     if dead.seconds is None:
-        all_failed = check("dead host", f"{counts['failed']} of {dead.images} failed after {dead_wait:.0f} s",
-                           target, False)
+        all_failed = check(
+            "dead host", f"{counts['failed']} of {dead.images} failed after {dead_wait:.0f} s", target, False
+        )
     else:
         failed = dead.webhook["failed_images"]
-        all_failed = check("dead host", f"{failed} of {dead.images} failed in {dead.seconds:.1f} s", target,
-                           failed == dead.images and dead.seconds <= DEAD_HOST_TARGET, dead.seconds)
-    return {"checks": [all_failed, _ratio_check("dead host: job after it", alone, behind, waited)],
-            "jobs": [dead.summary("refused URLs"), alone.summary("alone"), behind.summary("after the refused URLs")]}
+        all_failed = check(
+            "dead host",
+            f"{failed} of {dead.images} failed in {dead.seconds:.1f} s",
+            target,
+            failed == dead.images and dead.seconds <= DEAD_HOST_TARGET,
+            dead.seconds,
+        )
+    return {
+        "checks": [all_failed, _ratio_check("dead host: job after it", alone, behind, waited)],
+        "jobs": [dead.summary("refused URLs"), alone.summary("alone"), behind.summary("after the refused URLs")],
+    }
 
 
 def fairness(bench: Bench) -> dict:
@@ -347,10 +419,12 @@ def fairness(bench: Bench) -> dict:
     _log(_job_line("bulk job", bulk))
     measured = f"p95 {_in_seconds(p95)} (max {_in_seconds(max(latencies))})"
     _log(f"one-image jobs: {measured}, {during} of {small_jobs} uploaded while the bulk job ran")
-    return {"checks": [check("fairness", measured, "p95 <= 1 s", p95 <= 1, _finite(p95))],
-            "jobs": [bulk.summary("bulk job")] + [job.summary("one-image job") for job in small],
-            "small_jobs_during_bulk": during, "bulk_still_running_after_uploads": bulk.finished_at is None
-            or bulk.finished_at > last_upload}
+    return {
+        "checks": [check("fairness", measured, "p95 <= 1 s", p95 <= 1, _finite(p95))],
+        "jobs": [bulk.summary("bulk job")] + [job.summary("one-image job") for job in small],
+        "small_jobs_during_bulk": during,
+        "bulk_still_running_after_uploads": bulk.finished_at is None or bulk.finished_at > last_upload,
+    }
 
 
 def latency(bench: Bench) -> dict:
@@ -364,12 +438,23 @@ def latency(bench: Bench) -> dict:
     p50, p99 = percentile(latencies, 50), percentile(latencies, 99)
     _log(f"{len(latencies)} one-image jobs ({image.width}x{image.height} JPEG): p50 {_in_ms(p50)}, p99 {_in_ms(p99)}")
     finished = [s for s in latencies if s != math.inf]
-    return {"checks": [check("latency p50", _in_ms(p50), "<= 100 ms", p50 <= 0.100, _finite(p50)),
-                       check("latency p99", _in_ms(p99), "<= 300 ms", p99 <= 0.300, _finite(p99))],
-            "jobs": [{"job": "one-image jobs, one after another", "images": len(latencies),
-                      "seconds": sum(finished), "images_per_second": len(finished) / sum(finished) if finished else None,
-                      "finished": len(finished) == len(latencies), "failed_images": None}],
-            "latencies_seconds": [_finite(s) for s in latencies]}
+    return {
+        "checks": [
+            check("latency p50", _in_ms(p50), "<= 100 ms", p50 <= 0.100, _finite(p50)),
+            check("latency p99", _in_ms(p99), "<= 300 ms", p99 <= 0.300, _finite(p99)),
+        ],
+        "jobs": [
+            {
+                "job": "one-image jobs, one after another",
+                "images": len(latencies),
+                "seconds": sum(finished),
+                "images_per_second": len(finished) / sum(finished) if finished else None,
+                "finished": len(finished) == len(latencies),
+                "failed_images": None,
+            }
+        ],
+        "latencies_seconds": [_finite(s) for s in latencies],
+    }
 
 
 def memory(bench: Bench) -> dict:
@@ -381,20 +466,25 @@ def memory(bench: Bench) -> dict:
     _log(_job_line("12-megapixel job", job))
     _log(f"processor peak RSS {peak:.0f} MB over {len(sampler.peaks_kib)} process(es)")
     measured = f"{peak:.0f} MB ({len(sampler.peaks_kib)} process{'es' if len(sampler.peaks_kib) > 1 else ''})"
-    return {"checks": [check("memory", measured, "<= 400 MB", peak <= 400, peak)],
-            "jobs": [job.summary("12-megapixel images, one processor")],
-            "peak_rss_mib_by_pid": {str(pid): kib / 1024 for pid, kib in sampler.peaks_kib.items()}}
+    return {
+        "checks": [check("memory", measured, "<= 400 MB", peak <= 400, peak)],
+        "jobs": [job.summary("12-megapixel images, one processor")],
+        "peak_rss_mib_by_pid": {str(pid): kib / 1024 for pid, kib in sampler.peaks_kib.items()},
+    }
 
 
 def scaling(bench: Bench) -> dict:
     baseline = bench.pillow_baseline()
     points = []
     for processors, in_flight in itertools.product(bench.processor_counts, bench.in_flight):
-        points.append(_scaling_point(bench, processors, in_flight, {}, f"{processors} processor(s), in flight {in_flight}"))
+        points.append(
+            _scaling_point(bench, processors, in_flight, {}, f"{processors} processor(s), in flight {in_flight}")
+        )
     # The same work with compression in the processor's own threads instead of worker processes.
     in_flight = max(bench.in_flight)
-    threads = _scaling_point(bench, 1, in_flight, {COMPRESS_PROCESSES: "0"},
-                             f"1 processor, in flight {in_flight}, compressing in threads")
+    threads = _scaling_point(
+        bench, 1, in_flight, {COMPRESS_PROCESSES: "0"}, f"1 processor, in flight {in_flight}, compressing in threads"
+    )
     knees = {}
     for processors in bench.processor_counts:
         line = [p for p in points if p["processors"] == processors and p["images_per_second"]]
@@ -402,15 +492,26 @@ def scaling(bench: Bench) -> dict:
             best = max(p["images_per_second"] for p in line)
             # the knee: the first setting that reaches 90 % of the line's best; more in flight adds little
             knee = next(p for p in line if p["images_per_second"] >= 0.9 * best)
-            knees[processors] = {"in_flight": knee["in_flight"], "images_per_second": knee["images_per_second"],
-                                 "best_images_per_second": best}
-    measured = "; ".join(f"{n} processor{'s' if n > 1 else ''}: knee at {k['in_flight']} "
-                         f"({k['images_per_second']:.0f} img/s, best {k['best_images_per_second']:.0f})"
-                         for n, k in knees.items()) or "no job finished"
+            knees[processors] = {
+                "in_flight": knee["in_flight"],
+                "images_per_second": knee["images_per_second"],
+                "best_images_per_second": best,
+            }
+    measured = (
+        "; ".join(
+            f"{n} processor{'s' if n > 1 else ''}: knee at {k['in_flight']} "
+            f"({k['images_per_second']:.0f} img/s, best {k['best_images_per_second']:.0f})"
+            for n, k in knees.items()
+        )
+        or "no job finished"
+    )
     measured += f"; compressing in threads: {threads['images_per_second']:.0f} img/s"
-    return {"checks": [check("scaling", measured, "plotted; knee reported", None)],
-            "jobs": points + [threads], "knees": {str(n): k for n, k in knees.items()},
-            "baseline_2_processes_images_per_second": baseline["2_processes"]["images_per_second"]}
+    return {
+        "checks": [check("scaling", measured, "plotted; knee reported", None)],
+        "jobs": points + [threads],
+        "knees": {str(n): k for n, k in knees.items()},
+        "baseline_2_processes_images_per_second": baseline["2_processes"]["images_per_second"],
+    }
 
 
 def _scaling_point(bench: Bench, processors: int, in_flight: int, settings: dict[str, str], name: str) -> dict:
@@ -423,8 +524,10 @@ def _scaling_point(bench: Bench, processors: int, in_flight: int, settings: dict
             counts = jobs.counts(job)
             done = counts["processed"] + counts["failed"]
             point.update(images_done=done, images_per_second=done / (time.monotonic() - job.uploaded_at))
-    _log(f"{name}: {point['images_per_second']:.1f} img/s" + ("" if point["finished"] else
-         f" ({point['images_done']} of {job.images} images done in {waited:.0f} s)"))
+    _log(
+        f"{name}: {point['images_per_second']:.1f} img/s"
+        + ("" if point["finished"] else f" ({point['images_done']} of {job.images} images done in {waited:.0f} s)")
+    )
     return point
 
 

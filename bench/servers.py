@@ -1,6 +1,7 @@
 """Everything the services talk to besides Kafka and PostgreSQL, all on 127.0.0.1: an image server in a
 process of its own (so its CPU does not share the harness's GIL) with a "black hole" port that accepts
 connections and never answers, a port that refuses connections, and the webhook receiver."""
+
 import multiprocessing
 import socket
 import threading
@@ -13,7 +14,6 @@ from deploy.local.probe import free_port
 from tests.support.http_servers import LoopbackHTTPServer, LoopbackServer
 
 LOOPBACK = "127.0.0.1"
-
 
 
 class _ImageHandler(BaseHTTPRequestHandler):
@@ -42,8 +42,9 @@ def _hold_connections(listener: socket.socket) -> None:
 def _serve(directory: Path, ports) -> None:
     """The image server process: /img/<file name> for every file of `directory`, from memory."""
     httpd = LoopbackHTTPServer(_ImageHandler)
-    httpd.files = {f"/img/{path.name}": path.read_bytes() for path in directory.iterdir()
-                   if path.suffix in (".jpg", ".png")}
+    httpd.files = {
+        f"/img/{path.name}": path.read_bytes() for path in directory.iterdir() if path.suffix in (".jpg", ".png")
+    }
     black_hole = socket.create_server((LOOPBACK, 0), backlog=1024)
     threading.Thread(target=_hold_connections, args=(black_hole,), daemon=True).start()
     ports.send((httpd.server_address[1], black_hole.getsockname()[1]))

@@ -1,6 +1,7 @@
 """Fair share (issue 13): a job uploaded behind a large one, clients with API keys sharing (with and
 without a weight), and the window of released images behind a 1,000,000-row upload. The jobs use the
 small JPEGs of the image set, so that jobs of thousands of images take seconds, not minutes."""
+
 import threading
 import time
 from dataclasses import dataclass, field
@@ -33,7 +34,9 @@ class Progress:
     def _sample(self, database_url: str) -> None:
         with psycopg.connect(database_url, autocommit=True) as conn:
             while not self._stop.wait(SAMPLE_SECONDS):
-                rows = conn.execute("SELECT job_id::text, processed_images + failed_images FROM processing_jobs").fetchall()
+                rows = conn.execute(
+                    "SELECT job_id::text, processed_images + failed_images FROM processing_jobs"
+                ).fetchall()
                 self.samples.append((time.monotonic(), dict(rows)))
 
     def stop(self) -> None:
@@ -55,17 +58,24 @@ def _wait_started(jobs, job: Job) -> None:
 
 def _ratio(name: str, alone: Job, behind: Job) -> dict:
     from bench.scenarios import check
+
     target = f"<= {RATIO_TARGET}x alone"
     if alone.seconds is None or behind.seconds is None:
         return check(name, "not finished", target, False)
     ratio = behind.seconds / alone.seconds
-    return check(name, f"{ratio:.2f}x ({behind.seconds:.1f} s vs {alone.seconds:.1f} s alone)", target,
-                 ratio <= RATIO_TARGET, ratio)
+    return check(
+        name,
+        f"{ratio:.2f}x ({behind.seconds:.1f} s vs {alone.seconds:.1f} s alone)",
+        target,
+        ratio <= RATIO_TARGET,
+        ratio,
+    )
 
 
 def cliff(bench) -> dict:
     """A small and a mid-sized job, each uploaded while a large job is being processed, against their time alone."""
     from bench.scenarios import _job_line, _log
+
     sizes, small = bench.sizes, bench.images.small()
     with bench.stack("cliff") as (_services, jobs):
         alone = {}
@@ -83,17 +93,24 @@ def cliff(bench) -> dict:
         _log(_job_line(f"{images} images alone", alone[images]))
         _log(_job_line(f"{images} images behind {backlog.images}", behind[images]))
     _log(f"the {backlog.images}-image job had {backlog_done['pending']} images to go")
-    return {"checks": [_ratio(f"cliff: {images} behind {backlog.images}", alone[images], behind[images])
-                       for images in alone],
-            "jobs": [job.summary(f"{job.images} images {what}") for what, runs in (("alone", alone), ("behind", behind))
-                     for job in runs.values()],
-            "backlog_images_pending_at_end": backlog_done["pending"]}
+    return {
+        "checks": [
+            _ratio(f"cliff: {images} behind {backlog.images}", alone[images], behind[images]) for images in alone
+        ],
+        "jobs": [
+            job.summary(f"{job.images} images {what}")
+            for what, runs in (("alone", alone), ("behind", behind))
+            for job in runs.values()
+        ],
+        "backlog_images_pending_at_end": backlog_done["pending"],
+    }
 
 
 def clients(bench, weight: float = 1.0) -> dict:
     """Key A uploads four jobs, key B (of this weight) one job 5 s later: B's share of the images finished
     while both are active, and (weight 1) B's time against its time alone."""
     from bench.scenarios import _job_line, _log, check
+
     sizes, small = bench.sizes, bench.images.small()
     name = "clients" if weight == 1 else "weights"
     with bench.stack(name, api_settings=API_KEYS) as (services, jobs):
@@ -117,16 +134,30 @@ def clients(bench, weight: float = 1.0) -> dict:
     share = of_b / (of_a + of_b) if of_a + of_b else 0.0
     quarters = _shares_by_quarter(progress, b_job, a_jobs)
     low, high = (0.40, 0.60) if weight == 1 else (0.65, 0.85)
-    _log(_job_line(f"key B (weight {weight:g})", b_job) + f"; B's share {share:.0%} ({of_b} of {of_a + of_b} images); "
-         "by quarter of its time: " + ", ".join(f"{q:.0%}" for q in quarters))
-    checks = [check(f"{name}: B's share", f"{share:.0%} ({of_b} of {of_a + of_b} images finished while both were active)",
-                    f"{low:.0%}-{high:.0%}", low <= share <= high, share)]
+    _log(
+        _job_line(f"key B (weight {weight:g})", b_job) + f"; B's share {share:.0%} ({of_b} of {of_a + of_b} images); "
+        "by quarter of its time: " + ", ".join(f"{q:.0%}" for q in quarters)
+    )
+    checks = [
+        check(
+            f"{name}: B's share",
+            f"{share:.0%} ({of_b} of {of_a + of_b} images finished while both were active)",
+            f"{low:.0%}-{high:.0%}",
+            low <= share <= high,
+            share,
+        )
+    ]
     if alone is not None:
         _log(_job_line("key B alone", alone))
         checks.append(_ratio(f"{name}: B's job", alone, b_job))
-    return {"checks": checks, "share_of_b": share, "share_of_b_by_quarter": quarters,
-            "jobs": ([alone.summary("key B alone")] if alone else []) + [b_job.summary(f"key B (weight {weight:g})")]
-            + [job.summary("key A") for job in a_jobs]}
+    return {
+        "checks": checks,
+        "share_of_b": share,
+        "share_of_b_by_quarter": quarters,
+        "jobs": ([alone.summary("key B alone")] if alone else [])
+        + [b_job.summary(f"key B (weight {weight:g})")]
+        + [job.summary("key A") for job in a_jobs],
+    }
 
 
 def _shares_by_quarter(progress: Progress, b_job: Job, a_jobs: list[Job]) -> list[float]:
@@ -152,6 +183,7 @@ def weights(bench) -> dict:
 class HeldSamples:
     """Peaks, sampled while a large backlog waits: images released and not finished (the database), the
     dispatcher's window, and the request topics' messages not yet committed by the processors."""
+
     held: list[int] = field(default_factory=list)
     window: list[int] = field(default_factory=list)
     unconsumed: list[int] = field(default_factory=list)
@@ -165,8 +197,10 @@ def _sample_held(database_url: str, settings: Settings, stop: threading.Event, s
     try:
         with psycopg.connect(database_url, autocommit=True) as conn:
             while not stop.wait(SAMPLE_SECONDS):
-                held = conn.execute("SELECT coalesce(sum(greatest(0, released_images - processed_images - failed_images)), 0)"
-                                    " FROM processing_jobs WHERE status <> 'completed'").fetchone()[0]
+                held = conn.execute(
+                    "SELECT coalesce(sum(greatest(0, released_images - processed_images - failed_images)), 0)"
+                    " FROM processing_jobs WHERE status <> 'completed'"
+                ).fetchone()[0]
                 state = conn.execute("SELECT window_images FROM dispatcher_state").fetchone()
                 end = sum(ends.get_watermark_offsets(tp, timeout=5, cached=False)[1] for tp in partitions)
                 committed = sum(max(0, offset) for offset in positions.committed_offsets(reader, topics).values())
@@ -184,12 +218,15 @@ def backlog(bench) -> dict:
     into Kafka."""
     from bench.intake import settings_of, upload
     from bench.scenarios import _log, check
+
     rows = bench.sizes.backlog_rows
     path = _refused_csv(bench.work_dir / "backlog.csv", rows, bench.image_server.refused_url)
     samples, stop = HeldSamples(), threading.Event()
     with bench.stack("backlog") as (services, _jobs):
         settings = settings_of(services)
-        sampler = threading.Thread(target=_sample_held, args=(services.database_url, settings, stop, samples), daemon=True)
+        sampler = threading.Thread(
+            target=_sample_held, args=(services.database_url, settings, stop, samples), daemon=True
+        )
         sampler.start()
         try:
             before, answered, _total = upload(services, path)
@@ -204,18 +241,34 @@ def backlog(bench) -> dict:
     peak_held, peak_window = max(samples.held, default=0), max(samples.window, default=0)
     peak_unconsumed = max(samples.unconsumed, default=0)
     bound = peak_window + ROUND_MAX_IMAGES
-    _log(f"{rows} rows: 202 after {answered - before:.1f} s; {done} images failed fast in {bench.sizes.backlog_watch_seconds:g} s; "
-         f"peaks: released and not finished {peak_held}, window {peak_window}, not yet consumed {peak_unconsumed}")
-    return {"checks": [check("backlog: 202", f"{answered - before:.1f} s for {rows} rows", "as intake", None, answered - before),
-                       check("backlog: released, not finished",
-                             f"peak {peak_held} (window peak {peak_window}; the topics' messages past the processors' "
-                             f"committed offsets, which trail by the auto-commit interval: peak {peak_unconsumed})",
-                             f"<= window + one round ({bound})", peak_held <= bound, peak_held)],
-            "jobs": [{"job": f"{rows}-row CSV of refused URLs, watched {bench.sizes.backlog_watch_seconds:g} s",
-                      "images": done, "seconds": bench.sizes.backlog_watch_seconds,
-                      "images_per_second": done / bench.sizes.backlog_watch_seconds, "finished": False,
-                      "failed_images": counts["failed"]}],
-            "samples": {"held": samples.held, "window": samples.window, "unconsumed": samples.unconsumed}}
+    _log(
+        f"{rows} rows: 202 after {answered - before:.1f} s; {done} images failed fast in {bench.sizes.backlog_watch_seconds:g} s; "
+        f"peaks: released and not finished {peak_held}, window {peak_window}, not yet consumed {peak_unconsumed}"
+    )
+    return {
+        "checks": [
+            check("backlog: 202", f"{answered - before:.1f} s for {rows} rows", "as intake", None, answered - before),
+            check(
+                "backlog: released, not finished",
+                f"peak {peak_held} (window peak {peak_window}; the topics' messages past the processors' "
+                f"committed offsets, which trail by the auto-commit interval: peak {peak_unconsumed})",
+                f"<= window + one round ({bound})",
+                peak_held <= bound,
+                peak_held,
+            ),
+        ],
+        "jobs": [
+            {
+                "job": f"{rows}-row CSV of refused URLs, watched {bench.sizes.backlog_watch_seconds:g} s",
+                "images": done,
+                "seconds": bench.sizes.backlog_watch_seconds,
+                "images_per_second": done / bench.sizes.backlog_watch_seconds,
+                "finished": False,
+                "failed_images": counts["failed"],
+            }
+        ],
+        "samples": {"held": samples.held, "window": samples.window, "unconsumed": samples.unconsumed},
+    }
 
 
 def _refused_csv(path: Path, rows: int, refused_url) -> Path:

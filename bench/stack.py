@@ -5,14 +5,15 @@ Kafka and PostgreSQL: started here (Kafka's data wiped at each start, the Postgr
 the running ones named by KAFKA_BOOTSTRAP_SERVERS / DATABASE_URL. Either way the run gets a fresh
 database of its own, dropped at the end. Services: an api and a notifier on topics and consumer groups
 of their own, and processors that can be restarted with other settings while those two keep running."""
+
 import os
 import shutil
 import time
 import uuid
+from collections.abc import Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Iterator
 from urllib.parse import urlparse
 
 import psycopg
@@ -34,8 +35,13 @@ from shared.kafka import client_config
 from shared.settings import Settings
 
 # How to reach a secured Kafka named by KAFKA_BOOTSTRAP_SERVERS: passed on to the services as they are.
-KAFKA_SECURITY_VARIABLES = ("IMGPIPE_KAFKA_SECURITY_PROTOCOL", "IMGPIPE_KAFKA_SASL_MECHANISM", "IMGPIPE_KAFKA_SASL_USERNAME",
-                            "IMGPIPE_KAFKA_SASL_PASSWORD", "IMGPIPE_KAFKA_SSL_CA_LOCATION")
+KAFKA_SECURITY_VARIABLES = (
+    "IMGPIPE_KAFKA_SECURITY_PROTOCOL",
+    "IMGPIPE_KAFKA_SASL_MECHANISM",
+    "IMGPIPE_KAFKA_SASL_USERNAME",
+    "IMGPIPE_KAFKA_SASL_PASSWORD",
+    "IMGPIPE_KAFKA_SSL_CA_LOCATION",
+)
 SERVICE_STOP_SECONDS = 3  # a processor stuck on a host that never answers is killed after this; nothing is kept
 
 
@@ -80,8 +86,9 @@ class Infrastructure:
 
 
 @contextmanager
-def infrastructure(work_dir: Path, kafka_bootstrap_servers: str | None, database_url: str | None
-                   ) -> Iterator[Infrastructure]:
+def infrastructure(
+    work_dir: Path, kafka_bootstrap_servers: str | None, database_url: str | None
+) -> Iterator[Infrastructure]:
     """database_url: a running server to use (a database of its own is made there for each Services)."""
     kafka = postgres = None
     try:
@@ -133,9 +140,12 @@ class Services:
         self.log_dir = work_dir / "logs" / name
         self.storage_dir = work_dir / "images" / name
         self.processor_group = f"bench-processor-{suffix}"
-        inherited = {k: v for k, v in os.environ.items()
-                     if (not k.startswith("IMGPIPE_") or k in KAFKA_SECURITY_VARIABLES)
-                     and k not in ("DATABASE_URL", "KAFKA_BOOTSTRAP_SERVERS")}
+        inherited = {
+            k: v
+            for k, v in os.environ.items()
+            if (not k.startswith("IMGPIPE_") or k in KAFKA_SECURITY_VARIABLES)
+            and k not in ("DATABASE_URL", "KAFKA_BOOTSTRAP_SERVERS")
+        }
         self.env = {
             **inherited,
             # both spellings: whichever one a version of shared/settings.py prefers, it is this value
@@ -161,7 +171,9 @@ class Services:
         }
         self.core = ServiceGroup({**self.env, **self.api_settings}, self.log_dir, processors=0)
         self.processors: Processors | None = None
-        kafka = client_config(Settings(kafka_bootstrap_servers=infra.kafka_bootstrap_servers))  # security from the environment
+        kafka = client_config(
+            Settings(kafka_bootstrap_servers=infra.kafka_bootstrap_servers)
+        )  # security from the environment
         self.kafka_admin = AdminClient({**kafka, "log_level": 3})
         self.processor_settings: dict[str, str] = {}
 
@@ -189,9 +201,14 @@ class Services:
         deadline = time.monotonic() + timeout
         while time.monotonic() < deadline:
             try:
-                group = self.kafka_admin.describe_consumer_groups([self.processor_group])[self.processor_group].result(5)
-                if (group.state == ConsumerGroupState.STABLE and len(group.members) >= wanted
-                        and all(member.assignment.topic_partitions for member in group.members)):
+                group = self.kafka_admin.describe_consumer_groups([self.processor_group])[self.processor_group].result(
+                    5
+                )
+                if (
+                    group.state == ConsumerGroupState.STABLE
+                    and len(group.members) >= wanted
+                    and all(member.assignment.topic_partitions for member in group.members)
+                ):
                     return True
             except (KafkaException, TimeoutError):  # e.g. the group coordinator still loading after a start
                 pass

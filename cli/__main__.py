@@ -1,4 +1,5 @@
 """python -m cli: the same as the installed `imgpipe` command."""
+
 from cli.main import main
 
 main()

@@ -2,6 +2,7 @@
 text is one line: the command prints it on stderr and exits non-zero. An answer that says when to come
 back (429 or 503 with Retry-After: a limit, or a busy moment) is waited for and the request sent again,
 for RETRY_FOR_SECONDS at most in all; that is safe for uploads too, since a refused upload stores nothing."""
+
 import sys
 import time
 from collections.abc import Callable
@@ -50,8 +51,15 @@ class ApiClient:
         """options: per-job form fields (quality, max_width, …) passed as given; the API validates them."""
         fields = {**options, **({"webhook_url": webhook_url} if webhook_url else {})}
         with csv_path.open("rb") as csv_file:
-            return _json(self._request("POST", "/upload", files={"file": (csv_path.name, csv_file, "text/csv")}, data=fields,
-                                       before_each=lambda: csv_file.seek(0)))
+            return _json(
+                self._request(
+                    "POST",
+                    "/upload",
+                    files={"file": (csv_path.name, csv_file, "text/csv")},
+                    data=fields,
+                    before_each=lambda: csv_file.seek(0),
+                )
+            )
 
     def status_page(self, request_id: str, offset: int = 0, limit: int | None = None) -> dict:
         params = {"offset": offset, **({"limit": limit} if limit else {})}
@@ -73,7 +81,9 @@ class ApiClient:
     def output_csv(self, request_id: str) -> bytes:
         return self._request("GET", f"/output_csv/{_path_segment(request_id)}").content
 
-    def _request(self, method: str, path: str, before_each: Callable[[], object] | None = None, **kwargs) -> httpx.Response:
+    def _request(
+        self, method: str, path: str, before_each: Callable[[], object] | None = None, **kwargs
+    ) -> httpx.Response:
         """before_each: run before every attempt (an upload rewinds its file)."""
         give_up_at = time.monotonic() + RETRY_FOR_SECONDS
         while True:
@@ -104,7 +114,9 @@ def _json(response: httpx.Response) -> dict:
     try:
         return response.json()
     except ValueError:
-        raise CliError(f"{_origin(response)} answered {response.status_code} without JSON: is it imgpipe's API?") from None
+        raise CliError(
+            f"{_origin(response)} answered {response.status_code} without JSON: is it imgpipe's API?"
+        ) from None
 
 
 def _origin(response: httpx.Response) -> str:
@@ -121,7 +133,9 @@ def describe_error_answer(response: httpx.Response) -> str:
     details = [f"{key} {value}" for key, value in error.items() if key not in ("code", "message") and _is_scalar(value)]
     if isinstance(error.get("counts"), dict):
         counts = error["counts"]
-        details.append(", ".join(f"{counts[key]} {key}" for key in ("processed", "failed", "pending", "total") if key in counts))
+        details.append(
+            ", ".join(f"{counts[key]} {key}" for key in ("processed", "failed", "pending", "total") if key in counts)
+        )
     hint = " (set IMGPIPE_API_KEY)" if response.status_code == 401 else ""
     return f"{code} ({response.status_code}): {message}" + (f" [{'; '.join(details)}]" if details else "") + hint
 

@@ -1,4 +1,5 @@
 """The `imgpipe` command: submit, status, output, watch."""
+
 import json
 import os
 import sys
@@ -27,10 +28,15 @@ app = typer.Typer(
 )
 console = Console()
 
-ApiUrl = Annotated[str, typer.Option(
-    "--api", envvar="IMGPIPE_API_URL", show_envvar=True,
-    help="The API's address. An API key, if the API needs one, is read from IMGPIPE_API_KEY.",
-)]
+ApiUrl = Annotated[
+    str,
+    typer.Option(
+        "--api",
+        envvar="IMGPIPE_API_URL",
+        show_envvar=True,
+        help="The API's address. An API key, if the API needs one, is read from IMGPIPE_API_KEY.",
+    ),
+]
 RequestId = Annotated[str, typer.Argument(help="The job's request id, as submit prints it.")]
 
 
@@ -46,18 +52,26 @@ def connect(api_url: str) -> ApiClient:
 
 @app.command()
 def submit(
-    csv_file: Annotated[Path, typer.Argument(exists=True, dir_okay=False, readable=True, help="The CSV of image URLs.")],
+    csv_file: Annotated[
+        Path, typer.Argument(exists=True, dir_okay=False, readable=True, help="The CSV of image URLs.")
+    ],
     webhook: Annotated[str | None, typer.Option(help="URL the API POSTs to once the job is completed.")] = None,
     quality: Annotated[int | None, typer.Option(help="JPEG/WEBP quality for this job.")] = None,
     max_width: Annotated[int | None, typer.Option(help="Shrink wider images to this width.")] = None,
     max_height: Annotated[int | None, typer.Option(help="Shrink taller images to this height.")] = None,
     image_format: Annotated[ImageFormat | None, typer.Option("--format", help="Output format.")] = None,
-    wait: Annotated[bool, typer.Option("--wait", help="Show live progress until the job is completed, then its failures.")] = False,
+    wait: Annotated[
+        bool, typer.Option("--wait", help="Show live progress until the job is completed, then its failures.")
+    ] = False,
     api: ApiUrl = DEFAULT_API_URL,
 ) -> None:
     """Upload a CSV; print the job's request id (and with --wait, follow it to the end)."""
-    given = {"quality": quality, "max_width": max_width, "max_height": max_height,
-             "format": image_format.value if image_format else None}
+    given = {
+        "quality": quality,
+        "max_width": max_width,
+        "max_height": max_height,
+        "format": image_format.value if image_format else None,
+    }
     options = {name: str(value) for name, value in given.items() if value is not None}
     with connect(api) as client:
         request_id = client.upload(csv_file, webhook, options)["request_id"]
@@ -69,7 +83,9 @@ def submit(
 @app.command()
 def status(
     request_id: RequestId,
-    as_json: Annotated[bool, typer.Option("--json", help="Print the API's answer (first page of images) as JSON.")] = False,
+    as_json: Annotated[
+        bool, typer.Option("--json", help="Print the API's answer (first page of images) as JSON.")
+    ] = False,
     api: ApiUrl = DEFAULT_API_URL,
 ) -> None:
     """A job's state, counts, bytes saved, webhook and failures by reason."""
@@ -83,7 +99,9 @@ def status(
 @app.command()
 def output(
     request_id: RequestId,
-    out: Annotated[Path | None, typer.Option("-o", "--output", help="File to write (default: standard output).")] = None,
+    out: Annotated[
+        Path | None, typer.Option("-o", "--output", help="File to write (default: standard output).")
+    ] = None,
     api: ApiUrl = DEFAULT_API_URL,
 ) -> None:
     """Download a completed job's output CSV."""
@@ -118,8 +136,10 @@ def follow(client: ApiClient, request_ids: list[str]) -> None:
     progress line now and then), then print each job's summary and failures."""
     live = console.is_terminal
     bars = make_progress(console)
-    tasks = {request_id: bars.add_task(job_label(request_id), total=None, failed=0, rate="– img/s", saved="–", left="–")
-             for request_id in request_ids}
+    tasks = {
+        request_id: bars.add_task(job_label(request_id), total=None, failed=0, rate="– img/s", saved="–", left="–")
+        for request_id in request_ids
+    }
     jobs: dict[str, JobProgress] = {}
     last_printed = None
     try:
@@ -143,7 +163,9 @@ def follow(client: ApiClient, request_ids: list[str]) -> None:
             raise
         raise CliError(f"{error} (the jobs go on; follow them with: imgpipe watch {' '.join(request_ids)})") from None
     except KeyboardInterrupt:
-        raise CliError(f"stopped following; the jobs go on: imgpipe watch {' '.join(request_ids)}", exit_code=130) from None
+        raise CliError(
+            f"stopped following; the jobs go on: imgpipe watch {' '.join(request_ids)}", exit_code=130
+        ) from None
     for request_id in request_ids:
         console.print(job_report(jobs[request_id]))
 

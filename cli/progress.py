@@ -1,4 +1,5 @@
 """A job's progress as the CLI shows it, summed over every page of its status answer."""
+
 from dataclasses import dataclass, field
 from datetime import datetime
 
@@ -69,8 +70,13 @@ def fetch_progress(client: ApiClient, request_id: str) -> JobProgress:
         if progress is None:
             counts = page["counts"]
             progress = JobProgress(
-                request_id=page["request_id"], status=page["status"], total=counts["total"],
-                processed=counts["processed"], failed=counts["failed"], bytes_in=0, bytes_out=0,
+                request_id=page["request_id"],
+                status=page["status"],
+                total=counts["total"],
+                processed=counts["processed"],
+                failed=counts["failed"],
+                bytes_in=0,
+                bytes_out=0,
                 first_page={key: value for key, value in page.items() if key not in ("images", "page")},
             )
         for image in page["images"]:

@@ -1,5 +1,6 @@
 """What the CLI prints: the live progress bars (on a terminal), plain progress lines (elsewhere), the
 failure table and the status summary. In a non-terminal rich prints without colours or cursor moves."""
+
 from rich.console import Group
 from rich.filesize import decimal as size
 from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn
@@ -34,14 +35,22 @@ def job_label(request_id: str) -> str:
 
 
 def progress_fields(job: JobProgress) -> dict:
-    return dict(total=job.total, completed=job.done, failed=job.failed, rate=rate_text(job), saved=saved_text(job),
-                left=left_text(job))
+    return dict(
+        total=job.total,
+        completed=job.done,
+        failed=job.failed,
+        rate=rate_text(job),
+        saved=saved_text(job),
+        left=left_text(job),
+    )
 
 
 def progress_line(job: JobProgress) -> str:
     """The same as a bar, for output that is not a terminal (a log, a pipe)."""
-    return (f"{job_label(job.request_id)}: {job.done}/{job.total} done, {job.failed} failed, {rate_text(job)}, "
-            f"saved {saved_text(job)}, {left_text(job)} left")
+    return (
+        f"{job_label(job.request_id)}: {job.done}/{job.total} done, {job.failed} failed, {rate_text(job)}, "
+        f"saved {saved_text(job)}, {left_text(job)} left"
+    )
 
 
 def rate_text(job: JobProgress) -> str:
@@ -67,7 +76,9 @@ def left_text(job: JobProgress) -> str:
 def summary(job: JobProgress) -> Text:
     text = Text.assemble(
         f"Job {job.request_id} {job.status}: ",
-        (f"{job.processed} processed", "green"), ", ", (f"{job.failed} failed", "red" if job.failed else ""),
+        (f"{job.processed} processed", "green"),
+        ", ",
+        (f"{job.failed} failed", "red" if job.failed else ""),
         f" of {job.total}",
     )
     details = []
@@ -120,8 +131,11 @@ def status_view(job: JobProgress) -> Group:
     add("request id", job.request_id)
     add("status", f"{job.status} (events {job.first_page.get('events', '?')})")
     counts = job.first_page["counts"]
-    add("images", f"{counts['total']} total: {counts['processed']} processed, "
-                  f"{counts['failed']} failed, {counts['pending']} pending")
+    add(
+        "images",
+        f"{counts['total']} total: {counts['processed']} processed, "
+        f"{counts['failed']} failed, {counts['pending']} pending",
+    )
     dispatch = job.first_page.get("dispatch")
     if dispatch:
         add("release", release_text(dispatch))

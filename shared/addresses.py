@@ -4,6 +4,7 @@ in a CSV cannot reach the service's own network or a cloud metadata endpoint.
 The check is made on the address about to be connected to (shared/outbound.py), not on a name
 resolved earlier, so a name that answers differently the second time (DNS rebinding) cannot pass.
 """
+
 import ipaddress
 import socket
 from collections.abc import Callable, Iterable

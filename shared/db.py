@@ -1,4 +1,5 @@
 """PostgreSQL access: a connection pool and the schema migrations (yoyo, from schemas/migrations)."""
+
 import time
 from pathlib import Path
 
@@ -23,8 +24,15 @@ def signal_release(conn: psycopg.Connection) -> None:
 def make_pool(database_url: str, max_size: int = 4, timeout: float = 30.0) -> ConnectionPool:
     """timeout: how long pool.connection() waits for a connection (e.g. while the server is down).
     Each connection is checked as it is handed out, so after a server restart no request gets a dead one."""
-    pool = ConnectionPool(database_url, min_size=1, max_size=max_size, kwargs={"row_factory": dict_row}, open=False,
-                          timeout=timeout, check=ConnectionPool.check_connection)
+    pool = ConnectionPool(
+        database_url,
+        min_size=1,
+        max_size=max_size,
+        kwargs={"row_factory": dict_row},
+        open=False,
+        timeout=timeout,
+        check=ConnectionPool.check_connection,
+    )
     pool.open(wait=True, timeout=30)
     return pool
 
@@ -46,8 +54,10 @@ def check_database(database_url: str, timeout: float = 30) -> None:
         except psycopg.Error as exc:
             refused = exc.sqlstate is not None and (exc.sqlstate.startswith("28") or exc.sqlstate == "3D000")
             if refused or time.monotonic() >= deadline:
-                raise DatabaseUnavailable(f"{where} {'refused the connection' if refused else f'did not answer within {timeout:g}s'}: "
-                                          f"{' '.join(str(exc).split())}") from None
+                raise DatabaseUnavailable(
+                    f"{where} {'refused the connection' if refused else f'did not answer within {timeout:g}s'}: "
+                    f"{' '.join(str(exc).split())}"
+                ) from None
         time.sleep(1)
 
 

@@ -1,9 +1,10 @@
 """The events on the Kafka topics. schemas/events/*.json are generated from these models (shared/schemas.py)."""
+
 import json
 import uuid
-from datetime import datetime, timezone
-from enum import Enum
 from collections.abc import Iterable, Sequence
+from datetime import UTC, datetime
+from enum import Enum
 from typing import Literal
 
 from pydantic import BaseModel, Field, ValidationError
@@ -17,11 +18,12 @@ MAX_BYTES = 2**63 - 1  # PostgreSQL's bigint
 def describe_invalid(exc: ValidationError, event_type: str) -> str:
     """One line for a message that is not a valid `event_type` event: each error, where and what."""
     return f"not a valid {event_type} event: " + "; ".join(
-        f"{'.'.join(map(str, error['loc'])) or 'event'}: {error['msg']}" for error in exc.errors())
+        f"{'.'.join(map(str, error['loc'])) or 'event'}: {error['msg']}" for error in exc.errors()
+    )
 
 
 def _now() -> datetime:
-    return datetime.now(timezone.utc)
+    return datetime.now(UTC)
 
 
 class ImageRef(BaseModel):
@@ -41,15 +43,30 @@ class ImageRef(BaseModel):
 class JobOptions(BaseModel):
     """How a job's images are compressed; every field has a default, so {} is valid."""
 
-    quality: int | None = Field(None, ge=1, le=95, description="JPEG and WebP quality (PNG and GIF are lossless here); "
-                                "absent: the service's default (IMGPIPE_DEFAULT_QUALITY, 50 unless set)")
-    max_width: int | None = Field(None, ge=1, le=MAX_DIMENSION,
-                                  description="Scale down to at most this width, keeping the aspect ratio; never enlarge")
-    max_height: int | None = Field(None, ge=1, le=MAX_DIMENSION,
-                                   description="Scale down to at most this height, keeping the aspect ratio; never enlarge")
+    quality: int | None = Field(
+        None,
+        ge=1,
+        le=95,
+        description="JPEG and WebP quality (PNG and GIF are lossless here); "
+        "absent: the service's default (IMGPIPE_DEFAULT_QUALITY, 50 unless set)",
+    )
+    max_width: int | None = Field(
+        None,
+        ge=1,
+        le=MAX_DIMENSION,
+        description="Scale down to at most this width, keeping the aspect ratio; never enlarge",
+    )
+    max_height: int | None = Field(
+        None,
+        ge=1,
+        le=MAX_DIMENSION,
+        description="Scale down to at most this height, keeping the aspect ratio; never enlarge",
+    )
     format: Literal["keep", "webp", "jpeg"] = Field(
-        "keep", description="keep: the input's format (the output never has more bytes than the input); "
-        "webp or jpeg: converted (JPEG: transparency flattened on white)")
+        "keep",
+        description="keep: the input's format (the output never has more bytes than the input); "
+        "webp or jpeg: converted (JPEG: transparency flattened on white)",
+    )
 
     def with_default_quality(self, quality: int) -> "JobOptions":
         """These options, with `quality` if they name none: what a job is stored with."""
@@ -63,16 +80,17 @@ class ImageRequested(ImageRef):
 
 class RequestedEvents:
     """The image.requested events of one job, as JSON bytes, for images given as (id, row_number, position,
-    input_url) (the columns of a database row, as the outbox reads them: tuples are the cheapest). The job's part is serialised once, by the model; each image adds only its own
-    fields. A model per event costs several times as much, and the outbox produces 100,000 for a large job.
+    input_url) (the columns of a database row, as the outbox reads them: tuples are the cheapest). The job's
+    part is serialised once, by the model; each image adds only its own fields. A model per event costs several times as much, and the outbox produces 100,000 for a large job.
     event_id: a random 74-bit prefix per instance, then a counter (a UUID of version 4's layout), so
     every event of every attempt has an id of its own without an os.urandom call each."""
 
     _PER_IMAGE = {"event_id", "occurred_at", "image_id", "row_number", "position", "input_url"}
 
     def __init__(self, request_id: uuid.UUID, options: JobOptions | None = None):
-        template = ImageRequested(request_id=request_id, image_id=uuid.UUID(int=0), row_number=1, position=1,
-                                  input_url="-", options=options)
+        template = ImageRequested(
+            request_id=request_id, image_id=uuid.UUID(int=0), row_number=1, position=1, input_url="-", options=options
+        )
         self._job_part = template.model_dump_json(exclude=self._PER_IMAGE)[:-1]  # without its closing brace
         self._id_prefix = str(uuid.uuid4())[:24]  # the 8-4-4-4 groups and a dash
         self._count = 0
@@ -83,8 +101,10 @@ class RequestedEvents:
         events = []
         for image_id, row_number, position, input_url in images:
             self._count += 1
-            events.append(f'{head}{self._count:012x}","image_id":"{image_id}","row_number":{int(row_number)},'
-                          f'"position":{int(position)},"input_url":{_json_string(input_url)}}}'.encode())
+            events.append(
+                f'{head}{self._count:012x}","image_id":"{image_id}","row_number":{int(row_number)},'
+                f'"position":{int(position)},"input_url":{_json_string(input_url)}}}'.encode()
+            )
         return events
 
 
@@ -135,7 +155,8 @@ class JobRequested(BaseModel):
     webhook_url: str | None = Field(None, description="Called once every image is processed or failed")
     options: JobOptions | None = Field(None, description="How the images are compressed; absent: every default")
     api_key_id: uuid.UUID | None = Field(
-        None, description="The API key whose holder may read the job through the API (its id: the 32 hex digits "
+        None,
+        description="The API key whose holder may read the job through the API (its id: the 32 hex digits "
         "after imgpipe_ in the key, as `python -m services.api.keys list` shows it); it must exist and not be "
-        "revoked. Absent: the job belongs to no key, and is visible through the API only while keys are not required."
+        "revoked. Absent: the job belongs to no key, and is visible through the API only while keys are not required.",
     )

@@ -4,6 +4,7 @@ API's documentation and the event schemas.
 A code is stable and machine-readable (no spaces or commas): clients see it in the status answer,
 the webhook and the output CSV (as failed:<code>). Besides these, `http_<status>` names an HTTP
 answer that is not a success (http_404, http_503, ...)."""
+
 from enum import StrEnum
 
 

@@ -5,6 +5,7 @@ point is reached, "<point>:<n>" the n-th time. Points: processor.after_process (
 its result not yet acknowledged by Kafka), notifier.after_completing_commit (a batch that completed a
 job is committed to PostgreSQL, its offsets not yet stored), dispatcher.after_produce (a round's events
 are acknowledged by Kafka, the jobs' release cursors not yet moved)."""
+
 import collections
 import logging
 import os

@@ -4,6 +4,7 @@ serves the same on its own port: services/api/operations.py).
 
 A readiness check is a function that returns when its dependency is usable and raises, saying why,
 when it is not. Checks are run when /readyz is asked, never in the services' hot paths."""
+
 import json
 import logging
 import threading
@@ -127,12 +128,15 @@ def serve_health(settings: Settings, *expected: str) -> None:
     try:
         server = ThreadingHTTPServer((settings.health_host, settings.health_port), _HealthHandler)
     except OSError as exc:
-        raise StartupError(f"cannot serve health and metrics on {settings.health_host}:{settings.health_port}: "
-                           f"{exc.strerror or exc} (set health_port, or 0 to turn them off)") from None
+        raise StartupError(
+            f"cannot serve health and metrics on {settings.health_host}:{settings.health_port}: "
+            f"{exc.strerror or exc} (set health_port, or 0 to turn them off)"
+        ) from None
     server.daemon_threads = True
     threading.Thread(target=server.serve_forever, name="health", daemon=True).start()
-    log.info("health and metrics on http://%s:%d (/healthz, /readyz, /metrics)", settings.health_host,
-             settings.health_port)
+    log.info(
+        "health and metrics on http://%s:%d (/healthz, /readyz, /metrics)", settings.health_host, settings.health_port
+    )
 
 
 class _HealthHandler(BaseHTTPRequestHandler):

@@ -1,4 +1,5 @@
 """Kafka producers, consumers and topics, configured the same way by every service."""
+
 import logging
 import time
 from collections.abc import Iterable
@@ -23,13 +24,18 @@ class KafkaUnavailable(StartupError):
 
 def client_config(settings: Settings) -> dict:
     """What every Kafka client (producer, consumer, admin) starts from: the brokers and how to reach them."""
-    config = {"bootstrap.servers": settings.kafka_bootstrap_servers, "security.protocol": settings.kafka_security_protocol}
+    config = {
+        "bootstrap.servers": settings.kafka_bootstrap_servers,
+        "security.protocol": settings.kafka_security_protocol,
+    }
     if settings.kafka_security_protocol.startswith("SASL_"):
-        config.update({
-            "sasl.mechanism": settings.kafka_sasl_mechanism,
-            "sasl.username": settings.kafka_sasl_username,
-            "sasl.password": settings.kafka_sasl_password.get_secret_value(),
-        })
+        config.update(
+            {
+                "sasl.mechanism": settings.kafka_sasl_mechanism,
+                "sasl.username": settings.kafka_sasl_username,
+                "sasl.password": settings.kafka_sasl_password.get_secret_value(),
+            }
+        )
     if settings.kafka_ssl_ca_location is not None:
         config["ssl.ca.location"] = str(settings.kafka_ssl_ca_location)
     if settings.log_format == "json":
@@ -72,13 +78,16 @@ def check_kafka(settings: Settings, timeout: float = 30) -> None:
             if error.code() == KafkaError._AUTHENTICATION:
                 raise KafkaUnavailable(
                     f"{where} refused the SASL authentication of user '{settings.kafka_sasl_username}' "
-                    f"({settings.kafka_sasl_mechanism}): {error.str()}")
+                    f"({settings.kafka_sasl_mechanism}): {error.str()}"
+                )
             if error.code() == KafkaError._SSL:
                 raise KafkaUnavailable(f"{where}: TLS failed (check kafka_ssl_ca_location): {error.str()}")
         if time.monotonic() >= deadline:
             reason = problems.last_failure or last.str()
             if settings.kafka_security_protocol == "PLAINTEXT" and "in state UP" in reason:
-                reason += "; a listener that wants TLS or SASL closes PLAINTEXT connections so: see kafka_security_protocol"
+                reason += (
+                    "; a listener that wants TLS or SASL closes PLAINTEXT connections so: see kafka_security_protocol"
+                )
             raise KafkaUnavailable(f"{where} did not answer within {timeout:g}s: {reason}")
 
 
@@ -110,8 +119,13 @@ def produce_and_wait(producer: Producer, topic: str, messages: Iterable[tuple], 
     for key, value, *headers in messages:
         while True:
             try:
-                producer.produce(topic, value=value, key=key, headers=headers[0] if headers else None,
-                                 on_delivery=lambda err, _msg: reports.append(err))
+                producer.produce(
+                    topic,
+                    value=value,
+                    key=key,
+                    headers=headers[0] if headers else None,
+                    on_delivery=lambda err, _msg: reports.append(err),
+                )
                 break
             except BufferError:  # local queue full: let deliveries drain, then retry
                 producer.poll(0.5)
@@ -134,7 +148,9 @@ DEAD_LETTER_ERROR_MAX_CHARS = 1000
 def dead_letter(message: Message, topic: str, error: str) -> tuple[bytes | None, bytes | None, list[tuple[str, bytes]]]:
     """The message as it is passed on, unchanged, to the dead-letter `topic` (logged): its key, its
     value, and headers saying why and where from."""
-    log.warning("message %s[%d]@%d sent to %s: %s", message.topic(), message.partition(), message.offset(), topic, error)
+    log.warning(
+        "message %s[%d]@%d sent to %s: %s", message.topic(), message.partition(), message.offset(), topic, error
+    )
     return message.key(), message.value(), dead_letter_headers(message, error)
 
 
@@ -149,8 +165,12 @@ def dead_letter_headers(message: Message, error: str) -> list[tuple[str, bytes]]
 
 
 def make_consumer(
-    settings: Settings, group_id: str, topics: list[str], tracker: OffsetTracker,
-    assigned: set[tuple[str, int]] | None = None, **overrides
+    settings: Settings,
+    group_id: str,
+    topics: list[str],
+    tracker: OffsetTracker,
+    assigned: set[tuple[str, int]] | None = None,
+    **overrides,
 ) -> Consumer:
     """An at-least-once consumer: the caller marks messages started and finished in `tracker`, and
     calls store_offsets(); stored offsets are committed in the background, on revoke and on close.
@@ -217,14 +237,26 @@ def commit_stored(consumer: Consumer) -> None:
 def ensure_topics(settings: Settings, timeout: float = 30) -> None:
     """Create the service's topics if they are missing (the brokers do not auto-create them)."""
     admin = AdminClient(client_config(settings))
-    wanted = [settings.topic_requested, settings.topic_requested_bulk, settings.topic_processed,
-              settings.topic_dead_letter, settings.topic_processed_dead_letter, settings.topic_job_requested,
-              settings.topic_job_dead_letter]
+    wanted = [
+        settings.topic_requested,
+        settings.topic_requested_bulk,
+        settings.topic_processed,
+        settings.topic_dead_letter,
+        settings.topic_processed_dead_letter,
+        settings.topic_job_requested,
+        settings.topic_job_dead_letter,
+    ]
     existing = admin.list_topics(timeout=timeout).topics
-    missing = [NewTopic(t, num_partitions=settings.topic_partitions,
-                        replication_factor=settings.kafka_replication_factor,
-                        config={"min.insync.replicas": str(settings.kafka_min_insync_replicas)})
-               for t in wanted if t not in existing]
+    missing = [
+        NewTopic(
+            t,
+            num_partitions=settings.topic_partitions,
+            replication_factor=settings.kafka_replication_factor,
+            config={"min.insync.replicas": str(settings.kafka_min_insync_replicas)},
+        )
+        for t in wanted
+        if t not in existing
+    ]
     if not missing:
         return
     for topic, future in admin.create_topics(missing, operation_timeout=timeout).items():

@@ -1,6 +1,7 @@
 """Consumer lag per partition, from librdkafka's statistics (STATISTICS.md): each consumer reports,
 for the partitions it holds, the end of the partition minus its group's committed offset
 (`consumer_lag`). The services' own counters live next to their code (services/*/metrics.py)."""
+
 import json
 import logging
 import threading
@@ -45,8 +46,11 @@ class ConsumerLag:
 
     def collect(self):
         gauge = GaugeMetricFamily(
-            "imgpipe_consumer_lag", "Messages of a partition after its consumer group's committed offset, "
-            "as last seen by the consumer holding it", labels=["group", "topic", "partition"])
+            "imgpipe_consumer_lag",
+            "Messages of a partition after its consumer group's committed offset, "
+            "as last seen by the consumer holding it",
+            labels=["group", "topic", "partition"],
+        )
         with self._lock:
             latest = list(self._latest.values())
         for group, lags in latest:
@@ -61,7 +65,11 @@ def _lag(partition: dict) -> int | None:
     consumers start at the earliest offset). None while the ends are not known yet."""
     if partition.get("consumer_lag", -1) >= 0:
         return partition["consumer_lag"]
-    if partition.get("committed_offset", -1) < 0 and partition.get("lo_offset", -1) >= 0 and partition.get("hi_offset", -1) >= 0:
+    if (
+        partition.get("committed_offset", -1) < 0
+        and partition.get("lo_offset", -1) >= 0
+        and partition.get("hi_offset", -1) >= 0
+    ):
         return partition["hi_offset"] - partition["lo_offset"]
     return None
 

@@ -4,6 +4,7 @@ Per partition, the committable offset is the lowest offset still being worked on
 one past the highest started. So a crash replays every unfinished message and never skips one.
 The tracker refuses to go backwards: an offset below one already started means the consumer was
 rewound behind our back, which would make a commit skip work."""
+
 from confluent_kafka import TopicPartition
 
 Partition = tuple[str, int]  # (topic, partition)

@@ -6,6 +6,7 @@ separately, so a name that answers a public address first and a private one next
 the network backend resolves once, checks every address and connects only to a checked address, as
 imgproxy does in its dialer. It is also applied to every redirect hop, since each hop connects anew.
 """
+
 import contextlib
 import contextvars
 import time
@@ -103,6 +104,6 @@ def checked_transport(backend: CheckedBackend, **options) -> httpx.HTTPTransport
     return transport
 
 
-def address_checked_client(backend: CheckedBackend, limits: httpx.Limits = httpx.Limits(), **options) -> httpx.Client:
+def address_checked_client(backend: CheckedBackend, limits: httpx.Limits | None = None, **options) -> httpx.Client:
     """An httpx.Client (other options as httpx.Client takes them) whose connections go through the backend."""
-    return httpx.Client(transport=checked_transport(backend, limits=limits), **options)
+    return httpx.Client(transport=checked_transport(backend, limits=limits or httpx.Limits()), **options)

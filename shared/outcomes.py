@@ -1,5 +1,6 @@
 """What a client is told about a job: one image's outcome (the status answer and the webhook share it)
 and the webhook's payload. schemas/webhooks/job.completed.v1.json is generated from JobCompleted."""
+
 from typing import Literal
 
 from pydantic import BaseModel, Field

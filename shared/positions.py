@@ -4,6 +4,7 @@ A group's committed offsets are read through a consumer of that group that never
 never joins the group): AdminClient.list_consumer_group_offsets crashes the process (SIGSEGV in
 librdkafka) when the group's coordinator is not ready (confluentinc/librdkafka#5040,
 confluent-kafka-python#1982), which happens at start and after a broker restart."""
+
 from confluent_kafka import Consumer, TopicPartition
 from confluent_kafka.admin import AdminClient, OffsetSpec
 

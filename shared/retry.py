@@ -1,5 +1,6 @@
 """Trying again: one backoff (0.5 s, doubling, at most 30 s) and one bound for what a message's own
 content makes fail, so that one poison message never stalls a service."""
+
 import threading
 
 import psycopg

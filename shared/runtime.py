@@ -1,30 +1,36 @@
 """What every long-running service needs: logging, a flag that SIGTERM/SIGINT set, and a clean exit when
 it cannot start."""
+
 import json
 import logging
 import signal
 import sys
 import threading
-from collections.abc import Iterator
+from collections.abc import Iterator, Mapping
 from contextlib import contextmanager
 from contextvars import ContextVar
-from datetime import datetime, timezone
+from datetime import UTC, datetime
+from types import MappingProxyType
 
 TEXT_FORMAT = "%(asctime)s %(levelname)s %(name)s: %(message)s"
 CONTEXT_FIELDS = ("request_id", "image_id")  # put on every line logged inside log_context()
 
 # Per thread: each of the processor's download threads works on one image at a time.
-_context: ContextVar[dict[str, str]] = ContextVar("imgpipe_log_context", default={})
+_context: ContextVar[Mapping[str, str]] = ContextVar("imgpipe_log_context", default=MappingProxyType({}))
 
 
 def setup_logging(level: str, log_format: str = "text") -> None:
     handler = log_handler(log_format)
     if log_format == "json":
         # What would otherwise reach stderr as a bare traceback becomes one JSON line too.
-        sys.excepthook = lambda *exc_info: logging.getLogger("imgpipe").critical("uncaught exception", exc_info=exc_info)
+        sys.excepthook = lambda *exc_info: logging.getLogger("imgpipe").critical(
+            "uncaught exception", exc_info=exc_info
+        )
         threading.excepthook = lambda args: logging.getLogger("imgpipe").critical(
-            "uncaught exception in thread %s", args.thread.name if args.thread else "?",
-            exc_info=(args.exc_type, args.exc_value, args.exc_traceback))
+            "uncaught exception in thread %s",
+            args.thread.name if args.thread else "?",
+            exc_info=(args.exc_type, args.exc_value, args.exc_traceback),
+        )
     logging.basicConfig(level=level.upper(), handlers=[handler], force=True)
 
 
@@ -59,7 +65,7 @@ class JsonFormatter(logging.Formatter):
 
     def format(self, record: logging.LogRecord) -> str:
         line = {
-            "time": datetime.fromtimestamp(record.created, timezone.utc).isoformat(timespec="milliseconds"),
+            "time": datetime.fromtimestamp(record.created, UTC).isoformat(timespec="milliseconds"),
             "level": record.levelname,
             "logger": record.name,
             "message": record.getMessage(),

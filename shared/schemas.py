@@ -1,6 +1,7 @@
 """The published JSON Schemas: the Kafka events (schemas/events/) and the webhook's payload
 (schemas/webhooks/), generated from their pydantic models by `make schemas`; a test fails while a
 committed file differs from its model."""
+
 import json
 from pathlib import Path
 

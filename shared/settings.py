@@ -1,4 +1,5 @@
 """Every setting of the three services, read from the environment (see the README's table)."""
+
 from functools import lru_cache
 from pathlib import Path
 from typing import Annotated, Literal
@@ -17,14 +18,13 @@ def _env(name: str) -> AliasChoices:
 class Settings(BaseSettings):
     # validate_by_name: Settings(database_url=...) sets the field by its own name, not through an alias.
     # hide_input_in_errors: a validation error would otherwise print the whole environment's values, secrets too.
-    model_config = SettingsConfigDict(env_prefix="IMGPIPE_", extra="ignore", validate_by_name=True,
-                                      hide_input_in_errors=True)
+    model_config = SettingsConfigDict(
+        env_prefix="IMGPIPE_", extra="ignore", validate_by_name=True, hide_input_in_errors=True
+    )
 
     # Infrastructure
     kafka_bootstrap_servers: str = Field("127.0.0.1:9092", validation_alias=_env("KAFKA_BOOTSTRAP_SERVERS"))
-    database_url: str = Field(
-        "postgresql://postgres@127.0.0.1:55432/imgpipe", validation_alias=_env("DATABASE_URL")
-    )
+    database_url: str = Field("postgresql://postgres@127.0.0.1:55432/imgpipe", validation_alias=_env("DATABASE_URL"))
     # The priority lane: images of jobs catching up to their fair share (services/api/fair_share.py), and
     # whatever other services produce. The processors take it first.
     topic_requested: str = "image.requested"
@@ -55,9 +55,13 @@ class Settings(BaseSettings):
 
     @model_validator(mode="after")
     def _sasl_needs_credentials(self):
-        if self.kafka_security_protocol.startswith("SASL_") and not (self.kafka_sasl_username and self.kafka_sasl_password):
-            raise ValueError(f"kafka_security_protocol {self.kafka_security_protocol} needs "
-                             "kafka_sasl_username and kafka_sasl_password")
+        if self.kafka_security_protocol.startswith("SASL_") and not (
+            self.kafka_sasl_username and self.kafka_sasl_password
+        ):
+            raise ValueError(
+                f"kafka_security_protocol {self.kafka_security_protocol} needs "
+                "kafka_sasl_username and kafka_sasl_password"
+            )
         return self
 
     # API
@@ -107,8 +111,9 @@ class Settings(BaseSettings):
     compress_processes: int | None = Field(None, ge=0)  # None: one per core; 0: compress in threads
     processor_drain_seconds: float = Field(20.0, ge=0)  # on SIGTERM, finish in-flight work this long
     # JPEG and WebP quality of a job that names none (IMGPIPE_JPEG_QUALITY: its former name, still read).
-    default_quality: int = Field(50, ge=1, le=95,
-                                 validation_alias=AliasChoices("IMGPIPE_DEFAULT_QUALITY", "IMGPIPE_JPEG_QUALITY"))
+    default_quality: int = Field(
+        50, ge=1, le=95, validation_alias=AliasChoices("IMGPIPE_DEFAULT_QUALITY", "IMGPIPE_JPEG_QUALITY")
+    )
     jpeg_optimize: bool = False
     turbojpeg_library: str | None = None  # libturbojpeg's file (the fast JPEG path); None: as the loader finds it
     png_optimize: bool = False

@@ -1,5 +1,6 @@
 """Session fixtures: real Kafka and PostgreSQL on 127.0.0.1, started here unless
 KAFKA_BOOTSTRAP_SERVERS / DATABASE_URL name running ones; and the three services as processes."""
+
 import os
 import uuid
 from concurrent.futures import ThreadPoolExecutor
@@ -46,12 +47,18 @@ class Infrastructure:
         """A migrated database of one's own (a copy of the template); drop it with drop_database()."""
         name = f"imgpipe_test_{uuid.uuid4().hex[:12]}"
         with psycopg.connect(self.server_url, autocommit=True) as conn:
-            conn.execute(sql.SQL("CREATE DATABASE {} TEMPLATE {}").format(sql.Identifier(name), sql.Identifier(self.template)))
+            conn.execute(
+                sql.SQL("CREATE DATABASE {} TEMPLATE {}").format(sql.Identifier(name), sql.Identifier(self.template))
+            )
         return database_url(self.server_url, name)
 
     def drop_database(self, url: str) -> None:
         with psycopg.connect(self.server_url, autocommit=True) as conn:
-            conn.execute(sql.SQL("DROP DATABASE IF EXISTS {} WITH (FORCE)").format(sql.Identifier(urlparse(url).path.lstrip("/"))))
+            conn.execute(
+                sql.SQL("DROP DATABASE IF EXISTS {} WITH (FORCE)").format(
+                    sql.Identifier(urlparse(url).path.lstrip("/"))
+                )
+            )
 
 
 @pytest.fixture(scope="session")
@@ -167,10 +174,16 @@ def start_stack(make_settings, own_database, tmp_path):
         def start(processors: int = 2, env_overrides: dict[str, dict[str, str]] | None = None, **overrides) -> Stack:
             """env_overrides: service name -> extra variables for that service alone (e.g. IMGPIPE_CRASH_AT)."""
             port = free_port()
-            settings = make_settings(**{
-                "api_port": port, "public_base_url": f"http://127.0.0.1:{port}", "topic_partitions": 12,
-                "fetch_attempts": 2, "database_url": own_database, **overrides,
-            })
+            settings = make_settings(
+                **{
+                    "api_port": port,
+                    "public_base_url": f"http://127.0.0.1:{port}",
+                    "topic_partitions": 12,
+                    "fetch_attempts": 2,
+                    "database_url": own_database,
+                    **overrides,
+                }
+            )
             services = ServiceGroup(service_env(settings), tmp_path / "logs", processors=processors)
             services.env_overrides.update(env_overrides or {})
             services.health_ports = {name: free_port() for name in services.health_ports}  # never a busy 8081

@@ -1,4 +1,5 @@
 """The API in-process (TestClient runs the real app and its lifespan) on real PostgreSQL and Kafka."""
+
 import json
 import uuid
 
@@ -265,14 +266,25 @@ BAD_UPLOADS = {
     "header_only": (lambda t: b"url\n", None, 422, "invalid_csv", None),
     "no_url_column": (lambda t: f"id,link\n1,https://127.0.0.1:9/{t}.jpg\n".encode(), None, 422, "invalid_csv", None),
     "two_url_columns": (
-        lambda t: f"url,URL\nhttps://h/{t}.jpg,https://h/{t}.jpg\n".encode(), None, 422, "invalid_csv", None
+        lambda t: f"url,URL\nhttps://h/{t}.jpg,https://h/{t}.jpg\n".encode(),
+        None,
+        422,
+        "invalid_csv",
+        None,
     ),
     "bad_url_in_row_2": (
-        lambda t: f"url\nhttps://127.0.0.1:9/{t}.jpg\nftp://127.0.0.1/{t}.jpg\n".encode(), None, 422, "invalid_csv", 2
+        lambda t: f"url\nhttps://127.0.0.1:9/{t}.jpg\nftp://127.0.0.1/{t}.jpg\n".encode(),
+        None,
+        422,
+        "invalid_csv",
+        2,
     ),
     "cell_count_row_3": (
         lambda t: f"url,a\nhttps://h/{t}1.jpg,x\nhttps://h/{t}2.jpg,y\nhttps://h/{t}3.jpg\n".encode(),
-        None, 422, "invalid_csv", 3,
+        None,
+        422,
+        "invalid_csv",
+        3,
     ),
     "no_url_in_row_1": (lambda t: f"url,a\n,{t}\n".encode(), None, 422, "invalid_csv", 1),
     "not_utf8": (lambda t: f"url,a\nhttps://h/{t}.jpg,caf\u00e9\n".encode("latin-1"), None, 422, "invalid_csv", None),
@@ -284,7 +296,13 @@ BAD_UPLOADS = {
     "webhook_no_host": (lambda t: url_csv(t, 1), "http:///{t}", 422, "invalid_webhook_url", None),
     "webhook_too_long": (lambda t: url_csv(t, 1), "http://h/{t}" + "a" * 2048, 422, "invalid_webhook_url", None),
     # Private addresses are refused at upload as the notifier would refuse them when sending (nothing is sent here).
-    "webhook_metadata": (lambda t: url_csv(t, 1), "http://169.254.169.254/latest/{t}", 422, "invalid_webhook_url", None),
+    "webhook_metadata": (
+        lambda t: url_csv(t, 1),
+        "http://169.254.169.254/latest/{t}",
+        422,
+        "invalid_webhook_url",
+        None,
+    ),
     "webhook_localhost": (lambda t: url_csv(t, 1), "http://localhost:9/{t}", 422, "invalid_webhook_url", None),
     "webhook_nat64": (lambda t: url_csv(t, 1), "http://[64:ff9b::a9fe:a9fe]/{t}", 422, "invalid_webhook_url", None),
     "webhook_private": (lambda t: url_csv(t, 1), "https://10.0.0.1:8443/{t}", 422, "invalid_webhook_url", None),

@@ -2,6 +2,7 @@
 answers `busy` (not `database_unavailable`), uploads beyond the bound are refused before their body is
 read, and per-key limits refuse with Retry-After, naming the limit, storing nothing, until they reset.
 Against the API in a real uvicorn server on 127.0.0.1, on real PostgreSQL and Kafka."""
+
 import socket
 import threading
 import time
@@ -25,11 +26,17 @@ WAIT_SECONDS = 1  # api_connection_wait_seconds here: how long a request waits f
 @pytest.fixture
 def start_api(infra, own_database, tmp_path):
     with ExitStackOfServers() as servers:
+
         def start(**overrides) -> tuple[ApiServer, object]:
             settings = make_test_settings(
-                kafka_bootstrap_servers=infra.kafka_bootstrap_servers, database_url=own_database,
-                **own_names("capacity"), topic_partitions=1, storage_dir=tmp_path / "images",
-                api_connection_wait_seconds=WAIT_SECONDS, **overrides)
+                kafka_bootstrap_servers=infra.kafka_bootstrap_servers,
+                database_url=own_database,
+                **own_names("capacity"),
+                topic_partitions=1,
+                storage_dir=tmp_path / "images",
+                api_connection_wait_seconds=WAIT_SECONDS,
+                **overrides,
+            )
             app = create_app(settings)
             return servers.enter(ApiServer(app)), app
 
@@ -55,8 +62,9 @@ class ExitStackOfServers:
 def upload(base_url: str, urls: int = 1, key: str | None = None) -> httpx.Response:
     headers = {"Authorization": f"Bearer {key}"} if key else {}
     csv_text = url_csv([f"https://img.example/{uuid.uuid4().hex}/{n}.jpg" for n in range(urls)])
-    return httpx.post(f"{base_url}/upload", files={"file": ("job.csv", csv_text, "text/csv")}, headers=headers,
-                      timeout=30)
+    return httpx.post(
+        f"{base_url}/upload", files={"file": ("job.csv", csv_text, "text/csv")}, headers=headers, timeout=30
+    )
 
 
 def jobs_stored(database_url: str) -> int:
@@ -94,16 +102,22 @@ def test_reads_are_answered_while_the_upload_capacity_is_taken_and_a_full_read_p
 
 
 def multipart_csv(csv_text: str) -> bytes:
-    return (f"--b\r\nContent-Disposition: form-data; name=\"file\"; filename=\"job.csv\"\r\n"
-            f"Content-Type: text/csv\r\n\r\n{csv_text}\r\n--b--\r\n").encode()
+    return (
+        f'--b\r\nContent-Disposition: form-data; name="file"; filename="job.csv"\r\n'
+        f"Content-Type: text/csv\r\n\r\n{csv_text}\r\n--b--\r\n"
+    ).encode()
 
 
 def raw_upload_headers(server: ApiServer, content_length: int, key: str | None = None) -> socket.socket:
     """An upload's request line and headers, and no body yet."""
     sock = socket.create_connection(("127.0.0.1", server.port), timeout=30)
     auth = f"Authorization: Bearer {key}\r\n" if key else ""
-    sock.sendall((f"POST /upload HTTP/1.1\r\nHost: 127.0.0.1\r\n{auth}Content-Type: multipart/form-data; boundary=b\r\n"
-                  f"Content-Length: {content_length}\r\n\r\n").encode())
+    sock.sendall(
+        (
+            f"POST /upload HTTP/1.1\r\nHost: 127.0.0.1\r\n{auth}Content-Type: multipart/form-data; boundary=b\r\n"
+            f"Content-Length: {content_length}\r\n\r\n"
+        ).encode()
+    )
     return sock
 
 
@@ -137,7 +151,7 @@ def test_an_upload_beyond_the_bound_is_refused_before_its_body_is_sent(start_api
     assert jobs_stored(own_database) == 0
     # The slot is given back when the first one ends (its client hung up: the API notices it soon).
     answers = [upload(server.base_url).status_code for _ in range(50)]
-    assert 202 in answers and set(answers[answers.index(202):]) == {202}
+    assert 202 in answers and set(answers[answers.index(202) :]) == {202}
 
 
 def test_per_key_limits_refuse_with_retry_after_name_the_limit_store_nothing_and_reset(start_api, own_database):
@@ -157,8 +171,10 @@ def test_per_key_limits_refuse_with_retry_after_name_the_limit_store_nothing_and
 
         # A minute later (the jobs' clock moved back instead of the test waiting) the limit has reset, once
         # the API's memory of the refusal (REFUSAL_KEPT_SECONDS) has passed.
-        conn.execute("UPDATE processing_jobs SET created_at = created_at - interval '61 seconds'"
-                     " WHERE owner_key_id = %s", [limited_id])
+        conn.execute(
+            "UPDATE processing_jobs SET created_at = created_at - interval '61 seconds' WHERE owner_key_id = %s",
+            [limited_id],
+        )
         time.sleep(REFUSAL_KEPT_SECONDS)
         assert upload(server.base_url, key=limited).status_code == 202
 
@@ -173,8 +189,10 @@ def test_per_key_limits_refuse_with_retry_after_name_the_limit_store_nothing_and
         assert upload(server.base_url, urls=3, key=waiting).status_code == 202  # exactly at the limit
         at_limit = upload(server.base_url, key=waiting)  # refused before its body is read
         assert (at_limit.status_code, at_limit.json()["error"]["limit"]) == (429, 6)
-        conn.execute("UPDATE processing_jobs SET status = 'completed', processed_images = total_images"
-                     " WHERE owner_key_id = %s", [waiting_id])  # its images finished
+        conn.execute(
+            "UPDATE processing_jobs SET status = 'completed', processed_images = total_images WHERE owner_key_id = %s",
+            [waiting_id],
+        )  # its images finished
         assert upload(server.base_url, key=waiting).status_code == 202
 
     metrics = scrape(server.base_url, headers={"Authorization": f"Bearer {other}"})

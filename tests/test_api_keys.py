@@ -1,5 +1,6 @@
 """API keys, through real HTTP against the API in a uvicorn server on 127.0.0.1, with keys made by the
 command an operator runs (python -m services.api.keys)."""
+
 import hashlib
 import logging
 import socket
@@ -27,8 +28,12 @@ CSV = ("job.csv", "url\nhttps://127.0.0.1:9/a.jpg\n", "text/csv")
 def settings(infra, tmp_path_factory):
     database = infra.new_database()
     yield make_test_settings(
-        kafka_bootstrap_servers=infra.kafka_bootstrap_servers, database_url=database, **own_names("keys"),
-        topic_partitions=1, storage_dir=tmp_path_factory.mktemp("images"), api_keys_required=True,
+        kafka_bootstrap_servers=infra.kafka_bootstrap_servers,
+        database_url=database,
+        **own_names("keys"),
+        topic_partitions=1,
+        storage_dir=tmp_path_factory.mktemp("images"),
+        api_keys_required=True,
     )
     infra.drop_database(database)
 
@@ -46,8 +51,14 @@ def api(server):
 
 
 def keys_command(settings, *args: str) -> subprocess.CompletedProcess:
-    result = subprocess.run([sys.executable, "-m", "services.api.keys", *args], env=service_env(settings),
-                            cwd=REPO_ROOT, capture_output=True, text=True, timeout=60)
+    result = subprocess.run(
+        [sys.executable, "-m", "services.api.keys", *args],
+        env=service_env(settings),
+        cwd=REPO_ROOT,
+        capture_output=True,
+        text=True,
+        timeout=60,
+    )
     assert result.returncode == 0, result.stderr
     return result
 
@@ -93,8 +104,10 @@ def test_without_a_valid_key_every_endpoint_but_health_answers_401(api, settings
 
 def test_an_upload_without_a_key_is_refused_before_its_body_is_read(server, settings):
     with socket.create_connection(("127.0.0.1", server.port), timeout=30) as sock:
-        sock.sendall(f"POST /upload HTTP/1.1\r\nHost: 127.0.0.1\r\nContent-Type: multipart/form-data; boundary=b\r\n"
-                     f"Content-Length: {settings.max_csv_bytes}\r\n\r\n".encode())  # and no body at all
+        sock.sendall(
+            f"POST /upload HTTP/1.1\r\nHost: 127.0.0.1\r\nContent-Type: multipart/form-data; boundary=b\r\n"
+            f"Content-Length: {settings.max_csv_bytes}\r\n\r\n".encode()
+        )  # and no body at all
         answer = b""
         while chunk := sock.recv(65536):
             answer += chunk
@@ -108,8 +121,10 @@ def test_a_job_is_visible_only_to_the_key_that_created_it(api, settings):
     request_id = upload.json()["request_id"]
 
     assert api.get(f"/status/{request_id}", headers=bearer(owner)).json()["request_id"] == request_id
-    listed = {key: [job["request_id"] for job in api.get("/jobs", headers=bearer(key)).json()["jobs"]]
-              for key in (owner, other)}
+    listed = {
+        key: [job["request_id"] for job in api.get("/jobs", headers=bearer(key)).json()["jobs"]]
+        for key in (owner, other)
+    }
     assert request_id in listed[owner] and request_id not in listed[other]
     assert api.get(f"/output_csv/{request_id}", headers=bearer(owner)).json()["error"]["code"] == "job_not_completed"
     unknown = str(uuid.uuid4())
@@ -119,10 +134,13 @@ def test_a_job_is_visible_only_to_the_key_that_created_it(api, settings):
         assert seen_by_other.status_code == never_existed.status_code == 404
         assert seen_by_other.text == never_existed.text.replace(unknown, request_id)
     with psycopg.connect(settings.database_url) as conn:
-        assert conn.execute(
-            "SELECT name FROM processing_jobs JOIN api_keys ON api_keys.id = owner_key_id WHERE job_id = %s",
-            (request_id,),
-        ).fetchone() is not None
+        assert (
+            conn.execute(
+                "SELECT name FROM processing_jobs JOIN api_keys ON api_keys.id = owner_key_id WHERE job_id = %s",
+                (request_id,),
+            ).fetchone()
+            is not None
+        )
 
 
 def test_a_revoked_key_is_refused(api, settings):
@@ -172,18 +190,23 @@ def test_a_job_over_kafka_belongs_to_the_api_key_it_names(api, settings):
     events = {owned: _id_of(owner), unknown: uuid.uuid4(), of_revoked: _id_of(revoked)}
     for request_id, api_key_id in events.items():
         event = JobRequested(request_id=request_id, image_urls=["https://127.0.0.1:9/a.jpg"], api_key_id=api_key_id)
-        produce_as_another_service(settings, settings.topic_job_requested, str(request_id).encode(),
-                                   event.model_dump_json().encode())
+        produce_as_another_service(
+            settings, settings.topic_job_requested, str(request_id).encode(), event.model_dump_json().encode()
+        )
 
     wait_until_consumed(settings, settings.intake_group, [settings.topic_job_requested])
     assert api.get(f"/status/{owned}", headers=bearer(owner)).status_code == 200
     assert api.get(f"/status/{owned}", headers=bearer(other)).status_code == 404
-    letters = {m.key().decode(): dict(m.headers())["error"].decode()
-               for m in read_to_end(settings, settings.topic_job_dead_letter)}
+    letters = {
+        m.key().decode(): dict(m.headers())["error"].decode()
+        for m in read_to_end(settings, settings.topic_job_dead_letter)
+    }
     assert set(letters) == {str(unknown), str(of_revoked)}
     assert all("no such API key, or it is revoked" in error for error in letters.values())
     with psycopg.connect(settings.database_url) as conn:
-        stored = conn.execute("SELECT count(*) FROM processing_jobs WHERE job_id = ANY(%s)", ([unknown, of_revoked],)).fetchone()
+        stored = conn.execute(
+            "SELECT count(*) FROM processing_jobs WHERE job_id = ANY(%s)", ([unknown, of_revoked],)
+        ).fetchone()
     assert stored[0] == 0
 
 

@@ -1,5 +1,6 @@
 """Upload size limits, against the API in a real uvicorn server on 127.0.0.1, spoken to over raw sockets
 so that the test controls exactly what is sent and when."""
+
 import json
 import socket
 import threading
@@ -15,7 +16,7 @@ MAX_CSV_BYTES = 100_000
 MAX_BODY_BYTES = MAX_CSV_BYTES + MULTIPART_ALLOWANCE_BYTES
 BOUNDARY = "imgpipe-test-boundary"
 FILE_PART_HEAD = (
-    f"--{BOUNDARY}\r\nContent-Disposition: form-data; name=\"file\"; filename=\"job.csv\"\r\n"
+    f'--{BOUNDARY}\r\nContent-Disposition: form-data; name="file"; filename="job.csv"\r\n'
     "Content-Type: text/csv\r\n\r\nurl\r\n"
 ).encode()
 
@@ -41,8 +42,12 @@ class BodyBytesRead:
 @pytest.fixture(scope="module")
 def server(infra, module_database, tmp_path_factory):
     settings = make_test_settings(
-        kafka_bootstrap_servers=infra.kafka_bootstrap_servers, database_url=module_database, **own_names("limits"),
-        topic_partitions=1, storage_dir=tmp_path_factory.mktemp("images"), max_csv_bytes=MAX_CSV_BYTES,
+        kafka_bootstrap_servers=infra.kafka_bootstrap_servers,
+        database_url=module_database,
+        **own_names("limits"),
+        topic_partitions=1,
+        storage_dir=tmp_path_factory.mktemp("images"),
+        max_csv_bytes=MAX_CSV_BYTES,
     )
     counter = BodyBytesRead(create_app(settings))
     with ApiServer(counter) as api:
@@ -62,8 +67,11 @@ def stored_jobs(database: str) -> int:
 
 
 def request_head(server, **headers: str) -> bytes:
-    lines = ["POST /upload HTTP/1.1", f"Host: 127.0.0.1:{server.port}",
-             f"Content-Type: multipart/form-data; boundary={BOUNDARY}"]
+    lines = [
+        "POST /upload HTTP/1.1",
+        f"Host: 127.0.0.1:{server.port}",
+        f"Content-Type: multipart/form-data; boundary={BOUNDARY}",
+    ]
     lines += [f"{name.replace('_', '-')}: {value}" for name, value in headers.items()]
     return ("\r\n".join(lines) + "\r\n\r\n").encode()
 
@@ -71,6 +79,7 @@ def request_head(server, **headers: str) -> bytes:
 def read_response(sock: socket.socket) -> tuple[int, dict[str, str], bytes]:
     """Read one response, up to the end of its Content-Length body, as an HTTP client does: the server
     may reset the connection right after it (it closes with the client's unread data in its buffers)."""
+
     def more() -> bytes:
         chunk = sock.recv(65536)
         assert chunk, "the server closed the connection before a whole response"

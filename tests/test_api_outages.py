@@ -2,6 +2,7 @@
 and the dispatcher releases them once Kafka is back; only PostgreSQL down refuses an upload (503). Real
 processes throughout: a Kafka broker of the test's own, stopped and started again; a PostgreSQL of the
 test's own, likewise."""
+
 import shutil
 import time
 import uuid
@@ -33,8 +34,11 @@ def own_broker(tmp_path):
 
 
 def upload(api: httpx.Client, urls: list[str], webhook_url: str) -> dict:
-    response = api.post("/upload", files={"file": ("job.csv", "url\n" + "\n".join(urls) + "\n", "text/csv")},
-                        data={"webhook_url": webhook_url})
+    response = api.post(
+        "/upload",
+        files={"file": ("job.csv", "url\n" + "\n".join(urls) + "\n", "text/csv")},
+        data={"webhook_url": webhook_url},
+    )
     assert response.status_code == 202, response.text
     return response.json()
 
@@ -48,7 +52,9 @@ def test_kafka_down_while_images_wait_loses_nothing_and_the_release_resumes(
     start_stack, own_broker, image_host, receivers
 ):
     stack = start_stack(
-        processors=1, kafka_bootstrap_servers=own_broker.bootstrap_servers, topic_partitions=4,
+        processors=1,
+        kafka_bootstrap_servers=own_broker.bootstrap_servers,
+        topic_partitions=4,
         publish_attempt_seconds=1,  # each round gives up after 1 s: several fail while Kafka is down
     )
     settings, receiver = stack.settings, receivers()
@@ -85,8 +91,16 @@ def test_kafka_down_while_images_wait_loses_nothing_and_the_release_resumes(
     with psycopg.connect(settings.database_url, row_factory=psycopg.rows.dict_row) as conn:
         images = conn.execute("SELECT * FROM images WHERE job_id = %s", (request_id,)).fetchall()
     events = [
-        (str(image["id"]), ImageRequested(request_id=request_id, image_id=image["id"], row_number=image["row_number"],
-                                          position=image["position"], input_url=image["input_url"]).model_dump_json())
+        (
+            str(image["id"]),
+            ImageRequested(
+                request_id=request_id,
+                image_id=image["id"],
+                row_number=image["row_number"],
+                position=image["position"],
+                input_url=image["input_url"],
+            ).model_dump_json(),
+        )
         for image in images
     ]
     producer = make_producer(settings)
@@ -113,8 +127,11 @@ def own_postgres(tmp_path):
 def test_postgres_down_at_upload_answers_503_and_stores_nothing(infra, own_postgres, tmp_path):
     database_url = own_postgres.url("imgpipe")
     settings = make_test_settings(
-        kafka_bootstrap_servers=infra.kafka_bootstrap_servers, database_url=database_url, **own_names("pgdown"),
-        topic_partitions=1, storage_dir=tmp_path / "images",
+        kafka_bootstrap_servers=infra.kafka_bootstrap_servers,
+        database_url=database_url,
+        **own_names("pgdown"),
+        topic_partitions=1,
+        storage_dir=tmp_path / "images",
     )
     body = {"file": ("job.csv", "url\nhttps://127.0.0.1:9/a.jpg\n", "text/csv")}
     with ApiServer(create_app(settings)) as server, httpx.Client(base_url=server.base_url, timeout=60) as api:

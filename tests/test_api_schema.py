@@ -6,6 +6,7 @@ real jobs (pending and completed) mixed in, so that /status and /output_csv are 
 valid CSVs with URL-like webhook URLs, so that /upload is reached past its 422. Private addresses are allowed:
 the webhook address rule would otherwise send generated host names to the system's DNS resolver.
 """
+
 import csv
 import gc
 import io

@@ -1,5 +1,6 @@
 """A tiny run of the benchmark harness (bench/, `make bench`) on the session's Kafka and PostgreSQL, so
 that it cannot rot. It checks that every scenario ran and was reported, never a timing target."""
+
 import json
 import os
 import subprocess
@@ -14,8 +15,23 @@ from deploy.local.services import REPO_ROOT
 def test_a_tiny_benchmark_run_reports_every_scenario(infra, tmp_path):
     out = tmp_path / "results"
     env = {**os.environ, "KAFKA_BOOTSTRAP_SERVERS": infra.kafka_bootstrap_servers, "DATABASE_URL": infra.database_url}
-    command = [sys.executable, "-m", "bench", "--scale", "0.005", "--max-wait", "4", "--in-flight", "1,4",
-               "--processors", "1", "--out", str(out), "--work-dir", str(tmp_path / "work")]
+    command = [
+        sys.executable,
+        "-m",
+        "bench",
+        "--scale",
+        "0.005",
+        "--max-wait",
+        "4",
+        "--in-flight",
+        "1,4",
+        "--processors",
+        "1",
+        "--out",
+        str(out),
+        "--work-dir",
+        str(tmp_path / "work"),
+    ]
     run = subprocess.run(command, cwd=REPO_ROOT, env=env, capture_output=True, text=True, timeout=400)
     assert run.returncode == 0, f"{run.stdout[-6000:]}\n{run.stderr[-6000:]}"
 

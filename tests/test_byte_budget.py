@@ -1,8 +1,9 @@
 """The processor's ByteBudget: downloads read their bodies only while the bytes fit, with real threads."""
+
 import threading
 import time
 
-from services.processor.pipeline import ByteBudget, Reservation, UNKNOWN_SIZE_BYTES
+from services.processor.pipeline import UNKNOWN_SIZE_BYTES, ByteBudget, Reservation
 from services.processor.priority import BULK, NORMAL
 
 SETTLE_SECONDS = 0.2  # long enough for a thread that could go on to have gone on

@@ -1,5 +1,6 @@
 """The installed `imgpipe` command, run as a user runs it (a subprocess, its output captured: not a
 terminal), against the real stack, a loopback server that records what it is sent, or nothing at all."""
+
 import csv
 import io
 import json
@@ -21,16 +22,26 @@ from tests.support.stack import JOB_TIMEOUT, url_csv, wait_for_status
 
 IMGPIPE = Path(sys.executable).parent / "imgpipe"  # the console script `make install` puts beside the venv's python
 # Variables that would change what the command does or how rich draws; the tests set what they need.
-_CLEARED = ("IMGPIPE_API_URL", "IMGPIPE_API_KEY", "COLUMNS", "LINES", "FORCE_COLOR", "TTY_COMPATIBLE",
-            "TTY_INTERACTIVE", "NO_COLOR", "TERM")
+_CLEARED = (
+    "IMGPIPE_API_URL",
+    "IMGPIPE_API_KEY",
+    "COLUMNS",
+    "LINES",
+    "FORCE_COLOR",
+    "TTY_COMPATIBLE",
+    "TTY_INTERACTIVE",
+    "NO_COLOR",
+    "TERM",
+)
 WIDTH = 80  # rich's width when the output is not a terminal
 
 
 def imgpipe(*args: str, text: bool = True, **env: str) -> subprocess.CompletedProcess:
     assert IMGPIPE.exists(), f"{IMGPIPE} is missing: run `make install`"
     environment = {key: value for key, value in os.environ.items() if key not in _CLEARED}
-    result = subprocess.run([str(IMGPIPE), *args], env={**environment, **env}, capture_output=True, text=text,
-                            timeout=JOB_TIMEOUT)
+    result = subprocess.run(
+        [str(IMGPIPE), *args], env={**environment, **env}, capture_output=True, text=text, timeout=JOB_TIMEOUT
+    )
     print(f"$ imgpipe {' '.join(args)} -> {result.returncode}\n{result.stdout}{result.stderr}")
     return result
 
@@ -55,7 +66,9 @@ def table_row(output: str, *cells: str) -> bool:
     return re.search(r"\s*│\s*".join(re.escape(cell) for cell in cells), output) is not None
 
 
-def test_submit_wait_follows_a_job_to_its_failures_then_status_and_output_read_it(start_stack, image_host, receivers, tmp_path):
+def test_submit_wait_follows_a_job_to_its_failures_then_status_and_output_read_it(
+    start_stack, image_host, receivers, tmp_path
+):
     stack, webhooks = start_stack(processors=1), receivers()
     api_url = stack.settings.public_base_url
     urls = [image_host.add(f"/ok{seed}.jpg", jpeg_bytes(400, 300, seed)) for seed in range(3)]
@@ -73,8 +86,11 @@ def test_submit_wait_follows_a_job_to_its_failures_then_status_and_output_read_i
     job = stack.api.get(f"/status/{request_id}").json()
     assert job["status"] == "completed" and job["counts"]["failed"] == 2
     assert webhooks.wait_for(1, JOB_TIMEOUT)[0].json()["request_id"] == request_id
-    assert re.search(rf"^job {request_id[:8]}: 5/5 done, 2 failed, [\d.]+ img/s, saved [\d.]+ [kM]?B \(\d+ %\), 0s left$",
-                     submitted.stdout, re.MULTILINE)
+    assert re.search(
+        rf"^job {request_id[:8]}: 5/5 done, 2 failed, [\d.]+ img/s, saved [\d.]+ [kM]?B \(\d+ %\), 0s left$",
+        submitted.stdout,
+        re.MULTILINE,
+    )
     assert f"Job {request_id} completed: 3 processed, 2 failed of 5\n" in submitted.stdout
     assert re.search(r"^[\d.]+ kB → [\d.]+ kB, saved .*; took [\d.]+ s, [\d.]+ img/s$", submitted.stdout, re.MULTILINE)
     assert "Failures by reason" in submitted.stdout
@@ -153,16 +169,35 @@ def test_job_options_and_the_api_key_are_sent_as_the_api_takes_them(receivers, t
     recorder = receivers()
     (tmp_path / "job.csv").write_text(url_csv(["https://example.com/a.jpg"]))
 
-    result = imgpipe("submit", str(tmp_path / "job.csv"), "--webhook", "https://hooks.example.com/x", "--quality", "70",
-                     "--max-width", "800", "--max-height", "600", "--format", "webp", "--api", recorder.base_url,
-                     IMGPIPE_API_KEY="imgpipe_secret_key")
+    result = imgpipe(
+        "submit",
+        str(tmp_path / "job.csv"),
+        "--webhook",
+        "https://hooks.example.com/x",
+        "--quality",
+        "70",
+        "--max-width",
+        "800",
+        "--max-height",
+        "600",
+        "--format",
+        "webp",
+        "--api",
+        recorder.base_url,
+        IMGPIPE_API_KEY="imgpipe_secret_key",
+    )
 
     assert_one_error_line(result, f"the server at {recorder.base_url} answered 200 without JSON")
     request = recorder.posts_to("/upload")[0]
     assert request.headers["Authorization"] == "Bearer imgpipe_secret_key"
     fields = dict(re.findall(rb'name="(\w+)"\r\n\r\n([^\r]*)\r\n', request.body))
-    assert fields == {b"quality": b"70", b"max_width": b"800", b"max_height": b"600", b"format": b"webp",
-                      b"webhook_url": b"https://hooks.example.com/x"}
+    assert fields == {
+        b"quality": b"70",
+        b"max_width": b"800",
+        b"max_height": b"600",
+        b"format": b"webp",
+        b"webhook_url": b"https://hooks.example.com/x",
+    }
     assert b'name="file"; filename="job.csv"' in request.body and b"https://example.com/a.jpg" in request.body
 
 
@@ -200,8 +235,13 @@ class _BusyThenAccepting(BaseHTTPRequestHandler):
             answer = {"error": {"code": "too_many_uploads", "message": "2 uploads are being accepted", "limit": 2}}
         else:
             status, headers = 202, {}
-            answer = {"request_id": str(uuid.uuid4()), "total_images": 1, "events": "queued",
-                      "status_url": "/status/x", "output_csv_url": "/output_csv/x"}
+            answer = {
+                "request_id": str(uuid.uuid4()),
+                "total_images": 1,
+                "events": "queued",
+                "status_url": "/status/x",
+                "output_csv_url": "/output_csv/x",
+            }
         payload = json.dumps(answer).encode()
         self.send_response(status)
         for name, value in {**headers, "Content-Type": "application/json", "Content-Length": str(len(payload))}.items():
@@ -228,7 +268,7 @@ def test_submit_waits_as_retry_after_says_and_sends_the_whole_csv_again(tmp_path
     waits = result.stderr.splitlines()
     assert len(waits) == 2 and all("too_many_uploads (429)" in line and "retrying in 1 s" in line for line in waits)
     times = [arrived for arrived, _ in api.uploads]
-    assert len(times) == 3 and all(later - earlier >= 1 for earlier, later in zip(times, times[1:]))
+    assert len(times) == 3 and all(later - earlier >= 1 for earlier, later in zip(times, times[1:], strict=False))
     assert all(csv_file.read_bytes() in body for _, body in api.uploads)  # rewound: the whole file every time
 
 

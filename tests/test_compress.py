@@ -1,4 +1,5 @@
 """compress(): format kept, pixels kept, smaller or unchanged, metadata kept, bad input named."""
+
 import io
 from dataclasses import replace
 
@@ -7,8 +8,8 @@ from PIL import Image, ImageCms
 
 from services.processor.compress import CompressOptions, compress
 from services.processor.failures import ImageFailure
-from tests.support.settings import make_test_settings
 from tests.support.images import decode, encode, photo_like
+from tests.support.settings import make_test_settings
 
 ORIENTATION = 0x0112
 
@@ -113,7 +114,9 @@ def with_xmp_extension(gif: bytes, size: int) -> bytes:
     flags = gif[10]
     table_end = 13 + (3 * 2 ** ((flags & 7) + 1) if flags & 0x80 else 0)
     payload = bytes(range(256)) * (size // 256)
-    blocks = b"".join(bytes([len(chunk)]) + chunk for chunk in (payload[i : i + 255] for i in range(0, len(payload), 255)))
+    blocks = b"".join(
+        bytes([len(chunk)]) + chunk for chunk in (payload[i : i + 255] for i in range(0, len(payload), 255))
+    )
     extension = b"\x21\xff\x0bXMP DataXMP" + blocks + b"\x00"
     return gif[:table_end] + extension + gif[table_end:]
 

@@ -1,4 +1,5 @@
 """compress() with a job's options: quality, max_width / max_height (aspect kept, never enlarged), format."""
+
 import io
 
 import pytest
@@ -42,13 +43,16 @@ def test_jpeg_is_saved_at_the_jobs_quality(defaults, quality):
     assert quantization(result.data) != quantization(encode(reference, "JPEG", quality=quality + 1))
 
 
-@pytest.mark.parametrize(("bounds", "expected"), [
-    ({"max_width": 100}, (100, 75)),
-    ({"max_height": 60}, (80, 60)),
-    ({"max_width": 400, "max_height": 150}, (200, 150)),
-    ({"max_width": 2000, "max_height": 2000}, (800, 600)),  # never enlarged
-    ({"max_width": 800}, (800, 600)),
-])
+@pytest.mark.parametrize(
+    ("bounds", "expected"),
+    [
+        ({"max_width": 100}, (100, 75)),
+        ({"max_height": 60}, (80, 60)),
+        ({"max_width": 400, "max_height": 150}, (200, 150)),
+        ({"max_width": 2000, "max_height": 2000}, (800, 600)),  # never enlarged
+        ({"max_width": 800}, (800, 600)),
+    ],
+)
 def test_resize_keeps_the_aspect_ratio_and_never_enlarges(defaults, bounds, expected):
     result = compress(encode(photo(), "JPEG", quality=90), job(defaults, **bounds))
     assert decode(result.data).size == expected

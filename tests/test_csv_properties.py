@@ -6,6 +6,7 @@ ways of writing it down (quoting, line endings, BOM, blank lines), and that noth
 of the parser, whatever the bytes. Examples are derived from each test's name (tests/conftest.py loads
 a derandomized profile), so every run checks the same cases.
 """
+
 import csv
 import io
 
@@ -28,13 +29,15 @@ def image_records(draw, row_urls: list[list[str]]) -> list[dict]:
     for row_number, found in enumerate(row_urls, start=1):
         for position in range(1, len(found) + 1):
             failed = draw(st.booleans())
-            images.append({
-                "row_number": row_number,
-                "position": position,
-                "status": "failed" if failed else "processed",
-                "output_url": None if failed else f"https://out.example/{row_number}/{position}.jpg",
-                "error_code": draw(st.sampled_from(["http_404", "timeout", "not_an_image"])) if failed else None,
-            })
+            images.append(
+                {
+                    "row_number": row_number,
+                    "position": position,
+                    "status": "failed" if failed else "processed",
+                    "output_url": None if failed else f"https://out.example/{row_number}/{position}.jpg",
+                    "error_code": draw(st.sampled_from(["http_404", "timeout", "not_an_image"])) if failed else None,
+                }
+            )
     return draw(st.permutations(images))
 
 
@@ -103,20 +106,52 @@ def test_arbitrary_bytes_raise_nothing_but_csv_errors(data, max_images):
 
 # Pieces that make bytes look like CSV, so that generated files get past the header into the rows.
 HEADER_LINES = [
-    b"url", b"URL ", b"Input Image Urls", b"name,url", b'n,"input image urls",x', b"\xef\xbb\xbfurl", b"url,url", b"",
+    b"url",
+    b"URL ",
+    b"Input Image Urls",
+    b"name,url",
+    b'n,"input image urls",x',
+    b"\xef\xbb\xbfurl",
+    b"url,url",
+    b"",
 ]
 URL_TOKENS = [
-    b"https://h.example/a.jpg", b"http://h.example/b.png", b"http://[::1]:80/c", b"HTTPS://h.example:443/d",
-    b"http://[::1/e", b"https://h.example:99999/f", b"http://h.example:8o/g", b"http:///h",  # URLs urlsplit rejects
+    b"https://h.example/a.jpg",
+    b"http://h.example/b.png",
+    b"http://[::1]:80/c",
+    b"HTTPS://h.example:443/d",
+    b"http://[::1/e",
+    b"https://h.example:99999/f",
+    b"http://h.example:8o/g",
+    b"http:///h",  # URLs urlsplit rejects
 ]
 CELL_TOKENS = [
-    b",", b'"', b'""', b" ", b"\t", b"\n", b"name", b"http://", b"h.example", b"[", b":99999", b"/a.jpg", b"?q=1,2",
-    b"#f", b"@", b"%", b"ftp://x", b"\xef\xbb\xbf", b"\xc3\xa9", b"\xe2\x80\xa8", b"\xc2\x85",
+    b",",
+    b'"',
+    b'""',
+    b" ",
+    b"\t",
+    b"\n",
+    b"name",
+    b"http://",
+    b"h.example",
+    b"[",
+    b":99999",
+    b"/a.jpg",
+    b"?q=1,2",
+    b"#f",
+    b"@",
+    b"%",
+    b"ftp://x",
+    b"\xef\xbb\xbf",
+    b"\xc3\xa9",
+    b"\xe2\x80\xa8",
+    b"\xc2\x85",
 ]
 RARE_TOKENS = [b"\x00", b"\xff", b"\xc3"]  # each refuses the whole file, so drawn seldom
-csv_like_row = st.lists(
-    st.sampled_from(URL_TOKENS * 40 + CELL_TOKENS * 5 + RARE_TOKENS), min_size=1, max_size=4
-).map(b"".join)
+csv_like_row = st.lists(st.sampled_from(URL_TOKENS * 40 + CELL_TOKENS * 5 + RARE_TOKENS), min_size=1, max_size=4).map(
+    b"".join
+)
 csv_like_bytes = st.builds(
     lambda header, rows: header + b"".join(row + end for row, end in rows),
     st.sampled_from(HEADER_LINES).map(lambda line: line + b"\n"),
@@ -170,7 +205,7 @@ def test_a_bad_row_is_named_by_its_record_number_not_its_line(table, data):
     bad_row_number = data.draw(st.integers(1, len(rows) + 1))
     wrong_width = data.draw(st.sampled_from([len(header) + 1, len(header) + 2]))
     bad_row = ["x"] * wrong_width
-    records = [header, *rows[: bad_row_number - 1], bad_row, *rows[bad_row_number - 1:]]
+    records = [header, *rows[: bad_row_number - 1], bad_row, *rows[bad_row_number - 1 :]]
     try:
         parse_csv(data.draw(csv_texts(records)).encode(), MAX_IMAGES)
     except CsvError as error:

@@ -4,6 +4,7 @@ deploy/compose/README.md), every manifest under deploy/k8s/ against the Kubernet
 strict mode (kubernetes-validate, offline), and the files against the code: every setting they pass is
 a setting the services read and parses as one, probes point where the services answer, secrets come
 from a Secret, the image installs what the services import. Nothing here starts a container."""
+
 import ast
 import copy
 import json
@@ -57,14 +58,17 @@ def settings_from(environment: dict[str, str], monkeypatch) -> Settings:
 
 # --- Compose ------------------------------------------------------------------------------------------
 
+
 def load_compose() -> dict:
     return yaml.safe_load(COMPOSE_FILE.read_text())  # resolves the file's anchors and << merges
 
 
 def compose_errors(document: dict) -> list[str]:
     validator = Draft202012Validator(json.loads(COMPOSE_SCHEMA.read_text()))
-    return [f"{'/'.join(map(str, error.absolute_path)) or '(top)'}: {error.message}"
-            for error in validator.iter_errors(document)]
+    return [
+        f"{'/'.join(map(str, error.absolute_path)) or '(top)'}: {error.message}"
+        for error in validator.iter_errors(document)
+    ]
 
 
 def interpolated(value) -> str:
@@ -82,9 +86,9 @@ def test_the_compose_file_follows_the_compose_specification():
     assert compose_errors(load_compose()) == []
 
 
-@pytest.mark.parametrize("breakage", [
-    "a misspelled key", "a number where a mapping goes", "an unknown top-level section",
-])
+@pytest.mark.parametrize(
+    "breakage", ["a misspelled key", "a number where a mapping goes", "an unknown top-level section"]
+)
 def test_the_compose_check_refuses_a_broken_file(breakage):
     document = load_compose()
     processor = document["services"]["processor"]
@@ -123,8 +127,9 @@ def test_the_compose_services_get_valid_settings_and_are_checked_where_they_answ
     services = load_compose()["services"]
     for name in SERVICES:
         environment = compose_environment(services[name])
-        unknown = [variable for variable in environment
-                   if variable.startswith("IMGPIPE_") and variable not in setting_names()]
+        unknown = [
+            variable for variable in environment if variable.startswith("IMGPIPE_") and variable not in setting_names()
+        ]
         assert unknown == [], f"{name}: not settings of shared/settings.py"
         settings = settings_from(environment, monkeypatch)
         port = settings.api_port if name == "api" else settings.health_port
@@ -133,6 +138,7 @@ def test_the_compose_services_get_valid_settings_and_are_checked_where_they_answ
 
 
 # --- Kubernetes ---------------------------------------------------------------------------------------
+
 
 def load_manifests() -> list[dict]:
     return [document for path in K8S_FILES for document in yaml.safe_load_all(path.read_text()) if document]
@@ -183,9 +189,9 @@ def test_every_manifest_follows_the_kubernetes_schemas():
     assert [error for document in manifests for error in kubernetes_errors(document)] == []
 
 
-@pytest.mark.parametrize("breakage", [
-    "a misspelled field", "a string where a number goes", "a kind of the wrong API version",
-])
+@pytest.mark.parametrize(
+    "breakage", ["a misspelled field", "a string where a number goes", "a kind of the wrong API version"]
+)
 def test_the_kubernetes_check_refuses_a_broken_manifest(breakage):
     processor = copy.deepcopy(the("Deployment", "imgpipe-processor", load_manifests()))
     container = processor["spec"]["template"]["spec"]["containers"][0]
@@ -206,11 +212,15 @@ def test_the_services_get_valid_settings_with_secrets_from_a_secret_and_probes_w
         container = pod["containers"][0]
         assert container["command"] == ["python", "-m", f"services.{name}"]
         environment = container_environment(container, manifests)
-        unknown = [variable for variable in environment
-                   if variable.startswith("IMGPIPE_") and variable not in setting_names()]
+        unknown = [
+            variable for variable in environment if variable.startswith("IMGPIPE_") and variable not in setting_names()
+        ]
         assert unknown == [], f"imgpipe-{name}: not settings of shared/settings.py"
-        misplaced = [variable for variable, (source, _) in environment.items()
-                     if setting_names().get(variable) in SECRET_SETTINGS and source != "Secret"]
+        misplaced = [
+            variable
+            for variable, (source, _) in environment.items()
+            if setting_names().get(variable) in SECRET_SETTINGS and source != "Secret"
+        ]
         assert misplaced == [], f"imgpipe-{name}: credentials outside a Secret"
         settings = settings_from({variable: value for variable, (_, value) in environment.items()}, monkeypatch)
         assert settings.storage != "local", "local disk does not span pods"
@@ -233,13 +243,14 @@ def test_the_processor_scales_within_its_partitions_on_a_cluster_that_survives_a
     assert autoscalers and all(d["apiVersion"] == "autoscaling/v2" for d in autoscalers)
     processor = the("Deployment", "imgpipe-processor", manifests)
     container = processor["spec"]["template"]["spec"]["containers"][0]
-    settings = settings_from({n: v for n, (_, v) in container_environment(container, manifests).items()},
-                             monkeypatch)
+    settings = settings_from({n: v for n, (_, v) in container_environment(container, manifests).items()}, monkeypatch)
     for autoscaler in autoscalers:
         target = autoscaler["spec"]["scaleTargetRef"]
         assert (target["kind"], target["name"]) == ("Deployment", "imgpipe-processor")
-        assert {"type": "Resource", "resource": {"name": "cpu", "target": {
-            "type": "Utilization", "averageUtilization": 70}}} in autoscaler["spec"]["metrics"]
+        assert {
+            "type": "Resource",
+            "resource": {"name": "cpu", "target": {"type": "Utilization", "averageUtilization": 70}},
+        } in autoscaler["spec"]["metrics"]
         # A processor beyond the partition count gets no partition: idle, and never ready.
         assert autoscaler["spec"]["maxReplicas"] <= settings.topic_partitions
     # One compression worker per requested core (a pod's os.cpu_count() is the node's).
@@ -257,6 +268,7 @@ def test_the_processor_scales_within_its_partitions_on_a_cluster_that_survives_a
 
 
 # --- The image ----------------------------------------------------------------------------------------
+
 
 def runtime_requirements() -> list[Requirement]:
     """What the Dockerfile installs: requirements.txt above its "# Tests" section."""
@@ -307,8 +319,11 @@ def test_the_image_has_what_the_services_import_and_the_files_it_copies():
             assert (REPO_ROOT / source).exists(), line
     assert "sed '/^# Tests/,$d' requirements.txt" in DOCKERFILE.read_text()
     installed = installed_with(runtime_requirements())
-    missing = {distribution: importer for distribution, importer in imported_distributions().items()
-               if distribution not in installed}
+    missing = {
+        distribution: importer
+        for distribution, importer in imported_distributions().items()
+        if distribution not in installed
+    }
     assert missing == {}, "imported by the services but not installed by requirements.txt's runtime part"
     for name in SERVICES:
         assert (REPO_ROOT / "services" / name / "__main__.py").exists()

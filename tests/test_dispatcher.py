@@ -6,6 +6,7 @@ round by round: it reads the released events back from the topics, takes the pri
 processors do, and finishes a few images at a time through the notifier's own apply_results, which
 frees their places for the dispatcher's next round. The whole stack, processors included, is exercised
 by test_end_to_end (a dispatcher killed mid-release) and by make bench's fairness scenarios."""
+
 import json
 import threading
 import time
@@ -33,8 +34,10 @@ class StandInProcessors:
         self.settings = settings
         self.dispatcher = Dispatcher(settings)
         self.conn = psycopg.connect(settings.database_url, autocommit=True, row_factory=dict_row)
-        self.readers = {lane: TopicReader(settings, topic) for lane, topic in
-                        (("priority", settings.topic_requested), ("bulk", settings.topic_requested_bulk))}
+        self.readers = {
+            lane: TopicReader(settings, topic)
+            for lane, topic in (("priority", settings.topic_requested), ("bulk", settings.topic_requested_bulk))
+        }
         self.read = {lane: 0 for lane in self.readers}
         self.queued = {lane: deque() for lane in self.readers}  # events released and not finished, per lane
         self.lane_of_job: dict[str, Counter] = {}
@@ -51,7 +54,7 @@ class StandInProcessors:
                 if message is not None and not message.error():
                     reader.messages.append(message)
         for lane, reader in self.readers.items():
-            for message in reader.messages[self.read[lane]:]:
+            for message in reader.messages[self.read[lane] :]:
                 event = json.loads(message.value())
                 self.queued[lane].append(event)
                 self.lane_of_job.setdefault(event["request_id"], Counter())[lane] += 1
@@ -65,10 +68,20 @@ class StandInProcessors:
             if lane is None:
                 break
             event = self.queued[lane].popleft()
-            results.append(ImageProcessed(
-                request_id=event["request_id"], image_id=event["image_id"], row_number=event["row_number"],
-                position=event["position"], input_url=event["input_url"], status=ImageStatus.processed,
-                output_url=f"http://files.test/{event['image_id']}.jpg", format="JPEG", bytes_in=10, bytes_out=5))
+            results.append(
+                ImageProcessed(
+                    request_id=event["request_id"],
+                    image_id=event["image_id"],
+                    row_number=event["row_number"],
+                    position=event["position"],
+                    input_url=event["input_url"],
+                    status=ImageStatus.processed,
+                    output_url=f"http://files.test/{event['image_id']}.jpg",
+                    format="JPEG",
+                    bytes_in=10,
+                    bytes_out=5,
+                )
+            )
             self.finished.append(event["request_id"])
         apply_results(self.conn, ResultBatch(results))
 
@@ -86,8 +99,9 @@ class StandInProcessors:
 @pytest.fixture
 def stand_in(make_settings, own_database):
     def make(window: int) -> StandInProcessors:
-        settings = make_settings(database_url=own_database, dispatch_window_min_images=window,
-                                 dispatch_window_max_images=window)
+        settings = make_settings(
+            database_url=own_database, dispatch_window_min_images=window, dispatch_window_max_images=window
+        )
         processors = StandInProcessors(settings)
         made.append(processors)
         return processors
@@ -132,8 +146,10 @@ def test_clients_share_first_then_the_jobs_of_a_client(stand_in, jobs):
     b, _ = jobs.create(200, owner_key_id=key_b)
     processors.round()
     processors.round()  # the metrics of a round are what it found before releasing
-    waiting = {name: REGISTRY.get_sample_value("imgpipe_dispatch_images_waiting", {"client": name})
-               for name in (name_a, name_b)}
+    waiting = {
+        name: REGISTRY.get_sample_value("imgpipe_dispatch_images_waiting", {"client": name})
+        for name in (name_a, name_b)
+    }
     # The first round: one image beyond the window for the first job not started (a1), then 12 places
     # shared between the keys: 6 to each.
     assert waiting == {name_a: 400 - 7, name_b: 200 - 6}
@@ -185,11 +201,12 @@ def test_a_new_job_behind_a_large_backlog_is_released_within_one_window(stand_in
 
 
 def test_two_dispatchers_at_once_release_every_image_once(make_settings, own_database, jobs):
-    settings = make_settings(database_url=own_database, dispatch_window_min_images=10_000,
-                             dispatch_window_max_images=10_000)
+    settings = make_settings(
+        database_url=own_database, dispatch_window_min_images=10_000, dispatch_window_max_images=10_000
+    )
     dispatchers = [Dispatcher(settings), Dispatcher(settings)]
     stops = [threading.Event(), threading.Event()]
-    threads = [threading.Thread(target=d.run, args=(s,), daemon=True) for d, s in zip(dispatchers, stops)]
+    threads = [threading.Thread(target=d.run, args=(s,), daemon=True) for d, s in zip(dispatchers, stops, strict=True)]
     for thread in threads:
         thread.start()
     try:
@@ -214,7 +231,7 @@ def test_two_dispatchers_at_once_release_every_image_once(make_settings, own_dat
     finally:
         for stop in stops:
             stop.set()
-        for thread, dispatcher in zip(threads, dispatchers):
+        for thread, dispatcher in zip(threads, dispatchers, strict=True):
             thread.join(10)
             dispatcher.close(5)
 

@@ -1,5 +1,6 @@
 """Real jobs through the real stack: the three services as processes, Kafka, PostgreSQL,
 an image host and a webhook receiver on 127.0.0.1; and what survives each service's crash."""
+
 import csv
 import io
 import json
@@ -13,12 +14,19 @@ from PIL import Image
 
 from deploy.local.stack import wait_for_api
 from services.processor import fast_jpeg
-from tests.support.stack import (
-    CRASH_TEST_SETTINGS, JOB_TIMEOUT, KILLED, all_images, assert_settled_with_one_webhook, upload, url_csv,
-    wait_for_status,
-)
 from tests.support.images import jpeg_bytes, png_bytes
 from tests.support.kafka import committed_offsets, read_to_end
+from tests.support.stack import (
+    CRASH_TEST_SETTINGS,
+    JOB_TIMEOUT,
+    KILLED,
+    all_images,
+    assert_settled_with_one_webhook,
+    upload,
+    url_csv,
+    wait_for_status,
+)
+
 
 def children_of(pid: int) -> set[int]:
     children = set()
@@ -130,14 +138,21 @@ def test_a_job_with_broken_urls_still_completes_and_names_each_failure(running_s
 
     lines = list(csv.reader(io.StringIO(api.get(f"/output_csv/{request_id}").text)))
     assert [line[1] for line in lines[1:]] == [
-        by_url[good[0]]["output_url"], "failed:http_404", by_url[good[1]]["output_url"],
-        "failed:not_an_image", by_url[good[2]]["output_url"],
+        by_url[good[0]]["output_url"],
+        "failed:http_404",
+        by_url[good[1]]["output_url"],
+        "failed:not_an_image",
+        by_url[good[2]]["output_url"],
     ]
     assert hook["failed_images"] == 2 and hook["processed_images"] == 3
     # output_images holds URL strings only: the processed images' outputs, in input order; failures are in images
     assert hook["output_images"] == [by_url[url]["output_url"] for url in good]
     assert [(i["input_url"], i["status"]) for i in hook["images"]] == [
-        (good[0], "processed"), (missing, "failed"), (good[1], "processed"), (not_an_image, "failed"), (good[2], "processed"),
+        (good[0], "processed"),
+        (missing, "failed"),
+        (good[1], "processed"),
+        (not_an_image, "failed"),
+        (good[2], "processed"),
     ]
 
 
@@ -147,7 +162,9 @@ def test_private_addresses_are_refused_by_default(start_stack, image_host, recei
     receiver = receivers()
     url = image_host.add("/local.jpg", jpeg_bytes(300, 200, 1))
 
-    refused = stack.api.post("/upload", files={"file": ("images.csv", url_csv([url]))}, data={"webhook_url": receiver.url})
+    refused = stack.api.post(
+        "/upload", files={"file": ("images.csv", url_csv([url]))}, data={"webhook_url": receiver.url}
+    )
     assert refused.status_code == 422 and refused.json()["error"]["code"] == "invalid_webhook_url"
     request_id = upload(stack.api, url_csv([url]), None)
     status = wait_for_status(stack.api, request_id, lambda s: s["status"] == "completed")
@@ -157,9 +174,14 @@ def test_private_addresses_are_refused_by_default(start_stack, image_host, recei
     assert image_host.requests == {} and receiver.posts_to() == []
 
 
-def test_a_processor_killed_after_processing_and_before_acknowledging_loses_no_image(start_stack, image_host, receivers):
-    stack = start_stack(processors=1, **CRASH_TEST_SETTINGS,
-                        env_overrides={"processor-1": {"IMGPIPE_CRASH_AT": "processor.after_process:5"}})
+def test_a_processor_killed_after_processing_and_before_acknowledging_loses_no_image(
+    start_stack, image_host, receivers
+):
+    stack = start_stack(
+        processors=1,
+        **CRASH_TEST_SETTINGS,
+        env_overrides={"processor-1": {"IMGPIPE_CRASH_AT": "processor.after_process:5"}},
+    )
     receiver = receivers()
     image_host.delay = 0.05  # many images in flight when it dies
     urls = [image_host.add(f"/p{n}.jpg", jpeg_bytes(300, 200, n)) for n in range(30)]
@@ -183,8 +205,9 @@ def test_a_processor_killed_after_processing_and_before_acknowledging_loses_no_i
 def test_a_notifier_killed_after_completing_a_job_and_before_storing_offsets_sends_one_webhook(
     start_stack, image_host, receivers
 ):
-    stack = start_stack(**CRASH_TEST_SETTINGS,
-                        env_overrides={"notifier": {"IMGPIPE_CRASH_AT": "notifier.after_completing_commit"}})
+    stack = start_stack(
+        **CRASH_TEST_SETTINGS, env_overrides={"notifier": {"IMGPIPE_CRASH_AT": "notifier.after_completing_commit"}}
+    )
     settings, receiver = stack.settings, receivers()
     urls = [image_host.add(f"/n{n}.jpg", jpeg_bytes(300, 200, n)) for n in range(10)]
 
@@ -199,7 +222,10 @@ def test_a_notifier_killed_after_completing_a_job_and_before_storing_offsets_sen
     for message in read_to_end(settings.kafka_bootstrap_servers, settings.topic_processed):
         first_results.setdefault(json.loads(message.value())["image_id"], message)
     completing = max(first_results.values(), key=lambda m: m.offset())
-    assert committed_offsets(settings, settings.notifier_group, settings.topic_processed)[completing.partition()] <= completing.offset()
+    assert (
+        committed_offsets(settings, settings.notifier_group, settings.topic_processed)[completing.partition()]
+        <= completing.offset()
+    )
 
     stack.services.env_overrides.pop("notifier")
     stack.services.restart_exited()
@@ -215,8 +241,12 @@ def test_a_dispatcher_killed_after_producing_and_before_moving_its_cursors_loses
     """The API dies in its second release round, between Kafka's acknowledgement and the cursors' move:
     the restarted API releases that round's images again (duplicates), every image is processed once
     in the database, and the webhook is sent once."""
-    stack = start_stack(processors=1, dispatch_window_min_images=4, dispatch_window_max_images=4,
-                        env_overrides={"api": {"IMGPIPE_CRASH_AT": "dispatcher.after_produce:2"}})
+    stack = start_stack(
+        processors=1,
+        dispatch_window_min_images=4,
+        dispatch_window_max_images=4,
+        env_overrides={"api": {"IMGPIPE_CRASH_AT": "dispatcher.after_produce:2"}},
+    )
     settings, receiver = stack.settings, receivers()
     urls = [image_host.add(f"/d{n}.jpg", jpeg_bytes(300, 200, n)) for n in range(12)]
 

@@ -1,5 +1,6 @@
 """The JSON Schemas under schemas/events/ are the contract for other producers and consumers:
 they must say exactly what the pydantic models in shared/events.py accept."""
+
 import json
 import uuid
 
@@ -19,8 +20,9 @@ def test_committed_schema_matches_the_model(name):
 def sample_events():
     ref = dict(request_id=uuid.uuid4(), image_id=uuid.uuid4(), row_number=3, position=2, input_url="http://h/x.jpg")
     yield ImageRequested(**ref)
-    yield ImageProcessed(**ref, status=ImageStatus.processed, output_url="http://o/x.jpg", format="JPEG",
-                         bytes_in=1000, bytes_out=200)
+    yield ImageProcessed(
+        **ref, status=ImageStatus.processed, output_url="http://o/x.jpg", format="JPEG", bytes_in=1000, bytes_out=200
+    )
     yield ImageProcessed(**ref, status=ImageStatus.failed, error=ImageError(code="http_404", message="not found"))
 
 
@@ -31,8 +33,15 @@ def test_events_the_services_emit_validate_against_the_schema(event):
     assert type(event).model_validate(document) == event
 
 
-AWKWARD_URLS = ["http://h/plain.jpg", 'http://h/a"quote.jpg', "http://h/back\\slash.jpg", "http://h/é/ü.jpg",
-                 "http://h/line\u2028sep.jpg", "http://h/ctl\x01.jpg", "http://h/tab\t.jpg"]
+AWKWARD_URLS = [
+    "http://h/plain.jpg",
+    'http://h/a"quote.jpg',
+    "http://h/back\\slash.jpg",
+    "http://h/é/ü.jpg",
+    "http://h/line\u2028sep.jpg",
+    "http://h/ctl\x01.jpg",
+    "http://h/tab\t.jpg",
+]
 
 
 @pytest.mark.parametrize("options", [None, JobOptions(quality=80, max_width=100, format="webp")])
@@ -50,13 +59,21 @@ def test_requested_events_made_from_the_template_are_what_the_model_makes(option
         parsed.append(ImageRequested.model_validate_json(event))
     per_image = {"event_id", "occurred_at"}
     assert [p.model_dump(exclude=per_image) for p in parsed] == [
-        ImageRequested(request_id=request_id, image_id=image_id, row_number=row_number, position=position,
-                       input_url=input_url, options=options).model_dump(exclude=per_image)
+        ImageRequested(
+            request_id=request_id,
+            image_id=image_id,
+            row_number=row_number,
+            position=position,
+            input_url=input_url,
+            options=options,
+        ).model_dump(exclude=per_image)
         for image_id, row_number, position, input_url in images + images[:2]
     ]
     assert len({p.event_id for p in parsed}) == len(events)
     assert {p.event_id.version for p in parsed} == {4}
-    another_attempt = {ImageRequested.model_validate_json(event).event_id for event in RequestedEvents(request_id).encode(images)}
+    another_attempt = {
+        ImageRequested.model_validate_json(event).event_id for event in RequestedEvents(request_id).encode(images)
+    }
     assert another_attempt.isdisjoint(p.event_id for p in parsed)
 
 

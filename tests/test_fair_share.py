@@ -1,5 +1,6 @@
 """The dispatcher's two rules on their own: who gets the window's free places (and in which lane), and
 how large the window is, from what the processors finish."""
+
 import uuid
 
 from services.api.fair_share import JobDemand, Release, allocate, shares
@@ -73,8 +74,8 @@ def test_an_idle_spell_keeps_the_pace_measured_before_it():
         step += 1
         window.observe(step * 0.1, held=held, released_since=0)
     assert window.size == 100
-    for step in range(step + 1, step + 300):
-        window.observe(step * 0.1, held=0, released_since=0)  # nothing held: nothing to learn
+    for later in range(step + 1, step + 300):
+        window.observe(later * 0.1, held=0, released_since=0)  # nothing held: nothing to learn
     assert window.size == 100
 
 

@@ -1,5 +1,6 @@
 """The fast JPEG path (services/processor/fast_jpeg.py) through compress(): what it keeps, what it
 falls back on, and shrink on load for scaled JPEGs."""
+
 import io
 import os
 import subprocess
@@ -46,8 +47,9 @@ def test_the_fast_path_keeps_quality_50s_tables_the_size_exif_icc_density_and_co
     exif = Image.Exif()
     exif[ORIENTATION] = 6
     icc = ImageCms.ImageCmsProfile(ImageCms.createProfile("sRGB")).tobytes()
-    source = encode(photo(), "JPEG", quality=90, exif=exif.tobytes(), icc_profile=icc, dpi=(300, 300),
-                    comment=b"shot in the studio")
+    source = encode(
+        photo(), "JPEG", quality=90, exif=exif.tobytes(), icc_profile=icc, dpi=(300, 300), comment=b"shot in the studio"
+    )
     result = compress(source, options)
     assert result.codec == FAST_JPEG and result.format == "JPEG"
     output = decode(result.data)
@@ -133,8 +135,10 @@ def large_jpeg() -> bytes:
     return encode(photo_like(2000, 1500, seed=3), "JPEG", quality=90)
 
 
-@pytest.mark.parametrize("bounds, expected", [((800, None), (800, 600)), ((None, 333), (444, 333)),
-                                              ((97, 97), (97, 73)), ((999, None), (999, 749))])
+@pytest.mark.parametrize(
+    "bounds, expected",
+    [((800, None), (800, 600)), ((None, 333), (444, 333)), ((97, 97), (97, 73)), ((999, None), (999, 749))],
+)
 def test_shrink_on_load_gives_exactly_the_requested_size(options, large_jpeg, bounds, expected):
     source = large_jpeg
     result = compress(source, replace(options, max_width=bounds[0], max_height=bounds[1]))
@@ -152,10 +156,14 @@ def test_an_image_within_the_bounds_takes_the_fast_path(options):
 
 def test_the_processor_will_not_start_without_the_library():
     with tempfile.TemporaryDirectory() as empty:
-        env = {**os.environ, "IMGPIPE_TURBOJPEG_LIBRARY": f"{empty}/libturbojpeg.so.0",
-               "IMGPIPE_KAFKA_BOOTSTRAP_SERVERS": "127.0.0.1:9"}
-        started = subprocess.run([sys.executable, "-m", "services.processor"], env=env, capture_output=True,
-                                 text=True, timeout=60)
+        env = {
+            **os.environ,
+            "IMGPIPE_TURBOJPEG_LIBRARY": f"{empty}/libturbojpeg.so.0",
+            "IMGPIPE_KAFKA_BOOTSTRAP_SERVERS": "127.0.0.1:9",
+        }
+        started = subprocess.run(
+            [sys.executable, "-m", "services.processor"], env=env, capture_output=True, text=True, timeout=60
+        )
     assert started.returncode == 1
     lines = started.stderr.strip().splitlines()
     assert len(lines) == 1 and "libjpeg-turbo's TurboJPEG library was not found" in lines[0], started.stderr

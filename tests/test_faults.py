@@ -7,6 +7,7 @@ payload; the results topic may hold repeats, which change nothing) and exactly o
 downloads at most DOWNLOADS_AT_ONCE from it, so a job of IMAGES images lasts about
 IMAGES / DOWNLOADS_AT_ONCE * IMAGE_DELAY seconds. The fault comes once a third of them are done, and
 each test checks that the job was not done when it came."""
+
 import csv
 import io
 import os
@@ -24,7 +25,13 @@ from tests.support.http_servers import ImageHost, WebhookReceiver
 from tests.support.images import jpeg_bytes
 from tests.support.kafka import committed_offsets, end_offsets, wait_until_consumed
 from tests.support.stack import (
-    CRASH_TEST_SETTINGS, JOB_TIMEOUT, Stack, assert_settled_with_one_webhook, upload, url_csv, wait_for_status,
+    CRASH_TEST_SETTINGS,
+    JOB_TIMEOUT,
+    Stack,
+    assert_settled_with_one_webhook,
+    upload,
+    url_csv,
+    wait_for_status,
 )
 
 IMAGES = 24
@@ -97,10 +104,14 @@ def assert_completed_once(stack: Stack, request_id: str, urls: list[str], receiv
     receiver.wait_for(1, JOB_TIMEOUT)
     assert_settled_with_one_webhook(stack, request_id, receiver)  # every message handled; one webhook, one attempt
     with psycopg.connect(stack.settings.database_url) as conn:
-        job = conn.execute("SELECT status, total_images, processed_images, failed_images FROM processing_jobs "
-                           "WHERE job_id = %s", [request_id]).fetchone()
-        images = conn.execute("SELECT input_url, status, output_url FROM images WHERE job_id = %s "
-                              "ORDER BY row_number, position", [request_id]).fetchall()
+        job = conn.execute(
+            "SELECT status, total_images, processed_images, failed_images FROM processing_jobs WHERE job_id = %s",
+            [request_id],
+        ).fetchone()
+        images = conn.execute(
+            "SELECT input_url, status, output_url FROM images WHERE job_id = %s ORDER BY row_number, position",
+            [request_id],
+        ).fetchall()
         deliveries = conn.execute("SELECT count(*) FROM webhook_deliveries WHERE job_id = %s", [request_id]).fetchone()
     assert job == ("completed", IMAGES, IMAGES, 0)
     assert [(url, "processed") for url in urls] == [(input_url, status) for input_url, status, _ in images]
@@ -109,14 +120,21 @@ def assert_completed_once(stack: Stack, request_id: str, urls: list[str], receiv
     assert deliveries == (1,)
 
     lines = list(csv.reader(io.StringIO(stack.api.get(f"/output_csv/{request_id}").text)))
-    assert lines == [["url", "Output Image Urls"]] + [list(pair) for pair in zip(urls, output_urls)]
+    assert lines == [["url", "Output Image Urls"]] + [list(pair) for pair in zip(urls, output_urls, strict=True)]
     [webhook] = receiver.posts_to()
-    assert [(i["input_url"], i["output_url"]) for i in webhook.json()["images"]] == list(zip(urls, output_urls))
+    assert [(i["input_url"], i["output_url"]) for i in webhook.json()["images"]] == list(
+        zip(urls, output_urls, strict=True)
+    )
 
 
 def test_one_of_three_brokers_killed_in_the_middle_of_a_job(cluster, start_stack, image_host, receivers):
-    stack = start_stack(processors=1, kafka_bootstrap_servers=cluster.bootstrap_servers,
-                        kafka_replication_factor=3, kafka_min_insync_replicas=2, **FAULT_SETTINGS)
+    stack = start_stack(
+        processors=1,
+        kafka_bootstrap_servers=cluster.bootstrap_servers,
+        kafka_replication_factor=3,
+        kafka_min_insync_replicas=2,
+        **FAULT_SETTINGS,
+    )
     settings, receiver = stack.settings, receivers()
     admin = AdminClient({"bootstrap.servers": cluster.bootstrap_servers})
     for topic in (settings.topic_requested, settings.topic_processed):
@@ -149,8 +167,12 @@ def test_postgres_stopped_and_started_in_the_middle_of_a_job(own_postgres, start
     assert_not_done(stack, request_id)
     own_postgres.stop()
     # The processor needs no database: it finishes every image meanwhile, and the results wait in Kafka.
-    wait_until_consumed(settings.kafka_bootstrap_servers, settings.processor_group,
-                        [settings.topic_requested, settings.topic_requested_bulk], timeout=JOB_TIMEOUT)
+    wait_until_consumed(
+        settings.kafka_bootstrap_servers,
+        settings.processor_group,
+        [settings.topic_requested, settings.topic_requested_bulk],
+        timeout=JOB_TIMEOUT,
+    )
     partition = results_partition(admin, settings.topic_processed)
     committed = committed_offsets(settings, settings.notifier_group, settings.topic_processed)[partition]
     # What the notifier could not record, it did not commit.

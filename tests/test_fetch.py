@@ -1,4 +1,5 @@
 """fetch_image() against a real HTTP server on 127.0.0.1: limits, retries and the failure codes."""
+
 import socket
 import time
 from collections import Counter
@@ -109,7 +110,10 @@ def server():
 def settings() -> Settings:
     return make_test_settings(
         allow_private_addresses=True,
-        fetch_connect_timeout=0.5, fetch_read_timeout=0.3, fetch_max_redirects=3, fetch_attempts=3,
+        fetch_connect_timeout=0.5,
+        fetch_read_timeout=0.3,
+        fetch_max_redirects=3,
+        fetch_attempts=3,
         max_download_bytes=MAX_BYTES,
     )
 
@@ -194,7 +198,9 @@ def test_refused_connection_is_a_connect_error(fetch):
     assert isinstance(caught, TransientFailure) and caught.code == "connect_error" and caught.host_unreachable
 
 
-@pytest.mark.parametrize("url", ["ftp://127.0.0.1/image.jpg", "not a url", "http://", "/relative/image.jpg", "http://[::1"])
+@pytest.mark.parametrize(
+    "url", ["ftp://127.0.0.1/image.jpg", "not a url", "http://", "/relative/image.jpg", "http://[::1"]
+)
 def test_invalid_urls(fetch, url):
     assert failure(fetch, url).code == "invalid_url"
 

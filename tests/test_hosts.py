@@ -1,4 +1,5 @@
 """HostGuard: concurrent downloads per host, and the circuit breaker opening and closing."""
+
 import threading
 
 import pytest

@@ -1,6 +1,7 @@
 """Jobs from other services over Kafka: a job.requested event produced straight to Kafka, with no
 API call, is stored, processed and reported like an upload; what cannot be read goes to a dead-letter
 topic with the reason, for jobs (the API) and for results (the notifier)."""
+
 import csv
 import io
 import json
@@ -17,12 +18,18 @@ from tests.support.stack import JOB_TIMEOUT, wait_for_status
 def test_a_job_produced_to_kafka_is_processed_and_its_webhook_sent_once(start_stack, image_host, receivers):
     stack = start_stack()
     receiver = receivers()
-    urls = [image_host.add(f"/k{n}.jpg", jpeg_bytes(200, 150, n)) for n in range(3)] + [image_host.base_url + "/gone.jpg"]
+    urls = [image_host.add(f"/k{n}.jpg", jpeg_bytes(200, 150, n)) for n in range(3)] + [
+        image_host.base_url + "/gone.jpg"
+    ]
     job = JobRequested(request_id=uuid.uuid4(), image_urls=urls, webhook_url=receiver.url)
 
     for _ in range(2):  # a producer's retry: the same job twice
-        produce_as_another_service(stack.settings, stack.settings.topic_job_requested, str(job.request_id).encode(),
-                job.model_dump_json().encode())
+        produce_as_another_service(
+            stack.settings,
+            stack.settings.topic_job_requested,
+            str(job.request_id).encode(),
+            job.model_dump_json().encode(),
+        )
 
     [webhook] = receiver.wait_for(1, JOB_TIMEOUT)
     payload = webhook.json()
@@ -69,17 +76,22 @@ def test_events_that_cannot_become_jobs_go_to_the_dead_letter_topic_with_the_rea
 def test_an_event_the_database_keeps_refusing_goes_to_the_dead_letter_topic_and_the_next_is_taken(start_stack):
     stack = start_stack(processors=0)
     settings = stack.settings
-    refused, following = (JobRequested(request_id=uuid.uuid4(), image_urls=["https://img.example.com/a.jpg"])
-                          for _ in range(2))
+    refused, following = (
+        JobRequested(request_id=uuid.uuid4(), image_urls=["https://img.example.com/a.jpg"]) for _ in range(2)
+    )
     with psycopg.connect(settings.database_url, autocommit=True) as conn:  # the test's own database
         conn.execute(f"""CREATE FUNCTION refuse_one_job() RETURNS trigger LANGUAGE plpgsql AS $$
             BEGIN
                 IF NEW.job_id = '{refused.request_id}' THEN RAISE EXCEPTION 'refused by the test''s trigger'; END IF;
                 RETURN NEW;
             END $$""")
-        conn.execute("CREATE TRIGGER refuse_one_job BEFORE INSERT ON processing_jobs FOR EACH ROW EXECUTE FUNCTION refuse_one_job()")
+        conn.execute(
+            "CREATE TRIGGER refuse_one_job BEFORE INSERT ON processing_jobs FOR EACH ROW EXECUTE FUNCTION refuse_one_job()"
+        )
     for job in (refused, following):  # one key: one partition, the refused event first
-        produce_as_another_service(settings, settings.topic_job_requested, b"same-producer", job.model_dump_json().encode())
+        produce_as_another_service(
+            settings, settings.topic_job_requested, b"same-producer", job.model_dump_json().encode()
+        )
 
     wait_until_consumed(settings, settings.intake_group, [settings.topic_job_requested])
     [letter] = read_to_end(settings, settings.topic_job_dead_letter)
@@ -93,10 +105,15 @@ def test_an_event_the_database_keeps_refusing_goes_to_the_dead_letter_topic_and_
 def test_results_the_notifier_cannot_read_go_to_its_dead_letter_topic_and_it_moves_on(start_stack):
     stack = start_stack(processors=0)
     settings = stack.settings
-    produce_as_another_service(settings, settings.topic_processed, b"x", b'{"event_type": "image.processed", "status": "maybe"}')
+    produce_as_another_service(
+        settings, settings.topic_processed, b"x", b'{"event_type": "image.processed", "status": "maybe"}'
+    )
 
     wait_until_consumed(settings, settings.notifier_group, [settings.topic_processed])
     [letter] = read_to_end(settings, settings.topic_processed_dead_letter)
     assert letter.value() == b'{"event_type": "image.processed", "status": "maybe"}'
     error = dict(letter.headers())["error"]
-    assert error.startswith(b"not a valid image.processed event: ") and b"status: Input should be 'processed' or 'failed'" in error
+    assert (
+        error.startswith(b"not a valid image.processed event: ")
+        and b"status: Input should be 'processed' or 'failed'" in error
+    )

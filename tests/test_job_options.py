@@ -1,5 +1,6 @@
 """Per-job options (quality, max_width, max_height, format): validated at POST /upload and in job.requested,
 stored with the job, shown by GET /status, carried in every image.requested event, applied by the processor."""
+
 import io
 import json
 import time
@@ -73,11 +74,22 @@ def test_no_options_or_empty_fields_mean_the_defaults(client, settings):
         assert requested_options(settings, request_id) == [DEFAULTS, DEFAULTS]
 
 
-@pytest.mark.parametrize(("field", "value"), [
-    ("quality", "0"), ("quality", "96"), ("quality", "high"), ("quality", "50.5"),
-    ("max_width", "0"), ("max_width", "-3"), ("max_width", "wide"), ("max_height", "0"), ("max_height", "70000"),
-    ("format", "png"), ("format", "gif"),
-])
+@pytest.mark.parametrize(
+    ("field", "value"),
+    [
+        ("quality", "0"),
+        ("quality", "96"),
+        ("quality", "high"),
+        ("quality", "50.5"),
+        ("max_width", "0"),
+        ("max_width", "-3"),
+        ("max_width", "wide"),
+        ("max_height", "0"),
+        ("max_height", "70000"),
+        ("format", "png"),
+        ("format", "gif"),
+    ],
+)
 def test_invalid_options_are_refused_naming_the_field_and_store_nothing(client, settings, field, value):
     token = uuid.uuid4().hex
     response = post(client, token, **{field: value})
@@ -102,18 +114,29 @@ def test_a_job_over_kafka_takes_its_options_and_refuses_bad_ones(settings):
         read_job(json.dumps(bad).encode(), settings)
 
 
-@pytest.mark.parametrize("options, expected", [
-    (JobOptions(quality=70, max_height=300, format="jpeg"), {"quality": 70, "max_width": None, "max_height": 300, "format": "jpeg"}),
-    (JobOptions(max_width=200), {**DEFAULTS, "max_width": 200}),  # no quality: the setting's
-    (None, DEFAULTS),
-])
+@pytest.mark.parametrize(
+    "options, expected",
+    [
+        (
+            JobOptions(quality=70, max_height=300, format="jpeg"),
+            {"quality": 70, "max_width": None, "max_height": 300, "format": "jpeg"},
+        ),
+        (JobOptions(max_width=200), {**DEFAULTS, "max_width": 200}),  # no quality: the setting's
+        (None, DEFAULTS),
+    ],
+)
 def test_a_job_over_kafka_stores_its_options(client, settings, options, expected):
     job = JobRequested(request_id=uuid.uuid4(), image_urls=["https://img.example.com/k.jpg"], options=options)
-    produce_and_wait(make_producer(settings), settings.topic_job_requested,
-                     [(str(job.request_id), job.model_dump_json(exclude_none=True).encode())])
+    produce_and_wait(
+        make_producer(settings),
+        settings.topic_job_requested,
+        [(str(job.request_id), job.model_dump_json(exclude_none=True).encode())],
+    )
     deadline = time.monotonic() + 60
     # Taken once stored; its images are released after that, by the dispatcher: wait for "published".
-    while (status := client.get(f"/status/{job.request_id}")).status_code == 404 or status.json()["events"] != "published":
+    while (status := client.get(f"/status/{job.request_id}")).status_code == 404 or status.json()[
+        "events"
+    ] != "published":
         assert time.monotonic() < deadline, f"the job event was never taken and published: {status.text}"
         time.sleep(0.1)
     assert status.json()["options"] == expected
@@ -122,8 +145,13 @@ def test_a_job_over_kafka_stores_its_options(client, settings, options, expected
 
 def test_an_image_event_without_options_is_still_read():
     """Events from producers that know nothing of options: the processor's defaults apply."""
-    event = {"request_id": str(uuid.uuid4()), "image_id": str(uuid.uuid4()), "row_number": 1, "position": 1,
-             "input_url": "https://img.example.com/a.jpg"}
+    event = {
+        "request_id": str(uuid.uuid4()),
+        "image_id": str(uuid.uuid4()),
+        "row_number": 1,
+        "position": 1,
+        "input_url": "https://img.example.com/a.jpg",
+    }
     assert ImageRequested.model_validate(event).options is None
 
 
@@ -131,8 +159,11 @@ def test_a_job_with_options_is_processed_to_them_through_the_stack(running_stack
     api = running_stack.api
     sources = [jpeg_bytes(640, 480, 1, quality=90), png_bytes(300, 200, 2, mode="RGBA"), jpeg_bytes(80, 60, 3)]
     urls = [image_host.add(f"/opt{n}", body) for n, body in enumerate(sources)]
-    response = api.post("/upload", files={"file": ("job.csv", url_csv(urls), "text/csv")},
-                        data={"quality": "30", "max_width": "100", "format": "webp"})
+    response = api.post(
+        "/upload",
+        files={"file": ("job.csv", url_csv(urls), "text/csv")},
+        data={"quality": "30", "max_width": "100", "format": "webp"},
+    )
     assert response.status_code == 202, response.text
     request_id = response.json()["request_id"]
     wait_for_status(api, request_id, lambda status: status["status"] == "completed")

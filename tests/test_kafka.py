@@ -1,6 +1,6 @@
 """The Kafka helpers every service uses, against the real broker."""
-import uuid
 
+import uuid
 
 from shared.kafka import make_producer, produce_and_wait, producer_config
 from tests.support.kafka import read_to_end
@@ -16,5 +16,6 @@ def test_producers_wait_for_every_in_sync_replica(make_settings):
 
     key = uuid.uuid4().hex.encode()
     assert produce_and_wait(make_producer(settings), settings.topic_dead_letter, [(key, b"v")]) == 1
-    assert [m.value() for m in read_to_end(settings.kafka_bootstrap_servers, settings.topic_dead_letter)
-            if m.key() == key] == [b"v"]
+    assert [
+        m.value() for m in read_to_end(settings.kafka_bootstrap_servers, settings.topic_dead_letter) if m.key() == key
+    ] == [b"v"]

@@ -1,6 +1,7 @@
 """Secured Kafka: the three services over SASL/SCRAM and over TLS on brokers of this module's own, a wrong
 password or an untrusted broker certificate stopping each service at start with one clear line, and the
 password in no log."""
+
 import uuid
 from pathlib import Path
 
@@ -25,8 +26,12 @@ START_EXIT_TIMEOUT = 60
 @pytest.fixture(scope="module")
 def scram_broker(tmp_path_factory):
     """A broker with a SASL_PLAINTEXT listener that knows USER by PASSWORD (created at format time)."""
-    broker = KafkaBroker(tmp_path_factory.mktemp("kafka-scram"), port=free_port(), controller_port=free_port(),
-                         scram=ScramListener(free_port(), {USER: PASSWORD}, MECHANISM))
+    broker = KafkaBroker(
+        tmp_path_factory.mktemp("kafka-scram"),
+        port=free_port(),
+        controller_port=free_port(),
+        scram=ScramListener(free_port(), {USER: PASSWORD}, MECHANISM),
+    )
     broker.start()
     yield broker
     broker.stop()
@@ -36,8 +41,12 @@ def scram_broker(tmp_path_factory):
 def tls_broker(tmp_path_factory):
     """A broker with an SSL listener whose certificate (self-signed, for 127.0.0.1) clients must trust."""
     directory = tmp_path_factory.mktemp("kafka-tls")
-    broker = KafkaBroker(directory / "kafka", port=free_port(), controller_port=free_port(),
-                         tls=TlsListener(free_port(), directory / "tls"))
+    broker = KafkaBroker(
+        directory / "kafka",
+        port=free_port(),
+        controller_port=free_port(),
+        tls=TlsListener(free_port(), directory / "tls"),
+    )
     broker.start()
     yield broker
     broker.stop()
@@ -46,15 +55,23 @@ def tls_broker(tmp_path_factory):
 @pytest.fixture
 def tls(tls_broker):
     """Settings that reach tls_broker over TLS, checking its certificate."""
-    return dict(kafka_bootstrap_servers=f"127.0.0.1:{tls_broker.tls.port}", kafka_security_protocol="SSL",
-                kafka_ssl_ca_location=tls_broker.tls.ca_file)
+    return dict(
+        kafka_bootstrap_servers=f"127.0.0.1:{tls_broker.tls.port}",
+        kafka_security_protocol="SSL",
+        kafka_ssl_ca_location=tls_broker.tls.ca_file,
+    )
 
 
 @pytest.fixture
 def sasl(scram_broker):
     """Settings that reach scram_broker over SASL/SCRAM as USER."""
-    return dict(kafka_bootstrap_servers=f"127.0.0.1:{scram_broker.scram.port}", kafka_security_protocol="SASL_PLAINTEXT",
-                kafka_sasl_mechanism=MECHANISM, kafka_sasl_username=USER, kafka_sasl_password=PASSWORD)
+    return dict(
+        kafka_bootstrap_servers=f"127.0.0.1:{scram_broker.scram.port}",
+        kafka_security_protocol="SASL_PLAINTEXT",
+        kafka_sasl_mechanism=MECHANISM,
+        kafka_sasl_username=USER,
+        kafka_sasl_password=PASSWORD,
+    )
 
 
 def service_logs(log_dir: Path) -> dict[str, str]:
@@ -101,7 +118,9 @@ def test_a_job_goes_through_the_three_services_over_tls(start_stack, tls, image_
     assert_a_job_completes(stack, image_host, receivers, "t")
 
 
-def test_a_broker_certificate_nobody_vouched_for_stops_every_service_at_start(make_settings, tls, own_database, tmp_path):
+def test_a_broker_certificate_nobody_vouched_for_stops_every_service_at_start(
+    make_settings, tls, own_database, tmp_path
+):
     settings = make_settings(**tls, database_url=own_database, api_port=free_port())  # creates the topics
     stranger = TlsListener(0, tmp_path / "another-ca")  # a certificate that did not sign the broker's
     stranger.create()
@@ -123,8 +142,10 @@ def test_a_wrong_password_stops_every_service_at_start_with_one_clear_line(make_
     exits = exits_at_start(wrong, tmp_path / "logs")
 
     assert exits == {"api": 1, "notifier": 1, "processor-1": 1}
-    expected = (f"cannot start: Kafka at {sasl['kafka_bootstrap_servers']} refused the SASL authentication "
-                f"of user '{USER}' ({MECHANISM})")
+    expected = (
+        f"cannot start: Kafka at {sasl['kafka_bootstrap_servers']} refused the SASL authentication "
+        f"of user '{USER}' ({MECHANISM})"
+    )
     for name, text in service_logs(tmp_path / "logs").items():
         assert expected in text, f"{name} log:\n{text}"
         assert "Traceback" not in text and "rdkafka" not in text, f"{name} log:\n{text}"

@@ -1,4 +1,5 @@
 """`make clean` and the test sessions delete the PostgreSQL clusters they own, wherever they live."""
+
 import subprocess
 import sys
 
@@ -13,7 +14,16 @@ def test_remove_stops_the_cluster_and_deletes_it(tmp_path):
     postgres = LocalPostgres(data_dir, port=free_port(), fast_unsafe=True).start()
     assert (postgres.pgdata / "PG_VERSION").exists()
 
-    command = [sys.executable, "-m", "deploy.local.postgres", "remove", "--data-dir", str(data_dir), "--port", str(postgres.port)]
+    command = [
+        sys.executable,
+        "-m",
+        "deploy.local.postgres",
+        "remove",
+        "--data-dir",
+        str(data_dir),
+        "--port",
+        str(postgres.port),
+    ]
     subprocess.run(command, check=True, cwd=REPO_ROOT, capture_output=True)
 
     assert not postgres.home.exists()

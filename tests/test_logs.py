@@ -1,5 +1,6 @@
 """Structured logs: with log_format=json every line a service writes is one JSON object, the lines
 about a job or an image carry its request_id / image_id, and no secret of the settings ever appears."""
+
 import base64
 import io
 import json
@@ -28,13 +29,20 @@ def test_json_lines_name_the_job_and_image_and_never_a_secret(start_stack, pool,
     webhooks = receivers()
     with CloudinaryContractServer("logs-cloud", "918273645546372", SECRETS["Cloudinary API secret"]) as cloudinary:
         stack = start_stack(
-            log_format="json", log_level="DEBUG", api_keys_required=True,
-            webhook_secret=SECRETS["webhook secret"], kafka_sasl_password=SECRETS["SASL password"],
-            s3_secret_access_key=SECRETS["S3 secret key"], storage="cloudinary",
-            cloudinary_url=cloudinary.cloudinary_url(), cloudinary_upload_prefix=cloudinary.base_url,
+            log_format="json",
+            log_level="DEBUG",
+            api_keys_required=True,
+            webhook_secret=SECRETS["webhook secret"],
+            kafka_sasl_password=SECRETS["SASL password"],
+            s3_secret_access_key=SECRETS["S3 secret key"],
+            storage="cloudinary",
+            cloudinary_url=cloudinary.cloudinary_url(),
+            cloudinary_upload_prefix=cloudinary.base_url,
         )
         stack.api.headers["Authorization"] = f"Bearer {api_key}"
-        urls = [image_host.add(f"/l{n}.jpg", jpeg_bytes(300, 200, n)) for n in range(2)] + [image_host.base_url + "/gone.jpg"]
+        urls = [image_host.add(f"/l{n}.jpg", jpeg_bytes(300, 200, n)) for n in range(2)] + [
+            image_host.base_url + "/gone.jpg"
+        ]
         request_id = upload(stack.api, url_csv(urls), webhooks.url)
         webhooks.wait_for(1, JOB_TIMEOUT)
         assert_settled_with_one_webhook(stack, request_id, webhooks)

@@ -1,5 +1,6 @@
 """Health, readiness and Prometheus metrics of the three services, read over real HTTP from real
 processes (and the consumer lag from a real consumer's librdkafka statistics)."""
+
 import uuid
 from urllib.parse import urlsplit, urlunsplit
 
@@ -45,8 +46,10 @@ def test_each_service_counts_what_a_job_did_and_is_ready(start_stack, image_host
     assert api.value("imgpipe_dispatch_images_released_total") == 3
     assert api.value("imgpipe_dispatch_first_release_seconds_count") == 1
     assert api.value("imgpipe_dispatch_window_images") >= stack.settings.dispatch_window_min_images
-    wait_until(lambda: scrape(stack.settings.public_base_url).value("imgpipe_dispatch_images_released_not_finished") == 0,
-               what="the dispatcher seeing every released image finished")
+    wait_until(
+        lambda: scrape(stack.settings.public_base_url).value("imgpipe_dispatch_images_released_not_finished") == 0,
+        what="the dispatcher seeing every released image finished",
+    )
     assert scrape(stack.settings.public_base_url).matching("imgpipe_dispatch_images_waiting") == {}  # no job waits
 
     processors = [health_url(stack.services, name) for name in stack.services.names if name.startswith("processor")]
@@ -69,13 +72,23 @@ def test_each_service_counts_what_a_job_did_and_is_ready(start_stack, image_host
 
     # Every partition is reported by the member holding it, and nothing is left to do.
     settings = stack.settings
-    request_partitions = {(topic, str(p)) for topic in (settings.topic_requested, settings.topic_requested_bulk)
-                          for p in range(settings.topic_partitions)}
-    wait_until(lambda: lags(processors, settings.processor_group) == dict.fromkeys(request_partitions, 0),
-               what="the processors' lag reported as 0 on every partition")
+    request_partitions = {
+        (topic, str(p))
+        for topic in (settings.topic_requested, settings.topic_requested_bulk)
+        for p in range(settings.topic_partitions)
+    }
+    wait_until(
+        lambda: lags(processors, settings.processor_group) == dict.fromkeys(request_partitions, 0),
+        what="the processors' lag reported as 0 on every partition",
+    )
     processed_partitions = {(settings.topic_processed, str(p)) for p in range(settings.topic_partitions)}
-    wait_until(lambda: lags([health_url(stack.services, "notifier")], settings.notifier_group)
-               == dict.fromkeys(processed_partitions, 0), what="the notifier's lag reported as 0 on every partition")
+    wait_until(
+        lambda: (
+            lags([health_url(stack.services, "notifier")], settings.notifier_group)
+            == dict.fromkeys(processed_partitions, 0)
+        ),
+        what="the notifier's lag reported as 0 on every partition",
+    )
 
     for base_url in [settings.public_base_url, health_url(stack.services, "notifier"), *processors]:
         assert httpx.get(f"{base_url}/healthz").status_code == 200
@@ -85,7 +98,10 @@ def test_each_service_counts_what_a_job_did_and_is_ready(start_stack, image_host
     assert set(httpx.get(f"{settings.public_base_url}/readyz").json()["checks"]) == {"postgresql", "kafka"}
     assert set(httpx.get(f"{processors[0]}/readyz").json()["checks"]) == {"kafka", "consumer"}
     assert set(httpx.get(f"{health_url(stack.services, 'notifier')}/readyz").json()["checks"]) == {
-        "kafka", "postgresql", "consumer"}
+        "kafka",
+        "postgresql",
+        "consumer",
+    }
 
 
 def lags(base_urls: list[str], group: str) -> dict[tuple[str, str], float]:
@@ -101,9 +117,15 @@ def test_consumer_lag_is_the_end_of_a_partition_minus_the_committed_offset(make_
     settings = make_settings(topic_partitions=1)
     topic, group = settings.topic_processed, f"lag-{uuid.uuid4().hex[:8]}"
     produce_and_wait(make_producer(settings), topic, [(b"key", b"value")] * 10)
-    consumer = make_consumer(settings, group, [topic], OffsetTracker(),
-                             **{**CONSUMER_LAG.consumer_config(group), "statistics.interval.ms": 500})
+    consumer = make_consumer(
+        settings,
+        group,
+        [topic],
+        OffsetTracker(),
+        **{**CONSUMER_LAG.consumer_config(group), "statistics.interval.ms": 500},
+    )
     try:
+
         def lag_seen() -> float | None:
             consumer.poll(0.2)  # serves the statistics callback
             families = text_string_to_metric_families(generate_latest().decode())
@@ -124,7 +146,9 @@ def test_readyz_names_what_a_starting_service_still_waits_for(make_settings, tmp
     /healthz (alive) and /readyz 503 with the reason while their start checks wait (30 s, then exit)."""
     dead_port = free_port()
     no_kafka = make_settings().model_copy(update={"kafka_bootstrap_servers": f"127.0.0.1:{dead_port}"})
-    no_database = make_settings().model_copy(update={"database_url": f"postgresql://postgres@127.0.0.1:{dead_port}/imgpipe"})
+    no_database = make_settings().model_copy(
+        update={"database_url": f"postgresql://postgres@127.0.0.1:{dead_port}/imgpipe"}
+    )
     processor = ServiceGroup(service_env(no_kafka), tmp_path / "no-kafka", processors=1)
     notifier = ServiceGroup(service_env(no_database), tmp_path / "no-database")
     for group in (processor, notifier):
@@ -139,8 +163,10 @@ def test_readyz_names_what_a_starting_service_still_waits_for(make_settings, tmp
         assert checks["kafka"].startswith("KafkaException") and checks["consumer"] == NOT_STARTED, checks
         assert httpx.get(f"{health_url(processor, 'processor-1')}/healthz").status_code == 200
 
-        checks = wait_until(lambda: _checks_once_kafka_answers(health_url(notifier, "notifier")),
-                            what="the notifier's Kafka check passing")
+        checks = wait_until(
+            lambda: _checks_once_kafka_answers(health_url(notifier, "notifier")),
+            what="the notifier's Kafka check passing",
+        )
         assert checks["postgresql"].startswith("OperationalError") and checks["consumer"] == NOT_STARTED, checks
         assert httpx.get(f"{health_url(notifier, 'notifier')}/healthz").status_code == 200
     finally:
@@ -159,7 +185,9 @@ def test_the_api_is_not_ready_while_postgresql_is_unreachable(make_settings, own
     database = urlsplit(own_database)
     with TcpProxy(database.port) as proxy:
         port = free_port()
-        through_proxy = urlunsplit(database._replace(netloc=database.netloc.replace(f":{database.port}", f":{proxy.port}")))
+        through_proxy = urlunsplit(
+            database._replace(netloc=database.netloc.replace(f":{database.port}", f":{proxy.port}"))
+        )
         settings = make_settings(database_url=through_proxy, api_port=port, public_base_url=f"http://127.0.0.1:{port}")
         services = ServiceGroup(service_env(settings), tmp_path / "logs")
         try:
@@ -174,7 +202,9 @@ def test_the_api_is_not_ready_while_postgresql_is_unreachable(make_settings, own
             assert ready.json()["checks"]["postgresql"] != "ok"
 
             proxy.restore()
-            wait_until(lambda: httpx.get(f"{settings.public_base_url}/readyz", timeout=30).status_code == 200,
-                       what="the API ready again once PostgreSQL is back")
+            wait_until(
+                lambda: httpx.get(f"{settings.public_base_url}/readyz", timeout=30).status_code == 200,
+                what="the API ready again once PostgreSQL is back",
+            )
         finally:
             services.stop()

@@ -1,4 +1,5 @@
 """The notifier: results applied exactly once in PostgreSQL, and end to end through a real Kafka."""
+
 import base64
 import json
 import logging
@@ -30,7 +31,12 @@ def test_job_completes_exactly_once(pool, jobs):
 
     assert apply(pool, [result(job_id, images[0]), result(job_id, images[1])]) == []
     job = jobs.job(job_id)
-    assert (job["status"], job["processed_images"], job["failed_images"], job["completed_at"]) == ("processing", 2, 0, None)
+    assert (job["status"], job["processed_images"], job["failed_images"], job["completed_at"]) == (
+        "processing",
+        2,
+        0,
+        None,
+    )
     assert jobs.deliveries(job_id) == []
 
     assert apply(pool, [result(job_id, images[2])]) == [job_id]
@@ -56,11 +62,14 @@ def test_results_for_unknown_images_or_another_job_are_ignored(pool, jobs, caplo
     unknown_image = {"id": uuid.uuid4(), "row_number": 1, "position": 1, "input_url": "http://images.test/x.jpg"}
 
     with caplog.at_level(logging.WARNING, logger="services.notifier.results"):
-        completed = apply(pool, [
-            result(job_id, unknown_image),
-            result(job_id, other_images[0]),  # another job's image under this job's request id
-            result(uuid.uuid4(), images[0]),  # this job's image under an unknown request id
-        ])
+        completed = apply(
+            pool,
+            [
+                result(job_id, unknown_image),
+                result(job_id, other_images[0]),  # another job's image under this job's request id
+                result(uuid.uuid4(), images[0]),  # this job's image under an unknown request id
+            ],
+        )
     assert completed == []
     for some_job in (job_id, other_job_id):
         job = jobs.job(some_job)
@@ -86,13 +95,18 @@ def test_the_same_image_twice_in_a_batch_counts_once_and_the_first_wins(pool, jo
 def test_failed_images_complete_the_job_with_their_reasons(pool, jobs):
     job_id, images = jobs.create(3, webhook_url="http://127.0.0.1:9/hook")
 
-    assert apply(pool, [result(job_id, images[0]), result(job_id, images[1], failed=True),
-                        result(job_id, images[2], failed=True)]) == [job_id]
+    assert apply(
+        pool,
+        [result(job_id, images[0]), result(job_id, images[1], failed=True), result(job_id, images[2], failed=True)],
+    ) == [job_id]
     job = jobs.job(job_id)
     assert (job["status"], job["processed_images"], job["failed_images"]) == ("completed", 1, 2)
     stored = jobs.images(job_id)
     assert [(i["status"], i["error_code"], i["output_url"] is None) for i in stored] == [
-        ("processed", None, False), ("failed", "http_404", True), ("failed", "http_404", True)]
+        ("processed", None, False),
+        ("failed", "http_404", True),
+        ("failed", "http_404", True),
+    ]
     assert stored[1]["error_message"] == "the image URL answered 404"
     assert len(jobs.deliveries(job_id)) == 1
 
@@ -126,7 +140,7 @@ def test_concurrent_writers_complete_each_job_once(pool, jobs):
     def write(order):
         try:
             for start in range(0, len(order), 40):
-                completed.extend(apply(pool, order[start:start + 40]))
+                completed.extend(apply(pool, order[start : start + 40]))
         except Exception as exc:
             errors.append(exc)
 
@@ -182,9 +196,11 @@ def notifiers():
 def produce(settings, messages) -> None:
     """Send events (or raw (key, bytes) pairs) keyed by request id to the results topic, as the processor does."""
     producer = make_producer(settings)
-    produce_and_wait(producer, settings.topic_processed, [
-        (str(m.request_id), m.model_dump_json().encode()) if not isinstance(m, tuple) else m for m in messages
-    ])
+    produce_and_wait(
+        producer,
+        settings.topic_processed,
+        [(str(m.request_id), m.model_dump_json().encode()) if not isinstance(m, tuple) else m for m in messages],
+    )
 
 
 def wait_until_settled(settings, jobs: Jobs, job_id) -> dict:
@@ -232,8 +248,9 @@ def test_restarted_notifier_loses_no_result(notifier_settings, jobs, receivers, 
 
     first = notifiers(notifier_settings)
     produce(notifier_settings, twice_interleaved(job_id, images[:2]))
-    wait_until_consumed(notifier_settings.kafka_bootstrap_servers, notifier_settings.notifier_group,
-                        [notifier_settings.topic_processed])
+    wait_until_consumed(
+        notifier_settings.kafka_bootstrap_servers, notifier_settings.notifier_group, [notifier_settings.topic_processed]
+    )
     first.stop()
     job = jobs.job(job_id)
     assert (job["status"], job["processed_images"]) == ("processing", 2)
@@ -263,12 +280,16 @@ def test_results_with_fields_it_does_not_know_are_applied(notifier_settings, job
 
     produce(notifier_settings, newer)
     wait_until_settled(notifier_settings, jobs, job_id)
-    assert [(i["status"], i["error_code"]) for i in jobs.images(job_id)] == [("processed", None), ("failed", "http_404")]
+    assert [(i["status"], i["error_code"]) for i in jobs.images(job_id)] == [
+        ("processed", None),
+        ("failed", "http_404"),
+    ]
     assert len(receiver.requests) == 1
 
 
 def test_a_result_the_database_refuses_goes_to_the_dead_letter_topic_and_the_others_are_applied(
-        notifier_settings, jobs, receivers, notifiers):
+    notifier_settings, jobs, receivers, notifiers
+):
     """A poison result (valid JSON, but text PostgreSQL cannot store) must not stall the notifier."""
     receiver = receivers()
     job_id, images = jobs.create(2, webhook_url=receiver.url)
@@ -277,11 +298,14 @@ def test_a_result_the_database_refuses_goes_to_the_dead_letter_topic_and_the_oth
     notifiers(notifier_settings)
 
     produce(notifier_settings, [poison, result(job_id, images[1])])
-    wait_until_consumed(notifier_settings.kafka_bootstrap_servers, notifier_settings.notifier_group,
-                        [notifier_settings.topic_processed])
+    wait_until_consumed(
+        notifier_settings.kafka_bootstrap_servers, notifier_settings.notifier_group, [notifier_settings.topic_processed]
+    )
     [letter] = read_to_end(notifier_settings, notifier_settings.topic_processed_dead_letter)
     assert letter.value() == poison.model_dump_json().encode()  # passed on unchanged
-    assert dict(letter.headers())["error"].startswith(f"the database refused image.processed {poison.event_id}".encode())
+    assert dict(letter.headers())["error"].startswith(
+        f"the database refused image.processed {poison.event_id}".encode()
+    )
     assert [i["status"] for i in jobs.images(job_id)] == ["pending", "processed"]
 
     produce(notifier_settings, [result(job_id, images[0])])  # the image's result sent again, repaired

@@ -1,4 +1,5 @@
 """OffsetTracker: commit only up to the lowest unfinished offset, never backwards."""
+
 import pytest
 
 from shared.offsets import OffsetTracker

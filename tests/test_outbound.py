@@ -2,6 +2,7 @@
 
 Only loopback is ever dialled here: the tests' backend refuses to dial anything else, and records
 what it was asked to dial, so a wrong decision shows without traffic leaving the machine."""
+
 import ipaddress
 import socket
 
@@ -76,14 +77,17 @@ def test_a_name_rebinding_to_loopback_never_gets_a_connection(listener):
     assert listener() == 0
 
 
-@pytest.mark.parametrize("answer", [
-    ["127.0.0.1"],
-    [PUBLIC, "127.0.0.1"],  # one private answer among public ones is enough to refuse
-    ["64:ff9b::7f00:1"],  # NAT64 of 127.0.0.1
-    ["::ffff:127.0.0.1"],
-    ["2002:7f00:1::"],  # 6to4 of 127.0.0.1
-    ["169.254.169.254"],
-])
+@pytest.mark.parametrize(
+    "answer",
+    [
+        ["127.0.0.1"],
+        [PUBLIC, "127.0.0.1"],  # one private answer among public ones is enough to refuse
+        ["64:ff9b::7f00:1"],  # NAT64 of 127.0.0.1
+        ["::ffff:127.0.0.1"],
+        ["2002:7f00:1::"],  # 6to4 of 127.0.0.1
+        ["169.254.169.254"],
+    ],
+)
 def test_private_answers_are_refused_before_dialling(listener, answer):
     backend = LoopbackOnlyBackend([answer])
     failure = fetch_through(backend, f"http://name.example:{listener.port}/a.jpg")
@@ -92,13 +96,31 @@ def test_private_answers_are_refused_before_dialling(listener, answer):
     assert listener() == 0
 
 
-@pytest.mark.parametrize("address", [
-    "127.0.0.1", "10.1.2.3", "172.16.0.1", "192.168.0.1", "169.254.169.254", "100.64.0.1", "0.0.0.0",
-    "224.0.0.1", "::1", "fd00::1", "fe80::1",
-    "64:ff9b::7f00:1", "64:ff9b::a9fe:a9fe", "64:ff9b:1::7f00:1",  # NAT64 (well-known and local-use)
-    "::ffff:127.0.0.1", "::ffff:0:10.0.0.1", "::127.0.0.1", "2002:7f00:1::", "2002:a9fe:a9fe::",
-    "2001:0:4136:e378:8000:63bf:80ff:fffe",  # Teredo
-])
+@pytest.mark.parametrize(
+    "address",
+    [
+        "127.0.0.1",
+        "10.1.2.3",
+        "172.16.0.1",
+        "192.168.0.1",
+        "169.254.169.254",
+        "100.64.0.1",
+        "0.0.0.0",
+        "224.0.0.1",
+        "::1",
+        "fd00::1",
+        "fe80::1",
+        "64:ff9b::7f00:1",
+        "64:ff9b::a9fe:a9fe",
+        "64:ff9b:1::7f00:1",  # NAT64 (well-known and local-use)
+        "::ffff:127.0.0.1",
+        "::ffff:0:10.0.0.1",
+        "::127.0.0.1",
+        "2002:7f00:1::",
+        "2002:a9fe:a9fe::",
+        "2001:0:4136:e378:8000:63bf:80ff:fffe",  # Teredo
+    ],
+)
 def test_addresses_that_are_not_public(address):
     assert not is_public(ipaddress.ip_address(address))
 

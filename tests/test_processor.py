@@ -1,4 +1,5 @@
 """The processor's worker against real Kafka, a real HTTP image host and local or Cloudinary storage."""
+
 import logging
 import os
 import socket
@@ -229,8 +230,12 @@ def test_an_unexpected_error_fails_its_image_after_bounded_tries_and_the_partiti
     send_events(settings, [bad, *good])
 
     workers(settings, storage=storage)
-    results = {r.image_id: r for r in results_for(processed.wait_for(
-        lambda got: len({r.image_id for r in results_for(got, request_id)}) == 4), request_id)}
+    results = {
+        r.image_id: r
+        for r in results_for(
+            processed.wait_for(lambda got: len({r.image_id for r in results_for(got, request_id)}) == 4), request_id
+        )
+    }
 
     assert results[bad.image_id].status == "failed"
     assert results[bad.image_id].error.code == "internal_error"
@@ -244,8 +249,11 @@ def admin(settings: Settings) -> AdminClient:
 
 
 def set_topic_config(settings: Settings, topic: str, name: str, value: str) -> None:
-    resource = ConfigResource(ResourceType.TOPIC, topic, incremental_configs=[
-        ConfigEntry(name, value, incremental_operation=AlterConfigOpType.SET)])
+    resource = ConfigResource(
+        ResourceType.TOPIC,
+        topic,
+        incremental_configs=[ConfigEntry(name, value, incremental_operation=AlterConfigOpType.SET)],
+    )
     client = admin(settings)  # kept referenced until the futures resolve
     for future in client.incremental_alter_configs([resource]).values():
         future.result(10)
@@ -302,7 +310,9 @@ def test_images_stored_on_cloudinary_through_the_running_worker(make_settings, i
 def test_the_service_entry_point_tunes_pillow_before_importing_it():
     env = {k: v for k, v in os.environ.items() if k != "PILLOW_BLOCKS_MAX"}
     code = "import services.processor.__main__; from PIL import Image; print(Image.core.get_blocks_max())"
-    output = subprocess.run([sys.executable, "-c", code], env=env, cwd=REPO_ROOT, capture_output=True, text=True, check=True)
+    output = subprocess.run(
+        [sys.executable, "-c", code], env=env, cwd=REPO_ROOT, capture_output=True, text=True, check=True
+    )
     assert output.stdout.strip() == "16"
 
 
@@ -339,7 +349,9 @@ def cloudinary_server():
 
 def cloudinary_fields(server: CloudinaryContractServer, **overrides) -> dict:
     fields = dict(
-        storage="cloudinary", cloudinary_url=server.cloudinary_url(), cloudinary_upload_prefix=server.base_url,
+        storage="cloudinary",
+        cloudinary_url=server.cloudinary_url(),
+        cloudinary_upload_prefix=server.base_url,
         cloudinary_folder="imgpipe-test",
     )
     return {**fields, **overrides}
@@ -359,7 +371,9 @@ def test_cloudinary_storage_uploads_with_a_valid_signature(cloudinary_server):
 
 
 def test_cloudinary_wrong_secret_is_a_storage_failure(cloudinary_server):
-    settings = make_test_settings(**cloudinary_fields(cloudinary_server, cloudinary_url=cloudinary_server.cloudinary_url("wrong")))
+    settings = make_test_settings(
+        **cloudinary_fields(cloudinary_server, cloudinary_url=cloudinary_server.cloudinary_url("wrong"))
+    )
     with pytest.raises(ImageFailure) as caught:
         CloudinaryStorage(settings).save("job-1/image-1.jpg", jpeg_bytes(64, 48, seed=5), "image/jpeg")
     assert caught.value.code == "storage_error"
@@ -409,9 +423,12 @@ def test_out_of_order_completion_commits_only_up_to_the_lowest_unfinished_image(
     # cycle has run since the fast images finished.
     later = [requested(request_id, 10 + n, fast_url) for n in range(2)]
     send_to(settings, settings.topic_requested, 1, later)
-    wait_until_consumed(settings.kafka_bootstrap_servers, settings.processor_group, [settings.topic_requested],
-                        partitions=[1])
-    assert committed_offsets(settings, settings.processor_group, settings.topic_requested)[0] <= 0  # the slow one is open
+    wait_until_consumed(
+        settings.kafka_bootstrap_servers, settings.processor_group, [settings.topic_requested], partitions=[1]
+    )
+    assert (
+        committed_offsets(settings, settings.processor_group, settings.topic_requested)[0] <= 0
+    )  # the slow one is open
     assert slow.image_id not in {r.image_id for r in results_for(processed.messages, request_id)}
 
     processed.wait_for(lambda got: slow.image_id in {r.image_id for r in results_for(got, request_id)})
@@ -424,8 +441,10 @@ def test_a_retry_waits_while_the_images_behind_it_proceed(make_settings, image_h
     request_id = uuid.uuid4()
     flaky_url = image_host.add("/flaky.jpg", jpeg_bytes(200, 150, seed=22))
     image_host.first_statuses["/flaky.jpg"] = [503, 503]  # retried after 0.2 s, then 0.4 s
-    flaky, *others = [requested(request_id, row, image_host.add(f"/o{row}.jpg", jpeg_bytes(200, 150, seed=row)))
-                      for row in range(1, 5)]
+    flaky, *others = [
+        requested(request_id, row, image_host.add(f"/o{row}.jpg", jpeg_bytes(200, 150, seed=row)))
+        for row in range(1, 5)
+    ]
     flaky.input_url = flaky_url
     send_events(settings, [flaky, *others])  # one partition, the flaky image first
     processed = read_topic(settings, settings.topic_processed)
@@ -486,8 +505,9 @@ class HangUpServer:
 def test_the_circuit_breaker_fails_a_dead_hosts_images_fast_and_tries_it_again_later(
     make_settings, read_topic, workers
 ):
-    settings = make_settings(fetch_attempts=1, fetch_per_host_limit=1, host_failure_threshold=3,
-                             host_cooldown_seconds=1.0)
+    settings = make_settings(
+        fetch_attempts=1, fetch_per_host_limit=1, host_failure_threshold=3, host_cooldown_seconds=1.0
+    )
     dead = HangUpServer()
     request_id = uuid.uuid4()
     events = [requested(request_id, row, f"{dead.base_url}/{row}.jpg") for row in range(1, 9)]
@@ -503,8 +523,11 @@ def test_the_circuit_breaker_fails_a_dead_hosts_images_fast_and_tries_it_again_l
         time.sleep(1.0)  # the cooldown: then the host is tried again
         again = requested(request_id, 9, f"{dead.base_url}/9.jpg")
         send_events(settings, [again])
-        [result] = [r for r in results_for(processed.wait_for(
-            lambda got: len(results_for(got, request_id)) == 9), request_id) if r.image_id == again.image_id]
+        [result] = [
+            r
+            for r in results_for(processed.wait_for(lambda got: len(results_for(got, request_id)) == 9), request_id)
+            if r.image_id == again.image_id
+        ]
         assert result.error.code == "connect_error" and dead.accepted == 4
     finally:
         dead.close()
@@ -516,13 +539,19 @@ def test_two_processors_share_the_partitions_and_both_work(make_settings, image_
     second = workers(settings.model_copy(update={"storage_dir": tmp_path / "second"}))
     wait_for_group_members(settings, 2)
     request_id = uuid.uuid4()
-    events = [requested(request_id, row, image_host.add(f"/s{row}.jpg", jpeg_bytes(200, 150, seed=row)))
-              for row in range(1, 25)]
+    events = [
+        requested(request_id, row, image_host.add(f"/s{row}.jpg", jpeg_bytes(200, 150, seed=row)))
+        for row in range(1, 25)
+    ]
     send(settings, [(str(e.image_id), e.model_dump_json().encode()) for e in events])  # spread over partitions
     processed = read_topic(settings, settings.topic_processed)
 
-    results = results_for(processed.wait_for(
-        lambda got: {r.image_id for r in results_for(got, request_id)} == {e.image_id for e in events}), request_id)
+    results = results_for(
+        processed.wait_for(
+            lambda got: {r.image_id for r in results_for(got, request_id)} == {e.image_id for e in events}
+        ),
+        request_id,
+    )
 
     assert {r.status for r in results} == {"processed"}
     stored = {name: {p.stem for p in (tmp_path / name / str(request_id)).glob("*.jpg")} for name in ("first", "second")}

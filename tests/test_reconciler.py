@@ -1,5 +1,6 @@
 """Lost events: images that cannot still be on their way are requested again, then fail as lost,
 so every job ends; images merely queued are never taken for lost."""
+
 from tests.support.images import jpeg_bytes
 from tests.support.kafka import read_to_end
 
@@ -13,7 +14,9 @@ def job_of_real_images(jobs, image_host, receiver, count: int):
     return job_id, images
 
 
-def test_images_whose_events_were_lost_are_requested_again_and_the_job_completes(start_stack, jobs, image_host, receivers):
+def test_images_whose_events_were_lost_are_requested_again_and_the_job_completes(
+    start_stack, jobs, image_host, receivers
+):
     receiver = receivers()
     job_id, images = job_of_real_images(jobs, image_host, receiver, 6)
     jobs.release_without_events(job_id)
@@ -54,4 +57,6 @@ def test_images_queued_behind_a_slow_host_are_not_taken_for_lost(start_stack, jo
     assert webhook.json()["processed_images"] == 8
     assert [image["requested_again"] for image in jobs.images(job_id)] == [0] * 8
     settings = stack.settings
-    assert len(read_to_end(settings, settings.topic_requested) + read_to_end(settings, settings.topic_requested_bulk)) == 8
+    assert (
+        len(read_to_end(settings, settings.topic_requested) + read_to_end(settings, settings.topic_requested_bulk)) == 8
+    )

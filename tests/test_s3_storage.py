@@ -1,5 +1,6 @@
 """S3 storage against moto's S3 server: a real HTTP S3 endpoint on 127.0.0.1, in a process of its own
 (`python -m moto.server`), reached by boto3 over the network like any S3. Credentials are dummy values."""
+
 import io
 import json
 import logging
@@ -47,8 +48,11 @@ class MotoServer:
 
     def start(self) -> None:
         with open(self.log_path, "ab") as log:
-            self.process = subprocess.Popen([sys.executable, "-m", "moto.server", "-H", "127.0.0.1", "-p", str(self.port)],
-                                            stdout=log, stderr=subprocess.STDOUT)
+            self.process = subprocess.Popen(
+                [sys.executable, "-m", "moto.server", "-H", "127.0.0.1", "-p", str(self.port)],
+                stdout=log,
+                stderr=subprocess.STDOUT,
+            )
         deadline = time.monotonic() + START_TIMEOUT
         try:
             while not port_open(self.port):
@@ -69,17 +73,31 @@ class MotoServer:
 
     def client(self):
         """An S3 client of the test's own, to create buckets and look at what the storage wrote."""
-        return boto3.session.Session(aws_access_key_id="test-admin", aws_secret_access_key="test-admin",
-                                     region_name=REGION).client("s3", endpoint_url=self.endpoint_url)
+        return boto3.session.Session(
+            aws_access_key_id="test-admin", aws_secret_access_key="test-admin", region_name=REGION
+        ).client("s3", endpoint_url=self.endpoint_url)
 
     def create_bucket(self, public: bool = False) -> str:
         name = f"imgpipe-{uuid.uuid4().hex[:12]}"
         client = self.client()
         client.create_bucket(Bucket=name)
         if public:  # as on AWS: anonymous reads allowed by a bucket policy, not by object ACLs
-            client.put_bucket_policy(Bucket=name, Policy=json.dumps({"Version": "2012-10-17", "Statement": [{
-                "Effect": "Allow", "Principal": "*", "Action": "s3:GetObject", "Resource": f"arn:aws:s3:::{name}/*",
-            }]}))
+            client.put_bucket_policy(
+                Bucket=name,
+                Policy=json.dumps(
+                    {
+                        "Version": "2012-10-17",
+                        "Statement": [
+                            {
+                                "Effect": "Allow",
+                                "Principal": "*",
+                                "Action": "s3:GetObject",
+                                "Resource": f"arn:aws:s3:::{name}/*",
+                            }
+                        ],
+                    }
+                ),
+            )
         return name
 
     def keys(self, bucket: str) -> list[str]:
@@ -95,8 +113,17 @@ def moto(tmp_path_factory):
 
 
 def s3_fields(moto: MotoServer, bucket: str, **overrides) -> dict:
-    return dict(storage="s3", s3_bucket=bucket, s3_prefix=PREFIX, s3_region=REGION, s3_endpoint_url=moto.endpoint_url,
-                **DUMMY_CREDENTIALS) | overrides
+    return (
+        dict(
+            storage="s3",
+            s3_bucket=bucket,
+            s3_prefix=PREFIX,
+            s3_region=REGION,
+            s3_endpoint_url=moto.endpoint_url,
+            **DUMMY_CREDENTIALS,
+        )
+        | overrides
+    )
 
 
 def s3_storage(moto: MotoServer, bucket: str, **overrides) -> S3Storage:
@@ -221,21 +248,38 @@ class S3ErrorServer(LoopbackServer):
         self.answer = (status, code)
 
 
-@pytest.mark.parametrize("status, code", [(503, "SlowDown"), (500, "InternalError"), (429, "TooManyRequests"),
-                                          (400, "RequestTimeout")])
+@pytest.mark.parametrize(
+    "status, code", [(503, "SlowDown"), (500, "InternalError"), (429, "TooManyRequests"), (400, "RequestTimeout")]
+)
 def test_throttling_and_server_errors_make_the_storage_unavailable(status, code):
     with S3ErrorServer(status, code) as server:
-        storage = S3Storage(make_test_settings(storage="s3", s3_bucket="imgpipe-test", s3_region=REGION,
-                                               s3_endpoint_url=server.base_url, **DUMMY_CREDENTIALS))
+        storage = S3Storage(
+            make_test_settings(
+                storage="s3",
+                s3_bucket="imgpipe-test",
+                s3_region=REGION,
+                s3_endpoint_url=server.base_url,
+                **DUMMY_CREDENTIALS,
+            )
+        )
         with pytest.raises(StorageUnavailable, match=code):
             storage.save("job-6/image-1.jpg", b"jpeg", "image/jpeg")
 
 
-@pytest.mark.parametrize("status, code", [(403, "AccessDenied"), (403, "InvalidAccessKeyId"), (301, "PermanentRedirect")])
+@pytest.mark.parametrize(
+    "status, code", [(403, "AccessDenied"), (403, "InvalidAccessKeyId"), (301, "PermanentRedirect")]
+)
 def test_refusals_fail_the_image_as_storage_error(status, code):
     with S3ErrorServer(status, code) as server:
-        storage = S3Storage(make_test_settings(storage="s3", s3_bucket="imgpipe-test", s3_region=REGION,
-                                               s3_endpoint_url=server.base_url, **DUMMY_CREDENTIALS))
+        storage = S3Storage(
+            make_test_settings(
+                storage="s3",
+                s3_bucket="imgpipe-test",
+                s3_region=REGION,
+                s3_endpoint_url=server.base_url,
+                **DUMMY_CREDENTIALS,
+            )
+        )
         with pytest.raises(ImageFailure) as caught:
             storage.save("job-6/image-1.jpg", b"jpeg", "image/jpeg")
     assert caught.value.code == "storage_error" and code in caught.value.message
@@ -244,9 +288,17 @@ def test_refusals_fail_the_image_as_storage_error(status, code):
 @pytest.fixture
 def no_default_credentials(monkeypatch, tmp_path):
     """boto3's default chain with nothing in it: no AWS_* variables, no ~/.aws files, no instance metadata."""
-    for name in ("AWS_ACCESS_KEY_ID", "AWS_SECRET_ACCESS_KEY", "AWS_SESSION_TOKEN", "AWS_PROFILE", "AWS_DEFAULT_PROFILE",
-                 "AWS_WEB_IDENTITY_TOKEN_FILE", "AWS_ROLE_ARN", "AWS_CONTAINER_CREDENTIALS_RELATIVE_URI",
-                 "AWS_CONTAINER_CREDENTIALS_FULL_URI"):
+    for name in (
+        "AWS_ACCESS_KEY_ID",
+        "AWS_SECRET_ACCESS_KEY",
+        "AWS_SESSION_TOKEN",
+        "AWS_PROFILE",
+        "AWS_DEFAULT_PROFILE",
+        "AWS_WEB_IDENTITY_TOKEN_FILE",
+        "AWS_ROLE_ARN",
+        "AWS_CONTAINER_CREDENTIALS_RELATIVE_URI",
+        "AWS_CONTAINER_CREDENTIALS_FULL_URI",
+    ):
         monkeypatch.delenv(name, raising=False)
     for name in ("AWS_CONFIG_FILE", "AWS_SHARED_CREDENTIALS_FILE", "BOTO_CONFIG"):
         monkeypatch.setenv(name, str(tmp_path / "absent"))
@@ -275,8 +327,10 @@ def test_s3_settings_are_checked_at_start(no_default_credentials):
 def test_a_job_through_the_running_stack_is_stored_on_s3(moto, start_stack, image_host):
     bucket = moto.create_bucket()
     stack = start_stack(processors=1, **s3_fields(moto, bucket))
-    sources = {image_host.add("/a.jpg", jpeg_bytes(640, 480, seed=8)): "JPEG",
-               image_host.add("/b.png", encode(photo_like(320, 200, seed=9), "PNG", compress_level=0)): "PNG"}
+    sources = {
+        image_host.add("/a.jpg", jpeg_bytes(640, 480, seed=8)): "JPEG",
+        image_host.add("/b.png", encode(photo_like(320, 200, seed=9), "PNG", compress_level=0)): "PNG",
+    }
 
     request_id = upload(stack.api, url_csv(list(sources)), webhook_url=None)
     status = wait_for_status(stack.api, request_id, lambda s: s["status"] == "completed")

@@ -1,4 +1,5 @@
 """Settings come from the environment, with the IMGPIPE_ names winning over the conventional ones."""
+
 from shared.settings import Settings
 
 
@@ -15,7 +16,10 @@ def test_the_conventional_name_alone_is_read(monkeypatch):
     monkeypatch.delenv("IMGPIPE_KAFKA_BOOTSTRAP_SERVERS", raising=False)
     monkeypatch.setenv("DATABASE_URL", "postgresql://conventional/db")
     monkeypatch.setenv("KAFKA_BOOTSTRAP_SERVERS", "conventional:9092")
-    assert (Settings().database_url, Settings().kafka_bootstrap_servers) == ("postgresql://conventional/db", "conventional:9092")
+    assert (Settings().database_url, Settings().kafka_bootstrap_servers) == (
+        "postgresql://conventional/db",
+        "conventional:9092",
+    )
 
 
 def test_the_default_quality_is_also_read_by_its_former_name(monkeypatch):

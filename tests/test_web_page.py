@@ -2,6 +2,7 @@
 Playwright) against the real stack: upload, live progress, the table of images, failures, the download.
 Chromium reaches 127.0.0.1 only: its background traffic is off (tests/support/chromium.py), and every
 request the page makes is checked to go to loopback."""
+
 import os
 import re
 import subprocess
@@ -45,7 +46,9 @@ def page(browser):
     page.set_default_timeout(30_000)
     yield page
     context.close()
-    remote = [url for url in requested if urlparse(url).scheme in ("http", "https") and urlparse(url).hostname != "127.0.0.1"]
+    remote = [
+        url for url in requested if urlparse(url).scheme in ("http", "https") and urlparse(url).hostname != "127.0.0.1"
+    ]
     assert requested and not remote, remote
 
 
@@ -122,14 +125,27 @@ def test_upload_watch_the_job_and_download_its_output_csv(start_stack, image_hos
     assert screenshot.stat().st_size > 10_000
 
 
-def test_with_api_keys_on_the_page_is_public_and_its_calls_carry_the_key_typed(make_settings, own_database, page, tmp_path):
+def test_with_api_keys_on_the_page_is_public_and_its_calls_carry_the_key_typed(
+    make_settings, own_database, page, tmp_path
+):
     settings = make_settings(database_url=own_database, api_keys_required=True)
     key = subprocess.run(
-        [sys.executable, "-m", "services.api.keys", "create", "web-page"], env=service_env(settings),
-        cwd=REPO_ROOT, capture_output=True, text=True, timeout=60, check=True,
+        [sys.executable, "-m", "services.api.keys", "create", "web-page"],
+        env=service_env(settings),
+        cwd=REPO_ROOT,
+        capture_output=True,
+        text=True,
+        timeout=60,
+        check=True,
     ).stdout.strip()
-    subprocess.run([sys.executable, "-m", "services.api.keys", "set-limits", "web-page", "--uploads-per-minute", "1"],
-                   env=service_env(settings), cwd=REPO_ROOT, capture_output=True, timeout=60, check=True)
+    subprocess.run(
+        [sys.executable, "-m", "services.api.keys", "set-limits", "web-page", "--uploads-per-minute", "1"],
+        env=service_env(settings),
+        cwd=REPO_ROOT,
+        capture_output=True,
+        timeout=60,
+        check=True,
+    )
     csv_file = tmp_path / "job.csv"
     csv_file.write_text(url_csv(["https://127.0.0.1:9/a.jpg"]))
     with ApiServer(create_app(settings)) as server:

@@ -1,4 +1,5 @@
 """Webhook delivery against real HTTP receivers on 127.0.0.1 and a real PostgreSQL."""
+
 import base64
 import json
 import os
@@ -23,15 +24,21 @@ from tests.support.settings import make_test_settings
 
 @pytest.fixture
 def settings(infra, own_database) -> Settings:
-    return make_test_settings(kafka_bootstrap_servers=infra.kafka_bootstrap_servers, database_url=own_database,
-                              public_base_url="http://imgpipe.test", webhook_timeout=5.0)
+    return make_test_settings(
+        kafka_bootstrap_servers=infra.kafka_bootstrap_servers,
+        database_url=own_database,
+        public_base_url="http://imgpipe.test",
+        webhook_timeout=5.0,
+    )
 
 
 def completed_job(jobs: Jobs, webhook_url: str, image_count: int = 3, failed_count: int = 0):
     job_id, images = jobs.create(image_count, webhook_url)
     failed_ids = {image["id"] for image in images[:failed_count]}
     with jobs.pool.connection() as conn:
-        assert apply_results(conn, ResultBatch([result(job_id, i, failed=i["id"] in failed_ids) for i in images])) == [job_id]
+        assert apply_results(conn, ResultBatch([result(job_id, i, failed=i["id"] in failed_ids) for i in images])) == [
+            job_id
+        ]
     return job_id, images, failed_ids
 
 
@@ -85,7 +92,11 @@ def test_failed_attempts_are_retried_with_backoff_and_the_same_webhook_id(pool, 
                 deliver_due(pool, client, settings)
                 time.sleep(0.005)
             [delivery] = jobs.deliveries(job_id)
-            assert (delivery["status"], delivery["attempts"], delivery["last_error"]) == ("pending", attempts, "HTTP 500")
+            assert (delivery["status"], delivery["attempts"], delivery["last_error"]) == (
+                "pending",
+                attempts,
+                "HTTP 500",
+            )
             retry_delays.append((delivery["next_attempt_at"] - delivery["updated_at"]).total_seconds())
     assert retry_delays == pytest.approx([0.05, 0.1, 0.2], abs=0.001)
 

@@ -3,6 +3,7 @@ root (as on a fresh CI machine), otherwise a clear error naming the package.
 
 CLI: python -m deploy.local.debian   (what `make install` needs: libturbojpeg0, libjpeg-turbo-progs)
 """
+
 import ctypes.util
 import os
 import shutil
@@ -24,8 +25,10 @@ def apt_install(*packages: str) -> None:
 
 
 def ensure_installed() -> None:
-    present = {**{package: lambda name=name: ctypes.util.find_library(name) for package, name in LIBRARIES.items()},
-               **{package: lambda name=name: shutil.which(name) for package, name in COMMANDS.items()}}
+    present = {
+        **{package: lambda name=name: ctypes.util.find_library(name) for package, name in LIBRARIES.items()},
+        **{package: lambda name=name: shutil.which(name) for package, name in COMMANDS.items()},
+    }
     missing = [package for package, found in present.items() if found() is None]
     if missing:
         apt_install(*missing)

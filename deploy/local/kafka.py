@@ -25,6 +25,7 @@ listener stays, for the controller and the local tools.
 CLI: python -m deploy.local.kafka {start,stop,status} [--data-dir D] [--port P] [--controller-port C]
      [--sasl-port S --scram-user NAME:PASSWORD ...] [--ssl-port T]
 """
+
 from __future__ import annotations
 
 import argparse
@@ -53,7 +54,8 @@ REPO = Path(__file__).resolve().parents[2]
 DEFAULT_DATA_DIR = REPO / ".local" / "kafka"
 
 JVM_OPTS = [
-    "-Xms256m", "-Xmx512m",
+    "-Xms256m",
+    "-Xmx512m",
     "-XX:+UseSerialGC",  # 2 cores, small heap: no parallel GC threads to feed
     # Only the quick compiler: a freshly started broker otherwise spends seconds of CPU compiling,
     # taken from the services on a 2-core machine; a local broker's load never needs C2's code.
@@ -122,15 +124,21 @@ def resolve_classpath(cache_dir: Path | None = None) -> str:
             marker.unlink(missing_ok=True)
             shutil.rmtree(libs, ignore_errors=True)
             (cache / "pom.xml").write_text(_POM)
-            cmd = [mvn, "-q", "-B", "-f", str(cache / "pom.xml"), "dependency:copy-dependencies",
-                   f"-DoutputDirectory={libs}", f"-Dmaven.repo.local={cache / 'm2'}"]
+            cmd = [
+                mvn,
+                "-q",
+                "-B",
+                "-f",
+                str(cache / "pom.xml"),
+                "dependency:copy-dependencies",
+                f"-DoutputDirectory={libs}",
+                f"-Dmaven.repo.local={cache / 'm2'}",
+            ]
             result = subprocess.run(cmd, capture_output=True, text=True)
             if result.returncode != 0:
                 raise RuntimeError(f"resolving Kafka jars failed:\n{result.stdout[-3000:]}{result.stderr[-3000:]}")
             marker.write_text(digest)
     return os.pathsep.join(str(p) for p in sorted(libs.glob("*.jar")))
-
-
 
 
 def _new_cluster_id() -> str:
@@ -141,31 +149,36 @@ def _new_cluster_id() -> str:
             return cid
 
 
-
-
 @dataclass(frozen=True)
 class ScramListener:
     """An extra SASL_PLAINTEXT listener on 127.0.0.1:port, authenticating the users (name -> password)
     with `mechanism` (SCRAM-SHA-256 or SCRAM-SHA-512)."""
+
     port: int
     users: dict[str, str] = field(repr=False)
     mechanism: str = "SCRAM-SHA-256"
 
     def format_args(self) -> list[str]:
-        return [arg for name, password in self.users.items()
-                for arg in ("--add-scram", f"{self.mechanism}=[name={name},password={password}]")]
+        return [
+            arg
+            for name, password in self.users.items()
+            for arg in ("--add-scram", f"{self.mechanism}=[name={name},password={password}]")
+        ]
 
     def properties(self) -> str:
         mechanism = self.mechanism.lower()
-        return (f"sasl.enabled.mechanisms={self.mechanism}\n"
-                f"listener.name.sasl_plaintext.{mechanism}.sasl.jaas.config="
-                "org.apache.kafka.common.security.scram.ScramLoginModule required;\n")
+        return (
+            f"sasl.enabled.mechanisms={self.mechanism}\n"
+            f"listener.name.sasl_plaintext.{mechanism}.sasl.jaas.config="
+            "org.apache.kafka.common.security.scram.ScramLoginModule required;\n"
+        )
 
 
 @dataclass(frozen=True)
 class TlsListener:
     """An extra SSL listener on 127.0.0.1:port, with a self-signed certificate for 127.0.0.1 made by Java's
     keytool (which comes with the JVM the broker needs) in `directory`; clients trust it through ca_file."""
+
     port: int
     directory: Path
     password: str = field(default="imgpipe-local-only", repr=False)  # guards a keystore that never leaves this machine
@@ -186,24 +199,52 @@ class TlsListener:
         self.directory.mkdir(parents=True, exist_ok=True)
         keytool = shutil.which("keytool") or "keytool"
         store = ["-keystore", str(self.keystore), "-storetype", "PKCS12", "-storepass", self.password]
-        for args in (["-genkeypair", "-alias", "broker", "-keyalg", "RSA", "-keysize", "2048", "-validity", "3650",
-                      "-dname", "CN=127.0.0.1", "-ext", "SAN=IP:127.0.0.1", "-keypass", self.password],
-                     ["-exportcert", "-rfc", "-alias", "broker", "-file", str(self.ca_file)]):
+        for args in (
+            [
+                "-genkeypair",
+                "-alias",
+                "broker",
+                "-keyalg",
+                "RSA",
+                "-keysize",
+                "2048",
+                "-validity",
+                "3650",
+                "-dname",
+                "CN=127.0.0.1",
+                "-ext",
+                "SAN=IP:127.0.0.1",
+                "-keypass",
+                self.password,
+            ],
+            ["-exportcert", "-rfc", "-alias", "broker", "-file", str(self.ca_file)],
+        ):
             result = subprocess.run([keytool, *args, *store], capture_output=True, text=True)
             if result.returncode != 0:
                 raise RuntimeError(f"keytool {args[0]} failed:\n{result.stdout}{result.stderr}")
 
     def properties(self) -> str:
-        return (f"listener.name.ssl.ssl.keystore.location={self.keystore}\n"
-                "listener.name.ssl.ssl.keystore.type=PKCS12\n"
-                f"listener.name.ssl.ssl.keystore.password={self.password}\n"
-                f"listener.name.ssl.ssl.key.password={self.password}\n")
+        return (
+            f"listener.name.ssl.ssl.keystore.location={self.keystore}\n"
+            "listener.name.ssl.ssl.keystore.type=PKCS12\n"
+            f"listener.name.ssl.ssl.keystore.password={self.password}\n"
+            f"listener.name.ssl.ssl.key.password={self.password}\n"
+        )
 
 
 class KafkaBroker:
-    def __init__(self, data_dir: Path, port: int = 9092, controller_port: int = 9093, partitions: int = 12,
-                 scram: ScramListener | None = None, node_id: int = 1, quorum_voters: str | None = None,
-                 initial_cluster_id: str | None = None, tls: TlsListener | None = None):
+    def __init__(
+        self,
+        data_dir: Path,
+        port: int = 9092,
+        controller_port: int = 9093,
+        partitions: int = 12,
+        scram: ScramListener | None = None,
+        node_id: int = 1,
+        quorum_voters: str | None = None,
+        initial_cluster_id: str | None = None,
+        tls: TlsListener | None = None,
+    ):
         self.data_dir = Path(data_dir).resolve()
         self.port = port
         self.controller_port = controller_port
@@ -246,8 +287,9 @@ class KafkaBroker:
             text = (self.log_dirs / "meta.properties").read_text()
         except FileNotFoundError:
             return None
-        return next((line.split("=", 1)[1].strip() for line in text.splitlines()
-                     if line.startswith("cluster.id=")), None)
+        return next(
+            (line.split("=", 1)[1].strip() for line in text.splitlines() if line.startswith("cluster.id=")), None
+        )
 
     def is_ready(self, timeout: float = 2.0) -> bool:
         """True if *this* broker answers (a foreign one on the same port does not count)."""
@@ -261,21 +303,23 @@ class KafkaBroker:
             return False
         return bool(metadata.brokers) and metadata.cluster_id == self.cluster_id()
 
-    def start(self, timeout: float = 90) -> "KafkaBroker":
+    def start(self, timeout: float = 90) -> KafkaBroker:
         self.data_dir.mkdir(parents=True, exist_ok=True)
         with open(self.data_dir / "start.lock", "w") as lock:
             fcntl.flock(lock, fcntl.LOCK_EX)  # concurrent starters (e.g. pytest-xdist workers) share one broker
             return self._start(time.monotonic() + timeout)
 
-    def _start(self, deadline: float) -> "KafkaBroker":
+    def _start(self, deadline: float) -> KafkaBroker:
         if self.pid() is not None:
             running_port = self._configured_port()
             if running_port != self.port:
                 raise RuntimeError(f"Kafka from {self.data_dir} already runs on port {running_port}, not {self.port}")
             if self._wait_ready(deadline):
                 return self
-            raise RuntimeError(f"Kafka pid {self.pid()} from {self.data_dir} is running but not answering "
-                               f"on {self.bootstrap_servers}:\n{tail(self.log_file)}")
+            raise RuntimeError(
+                f"Kafka pid {self.pid()} from {self.data_dir} is running but not answering "
+                f"on {self.bootstrap_servers}:\n{tail(self.log_file)}"
+            )
         for port in (self.port, self.controller_port, *(extra.port for extra in (self.scram, self.tls) if extra)):
             if port_open(port):
                 raise RuntimeError(f"cannot start Kafka from {self.data_dir}: 127.0.0.1:{port} is already in use")
@@ -283,27 +327,48 @@ class KafkaBroker:
         if self.tls:
             self.tls.create()
         self._write_config()
-        java = [shutil.which("java") or "java", *JVM_OPTS,
-                f"-Dlog4j2.configurationFile={self.data_dir / 'log4j2.properties'}", "-cp", classpath]
+        java = [
+            shutil.which("java") or "java",
+            *JVM_OPTS,
+            f"-Dlog4j2.configurationFile={self.data_dir / 'log4j2.properties'}",
+            "-cp",
+            classpath,
+        ]
         if self.cluster_id() is None:
-            fmt = subprocess.run([*java, "kafka.tools.StorageTool", "format", "--ignore-formatted",
-                                  "--cluster-id", self.initial_cluster_id or _new_cluster_id(),
-                                  "--config", str(self.properties_file),
-                                  *(self.scram.format_args() if self.scram else [])],
-                                 capture_output=True, text=True)
+            fmt = subprocess.run(
+                [
+                    *java,
+                    "kafka.tools.StorageTool",
+                    "format",
+                    "--ignore-formatted",
+                    "--cluster-id",
+                    self.initial_cluster_id or _new_cluster_id(),
+                    "--config",
+                    str(self.properties_file),
+                    *(self.scram.format_args() if self.scram else []),
+                ],
+                capture_output=True,
+                text=True,
+            )
             if fmt.returncode != 0:
                 raise RuntimeError(f"kafka storage format failed:\n{fmt.stdout}{fmt.stderr}")
         self.log_file.unlink(missing_ok=True)  # so the tail in a start error is about this start
         with open(self.out_file, "wb") as out:
-            self._proc = subprocess.Popen([*java, "kafka.Kafka", str(self.properties_file)],
-                                          stdin=subprocess.DEVNULL, stdout=out, stderr=subprocess.STDOUT,
-                                          start_new_session=True)
+            self._proc = subprocess.Popen(
+                [*java, "kafka.Kafka", str(self.properties_file)],
+                stdin=subprocess.DEVNULL,
+                stdout=out,
+                stderr=subprocess.STDOUT,
+                start_new_session=True,
+            )
         self.pid_file.write_text(str(self._proc.pid))
         if not self._wait_ready(deadline):
             alive = self._proc.poll() is None
             self.stop()
-            raise RuntimeError(f"Kafka {'did not answer in time' if alive else 'exited'}; "
-                               f"{self.out_file}:\n{tail(self.out_file)}\n{self.log_file}:\n{tail(self.log_file)}")
+            raise RuntimeError(
+                f"Kafka {'did not answer in time' if alive else 'exited'}; "
+                f"{self.out_file}:\n{tail(self.out_file)}\n{self.log_file}:\n{tail(self.log_file)}"
+            )
         return self
 
     def _configured_port(self) -> int | None:
@@ -326,8 +391,9 @@ class KafkaBroker:
 
     def _write_config(self) -> None:
         (self.data_dir / "log4j2.properties").write_text(_LOG4J2.format(log_file=self.log_file))
-        extra = (f",SASL_PLAINTEXT://127.0.0.1:{self.scram.port}" if self.scram else "") + \
-            (f",SSL://127.0.0.1:{self.tls.port}" if self.tls else "")
+        extra = (f",SASL_PLAINTEXT://127.0.0.1:{self.scram.port}" if self.scram else "") + (
+            f",SSL://127.0.0.1:{self.tls.port}" if self.tls else ""
+        )
         self.properties_file.write_text(f"""\
 process.roles=broker,controller
 node.id={self.node_id}
@@ -395,9 +461,10 @@ class KafkaCluster:
     def __init__(self, data_dir: Path, ports: list[int], controller_ports: list[int], partitions: int = 12):
         self.data_dir = Path(data_dir).resolve()
         voters = ",".join(f"{n}@127.0.0.1:{port}" for n, port in enumerate(controller_ports, start=1))
-        self.nodes = [KafkaBroker(self.data_dir / f"node-{n}", port, controller_port, partitions,
-                                  node_id=n, quorum_voters=voters)
-                      for n, (port, controller_port) in enumerate(zip(ports, controller_ports, strict=True), start=1)]
+        self.nodes = [
+            KafkaBroker(self.data_dir / f"node-{n}", port, controller_port, partitions, node_id=n, quorum_voters=voters)
+            for n, (port, controller_port) in enumerate(zip(ports, controller_ports, strict=True), start=1)
+        ]
         formatted = {node.cluster_id() for node in self.nodes} - {None}
         if len(formatted) > 1:
             raise RuntimeError(f"the nodes under {self.data_dir} belong to different clusters: {formatted}")
@@ -409,7 +476,7 @@ class KafkaCluster:
     def bootstrap_servers(self) -> str:
         return ",".join(node.bootstrap_servers for node in self.nodes)
 
-    def start(self, timeout: float = 120) -> "KafkaCluster":
+    def start(self, timeout: float = 120) -> KafkaCluster:
         """Start the nodes that are not running, all at once (a node answers only once a majority of
         the quorum runs), and wait until every node is a live broker of the cluster. Idempotent: also
         brings back a node that died."""
@@ -435,8 +502,9 @@ class KafkaCluster:
                 return
             if time.monotonic() > deadline:
                 self.stop()
-                raise RuntimeError(f"Kafka nodes {sorted(wanted - live)} did not join the cluster "
-                                   f"under {self.data_dir}")
+                raise RuntimeError(
+                    f"Kafka nodes {sorted(wanted - live)} did not join the cluster under {self.data_dir}"
+                )
             time.sleep(0.3)
 
     def stop(self, timeout: float = 30) -> None:
@@ -459,10 +527,16 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--port", type=int, default=9092)
     parser.add_argument("--controller-port", type=int, default=9093)
     parser.add_argument("--sasl-port", type=int, help="also listen for SASL_PLAINTEXT (SCRAM-SHA-256) here")
-    parser.add_argument("--scram-user", action="append", default=[], metavar="NAME:PASSWORD",
-                        help="a SCRAM user created when the storage is formatted (repeatable)")
-    parser.add_argument("--ssl-port", type=int,
-                        help="also listen for SSL here, with a self-signed certificate in <data dir>/tls")
+    parser.add_argument(
+        "--scram-user",
+        action="append",
+        default=[],
+        metavar="NAME:PASSWORD",
+        help="a SCRAM user created when the storage is formatted (repeatable)",
+    )
+    parser.add_argument(
+        "--ssl-port", type=int, help="also listen for SSL here, with a self-signed certificate in <data dir>/tls"
+    )
     args = parser.parse_args(argv)
     scram = None
     if args.sasl_port:

@@ -24,6 +24,7 @@ Layout of a cluster home: pgdata/ (PGDATA), socket/ (unix socket), postgres.log.
 
 CLI: python -m deploy.local.postgres {start,stop,status,remove} [--data-dir D] [--port P] [--database NAME]
 """
+
 from __future__ import annotations
 
 import argparse
@@ -55,6 +56,7 @@ def ensure_installed() -> Path:
     Debian's package also creates a `main` cluster on port 5432 (started unless
     policy-rc.d forbids it, as in most containers); it is not used or touched here.
     """
+
     def find() -> Path | None:
         versions = [Path(p).parent for p in glob.glob("/usr/lib/postgresql/*/bin/initdb")]
         if versions:  # newest major version
@@ -69,10 +71,6 @@ def ensure_installed() -> Path:
         if bin_dir is None:
             raise RuntimeError("installed postgresql but still found no initdb")
     return bin_dir
-
-
-
-
 
 
 def _pid_alive(pgdata: Path) -> bool:
@@ -120,8 +118,10 @@ class LocalPostgres:
         # cwd=/ : the postgres tools fail if they cannot read the current directory (e.g. /root)
         result = subprocess.run(cmd, capture_output=True, text=True, cwd="/")
         if check and result.returncode != 0:
-            raise RuntimeError(f"{args[0]} failed ({result.returncode}):\n{result.stdout}{result.stderr}\n"
-                               f"{self.log_file}:\n{tail(self.log_file)}")
+            raise RuntimeError(
+                f"{args[0]} failed ({result.returncode}):\n{result.stdout}{result.stderr}\n"
+                f"{self.log_file}:\n{tail(self.log_file)}"
+            )
         return result
 
     def running_port(self) -> int | None:
@@ -133,13 +133,13 @@ class LocalPostgres:
         # postmaster.pid line 4 is the port
         return int((self.pgdata / "postmaster.pid").read_text().splitlines()[3])
 
-    def start(self, timeout: float = 60) -> "LocalPostgres":
+    def start(self, timeout: float = 60) -> LocalPostgres:
         self.data_dir.mkdir(parents=True, exist_ok=True)
         with open(self.data_dir / "start.lock", "w") as lock:
             fcntl.flock(lock, fcntl.LOCK_EX)  # concurrent starters (e.g. pytest-xdist workers) share one server
             return self._start(timeout)
 
-    def _start(self, timeout: float) -> "LocalPostgres":
+    def _start(self, timeout: float) -> LocalPostgres:
         running = self.running_port()
         if running is not None:
             if running != self.port:
@@ -153,8 +153,19 @@ class LocalPostgres:
         opts = f"-c listen_addresses=127.0.0.1 -p {self.port} -c unix_socket_directories={shlex.quote(str(self.socket_dir))}"
         if self.fast_unsafe:
             opts += " -c fsync=off -c synchronous_commit=off -c full_page_writes=off"
-        self._run("pg_ctl", "start", "-D", str(self.pgdata), "-l", str(self.log_file),
-                  "-w", "-t", str(int(timeout)), "-o", opts)
+        self._run(
+            "pg_ctl",
+            "start",
+            "-D",
+            str(self.pgdata),
+            "-l",
+            str(self.log_file),
+            "-w",
+            "-t",
+            str(int(timeout)),
+            "-o",
+            opts,
+        )
         return self
 
     def _prepare_dirs(self) -> None:
@@ -164,7 +175,9 @@ class LocalPostgres:
         try:
             owner = pwd.getpwnam(OS_USER)
         except KeyError:
-            raise RuntimeError(f"running as root needs the '{OS_USER}' OS user (apt-get install -y postgresql)") from None
+            raise RuntimeError(
+                f"running as root needs the '{OS_USER}' OS user (apt-get install -y postgresql)"
+            ) from None
         _prune_orphans()
         ROOT_BASE.mkdir(parents=True, exist_ok=True)
         ROOT_BASE.chmod(0o755)

@@ -1,4 +1,5 @@
 """Small checks the local infrastructure modules share."""
+
 import socket
 from pathlib import Path
 

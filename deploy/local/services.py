@@ -1,4 +1,5 @@
 """Start, watch and stop the three imgpipe services as child processes (used by `make run` and the tests)."""
+
 import signal
 import subprocess
 import sys

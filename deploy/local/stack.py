@@ -6,6 +6,7 @@ Settings come from the environment like the services' own (see the README).
 `--kafka-cluster` (`make run-cluster`) runs three Kafka nodes instead of one, on the port pairs from
 KAFKA_BOOTSTRAP_SERVERS's port up (9092/9093, 9094/9095, 9096/9097 by default), data in
 .local/kafka-cluster/; imgpipe's topics then get replication factor 3 and min.insync.replicas 2."""
+
 import argparse
 import logging
 import os
@@ -40,8 +41,10 @@ def wait_for_api(base_url: str, timeout: float = 60) -> None:
 
 def endpoints(settings: Settings, services: ServiceGroup) -> str:
     """Where each service answers: the API, and the health ports of the others (health_port 0: none)."""
-    lines = ["imgpipe is up:", f"  {'api':<13} http://{settings.api_host}:{settings.api_port}  "
-             "(docs at /docs; /healthz, /readyz, /metrics)"]
+    lines = [
+        "imgpipe is up:",
+        f"  {'api':<13} http://{settings.api_host}:{settings.api_port}  (docs at /docs; /healthz, /readyz, /metrics)",
+    ]
     for name, port in services.health_ports.items():
         if port:
             lines.append(f"  {name:<13} http://{settings.health_host}:{port}  (/healthz, /readyz, /metrics)")
@@ -70,11 +73,19 @@ def main(argv: list[str] | None = None) -> None:
     ensure_installed()
     postgres = LocalPostgres(LOCAL_DIR / "postgres", port=database.port)
     if len(kafka_ports) == 1:
-        kafka = KafkaBroker(LOCAL_DIR / "kafka", port=kafka_ports[0], controller_port=kafka_ports[0] + 1,
-                            partitions=settings.topic_partitions)
+        kafka = KafkaBroker(
+            LOCAL_DIR / "kafka",
+            port=kafka_ports[0],
+            controller_port=kafka_ports[0] + 1,
+            partitions=settings.topic_partitions,
+        )
     else:
-        kafka = KafkaCluster(LOCAL_DIR / "kafka-cluster", kafka_ports, [port + 1 for port in kafka_ports],
-                             partitions=settings.topic_partitions)
+        kafka = KafkaCluster(
+            LOCAL_DIR / "kafka-cluster",
+            kafka_ports,
+            [port + 1 for port in kafka_ports],
+            partitions=settings.topic_partitions,
+        )
     services = ServiceGroup(dict(os.environ), LOCAL_DIR / "logs")
     try:
         postgres.start()
@@ -86,7 +97,9 @@ def main(argv: list[str] | None = None) -> None:
         log.info("Kafka ready at %s", kafka.bootstrap_servers)
         services.start()
         wait_for_api(f"http://{settings.api_host}:{settings.api_port}")
-        print(f"\n{endpoints(settings, services)}\nlogs in {LOCAL_DIR / 'logs'}. Ctrl-C stops everything.\n", flush=True)
+        print(
+            f"\n{endpoints(settings, services)}\nlogs in {LOCAL_DIR / 'logs'}. Ctrl-C stops everything.\n", flush=True
+        )
         while not stop.wait(1):
             for name in services.restart_exited():
                 log.warning("%s exited; restarted it (see %s)", name, LOCAL_DIR / "logs" / f"{name}.log")

@@ -1,4 +1,5 @@
 """Run the API: python -m services.api (host and port from IMGPIPE_API_HOST / IMGPIPE_API_PORT)."""
+
 import logging
 
 import uvicorn
@@ -16,7 +17,10 @@ def main() -> None:
         check_kafka(settings)
     logging.getLogger(__name__).info("imgpipe API listening on http://%s:%d", settings.api_host, settings.api_port)
     uvicorn.run(  # log_config=None: uvicorn's lines (access log included) go through setup_logging's format
-        create_app(settings), host=settings.api_host, port=settings.api_port, log_level=settings.log_level.lower(),
+        create_app(settings),
+        host=settings.api_host,
+        port=settings.api_port,
+        log_level=settings.log_level.lower(),
         log_config=None,
     )
 

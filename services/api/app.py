@@ -3,6 +3,7 @@
 Every error answers JSON of one shape: {"error": {"code": ..., "message": ..., ...details}}.
 Endpoints are plain functions (run in the threadpool) because their DB and Kafka work blocks.
 """
+
 import io
 import logging
 import threading
@@ -19,16 +20,16 @@ from fastapi.staticfiles import StaticFiles
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
 from services.api import jobs, keys, operations
-from services.api.models import Health, JobList, JobState, JobStatus, UploadAccepted, errors
 from services.api.csv_input import CsvError, TooManyImages
+from services.api.dispatcher import Dispatcher
 from services.api.errors import ApiError, database_error, database_unavailable, error_response
 from services.api.guards import RequireApiKey, UploadSizeLimit
 from services.api.intake import JobIntake
 from services.api.limits import UploadLimits
-from services.api.upload_workers import DatabaseDown, UploadWorkers
+from services.api.models import Health, JobList, JobState, JobStatus, UploadAccepted, errors
 from services.api.options import FIELD_DESCRIPTIONS, read_options
-from services.api.dispatcher import Dispatcher
 from services.api.output_csv import render_output_csv
+from services.api.upload_workers import DatabaseDown, UploadWorkers
 from services.api.urls import check_webhook_url
 from shared import db, kafka
 from shared.settings import Settings, get_settings
@@ -52,12 +53,17 @@ def create_app(settings: Settings | None = None) -> FastAPI:
         if settings.create_topics:
             kafka.ensure_topics(settings)
         # Bulkheads: reads and uploads never wait for each other's connections.
-        app.state.pool = db.make_pool(settings.database_url, max_size=settings.api_read_connections,
-                                      timeout=settings.api_connection_wait_seconds)
-        app.state.uploads = UploadWorkers(settings.database_url, settings.max_concurrent_uploads,
-                                          settings.api_connection_wait_seconds)
-        app.state.intake_pool = db.make_pool(settings.database_url, max_size=1,  # the job intake over Kafka
-                                             timeout=settings.api_connection_wait_seconds)
+        app.state.pool = db.make_pool(
+            settings.database_url, max_size=settings.api_read_connections, timeout=settings.api_connection_wait_seconds
+        )
+        app.state.uploads = UploadWorkers(
+            settings.database_url, settings.max_concurrent_uploads, settings.api_connection_wait_seconds
+        )
+        app.state.intake_pool = db.make_pool(
+            settings.database_url,
+            max_size=1,  # the job intake over Kafka
+            timeout=settings.api_connection_wait_seconds,
+        )
         app.state.dispatcher = Dispatcher(settings)
         stop = threading.Event()
         dispatcher = threading.Thread(target=app.state.dispatcher.run, args=(stop,), name="dispatcher", daemon=True)
@@ -111,11 +117,14 @@ def create_app(settings: Settings | None = None) -> FastAPI:
         quality: Annotated[str | None, Form(description=FIELD_DESCRIPTIONS["quality"] + "; 1-95, default 50")] = None,
         max_width: Annotated[str | None, Form(description=FIELD_DESCRIPTIONS["max_width"])] = None,
         max_height: Annotated[str | None, Form(description=FIELD_DESCRIPTIONS["max_height"])] = None,
-        format: Annotated[str | None, Form(description="keep (default), webp or jpeg. " + FIELD_DESCRIPTIONS["format"])] = None,
+        format: Annotated[
+            str | None, Form(description="keep (default), webp or jpeg. " + FIELD_DESCRIPTIONS["format"])
+        ] = None,
     ):
         owner = caller(request)
-        options = read_options(settings.default_quality, quality=quality, max_width=max_width, max_height=max_height,
-                               format=format)
+        options = read_options(
+            settings.default_quality, quality=quality, max_width=max_width, max_height=max_height, format=format
+        )
         if _size_of(file.file) > settings.max_csv_bytes:
             raise ApiError(413, *_csv_too_large(settings))
         webhook_url = webhook_url.strip() or None
@@ -124,7 +133,8 @@ def create_app(settings: Settings | None = None) -> FastAPI:
         allowance = request.state.image_allowance  # what the key's images not finished leave (UploadLimits)
         try:  # the CSV is read as its rows are stored, in a worker process: a bad row rolls the job back
             job_id, total_images = request.app.state.uploads.store(
-                file.file, min(settings.max_images_per_job, allowance.images), webhook_url, owner, options)
+                file.file, min(settings.max_images_per_job, allowance.images), webhook_url, owner, options
+            )
         except DatabaseDown as exc:
             raise database_unavailable(exc) from None
         except TooManyImages as exc:
@@ -168,8 +178,10 @@ def create_app(settings: Settings | None = None) -> FastAPI:
         "/output_csv/{request_id}",
         response_class=Response,
         responses={
-            200: {"description": "The input CSV with an `Output Image Urls` column",
-                  "content": {CsvResponse.media_type: {"schema": {"type": "string"}}}},
+            200: {
+                "description": "The input CSV with an `Output Image Urls` column",
+                "content": {CsvResponse.media_type: {"schema": {"type": "string"}}},
+            },
             **errors(401, 404, 409, 422, 503),
         },
     )
@@ -253,8 +265,7 @@ def _install_error_handlers(app: FastAPI, settings: Settings) -> None:
     @app.exception_handler(RequestValidationError)
     def invalid_request(_request, exc: RequestValidationError):
         problems = [
-            f"{'.'.join(str(part) for part in error['loc'][1:]) or 'request'}: {error['msg']}"
-            for error in exc.errors()
+            f"{'.'.join(str(part) for part in error['loc'][1:]) or 'request'}: {error['msg']}" for error in exc.errors()
         ]
         return error_response(422, "invalid_request", "; ".join(problems) or "invalid request")
 
@@ -267,4 +278,3 @@ def _install_error_handlers(app: FastAPI, settings: Settings) -> None:
     def internal_error(_request, exc: Exception):
         log.error("unhandled error", exc_info=exc)
         return error_response(500, "internal_error", "internal error; see the API logs")
-

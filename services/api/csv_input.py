@@ -4,6 +4,7 @@ Two layouts are accepted: a column named "Input Image Urls" whose cell holds one
 comma-separated URLs, or a column named "url" holding one URL per row. Every other column
 is carried through untouched.
 """
+
 import codecs
 import csv
 import io
@@ -70,6 +71,7 @@ class ParsedCsv:
 class CsvStream:
     """A CSV whose header is read and checked; its rows are read, checked and counted as `rows` is
     iterated (each raises its CsvError when reached), so that a file of any size is never held whole."""
+
     header: list[str]
     url_column: int  # 0-based index into header
     rows: Iterator[CsvRow]
@@ -90,12 +92,14 @@ def read_csv(file: BinaryIO, max_images: int) -> CsvStream:
         raise CsvError("the CSV file is empty")
     url_column = _find_url_column(header)
     split_cell = MULTI_URL_COLUMN == header[url_column].strip().lower()
-    return CsvStream(header=header, url_column=url_column, rows=_rows(records, len(header), url_column, split_cell,
-                                                                      max_images))
+    return CsvStream(
+        header=header, url_column=url_column, rows=_rows(records, len(header), url_column, split_cell, max_images)
+    )
 
 
-def _rows(records: Iterator[list[str]], columns: int, url_column: int, split_cell: bool,
-          max_images: int) -> Iterator[CsvRow]:
+def _rows(
+    records: Iterator[list[str]], columns: int, url_column: int, split_cell: bool, max_images: int
+) -> Iterator[CsvRow]:
     total = 0
     row_number = 0
     for row_number, cells in enumerate(records, start=1):
@@ -177,9 +181,7 @@ def _urls_of(cell: str, split_cell: bool, row_number: int) -> list[str]:
         raise CsvError(f"row {row_number} has no image URL", row_number)
     for position, url in enumerate(urls, start=1):
         if len(url) > MAX_URL_LENGTH:
-            raise CsvError(
-                f"row {row_number}, URL {position} is longer than {MAX_URL_LENGTH} characters", row_number
-            )
+            raise CsvError(f"row {row_number}, URL {position} is longer than {MAX_URL_LENGTH} characters", row_number)
         if not _is_plain_http_url(url) and not is_http_url(url):
             raise CsvError(
                 f"row {row_number}, URL {position} is not an absolute http(s) URL with a host: {url[:200]!r}",

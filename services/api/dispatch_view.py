@@ -1,6 +1,7 @@
 """What GET /status says about a job's place in the release of images (services/api/dispatcher.py):
 how many are out and waiting, its fair share of the processors now, and estimates from the pace the
 leading dispatcher last measured (dispatcher_state)."""
+
 from collections.abc import Mapping
 
 from psycopg import Connection
@@ -22,9 +23,14 @@ STATE = "SELECT window_images, images_per_second FROM dispatcher_state"
 def dispatch_view(conn: Connection, job: Mapping) -> dict:
     """job: its processing_jobs row."""
     finished = job["processed_images"] + job["failed_images"]
-    view = {"released": job["released_images"], "waiting": job["total_images"] - job["released_images"],
-            "share": None, "started_at": job["first_released_at"], "starts_within_seconds": None,
-            "expected_finish_seconds": None}
+    view = {
+        "released": job["released_images"],
+        "waiting": job["total_images"] - job["released_images"],
+        "share": None,
+        "started_at": job["first_released_at"],
+        "starts_within_seconds": None,
+        "expected_finish_seconds": None,
+    }
     if job["status"] == "completed":
         return view
     clients = conn.execute(ACTIVE_CLIENTS).fetchall()

@@ -15,8 +15,9 @@ one leader nothing is released twice in normal operation. Kafka down: the events
 the cursors stay, the round is tried again.
 
 A new job's first image may go beyond the window by up to an eighth of it, so that it starts at the
-next round even while the window is full. Rounds run when an upload or the notifier signals (NOTIFY on shared.db.RELEASE_CHANNEL: a new job, or
-results that free places), and every POLL_SECONDS otherwise."""
+next round even while the window is full. Rounds run when an upload or the notifier signals (NOTIFY on
+shared.db.RELEASE_CHANNEL: a new job, or results that free places), and every POLL_SECONDS otherwise."""
+
 import logging
 import threading
 import time
@@ -115,9 +116,11 @@ class Dispatcher:
     def __init__(self, settings: Settings, producer: Producer | None = None):
         self.settings = settings
         self.producer = producer or make_producer(
-            settings, **{"message.timeout.ms": int(settings.publish_attempt_seconds * 1000)})
-        self.window = Window(settings.dispatch_window_seconds, settings.dispatch_window_min_images,
-                             settings.dispatch_window_max_images)
+            settings, **{"message.timeout.ms": int(settings.publish_attempt_seconds * 1000)}
+        )
+        self.window = Window(
+            settings.dispatch_window_seconds, settings.dispatch_window_min_images, settings.dispatch_window_max_images
+        )
         self.leading = threading.Event()
         self._released_since_round = 0
         self._events: dict[uuid.UUID, RequestedEvents] = {}  # per active job: its events' template
@@ -144,8 +147,11 @@ class Dispatcher:
         log.info("dispatcher: leading the release of images")
         self.leading.set()
         metrics.LEADING.set(1)
-        self.window = Window(self.settings.dispatch_window_seconds, self.settings.dispatch_window_min_images,
-                             self.settings.dispatch_window_max_images)
+        self.window = Window(
+            self.settings.dispatch_window_seconds,
+            self.settings.dispatch_window_min_images,
+            self.settings.dispatch_window_max_images,
+        )
         self._released_since_round = 0
         conn.execute(f"LISTEN {RELEASE_CHANNEL}")
         wait = 0.0
@@ -193,8 +199,9 @@ class Dispatcher:
         window = self.window.size
         metrics.observe_round(jobs, held, window, self.window.images_per_second)
         self._save_state(conn, window, held)
-        self._events = {job.demand.job_id: self._events[job.demand.job_id]
-                        for job in jobs if job.demand.job_id in self._events}
+        self._events = {
+            job.demand.job_id: self._events[job.demand.job_id] for job in jobs if job.demand.job_id in self._events
+        }
         places = max(0, min(window - held, ROUND_MAX_IMAGES))
         if places < max(1, window // REFILL_PART) and waiting > places:
             places = 0  # too few to be worth a round's produce requests: wait until more are free
@@ -215,26 +222,49 @@ class Dispatcher:
 
     def _active_job(self, row: dict) -> ActiveJob:
         return ActiveJob(
-            demand=JobDemand(job_id=row["job_id"], client=row["owner_key_id"], weight=row["weight"],
-                             held=max(0, row["released_images"] - row["finished"]),
-                             waiting=row["total_images"] - row["released_images"], released=row["released_images"]),
-            client_name=row["client_name"], released=row["released_images"],
-            cursor=(row["release_row"], row["release_position"]), options=row["options"],
+            demand=JobDemand(
+                job_id=row["job_id"],
+                client=row["owner_key_id"],
+                weight=row["weight"],
+                held=max(0, row["released_images"] - row["finished"]),
+                waiting=row["total_images"] - row["released_images"],
+                released=row["released_images"],
+            ),
+            client_name=row["client_name"],
+            released=row["released_images"],
+            cursor=(row["release_row"], row["release_position"]),
+            options=row["options"],
         )
 
-    def _next_images(self, conn: psycopg.Connection, counts: list[tuple[ActiveJob, int]]) -> dict[uuid.UUID, list[tuple]]:
+    def _next_images(
+        self, conn: psycopg.Connection, counts: list[tuple[ActiveJob, int]]
+    ) -> dict[uuid.UUID, list[tuple]]:
         """Each job's next images after its cursor, as (id, row_number, position, input_url)."""
-        rows = conn.cursor(row_factory=tuple_row).execute(NEXT_IMAGES, [
-            [job.demand.job_id for job, _ in counts], [job.cursor[0] for job, _ in counts],
-            [job.cursor[1] for job, _ in counts], [images for _, images in counts],
-        ]).fetchall()
+        rows = (
+            conn.cursor(row_factory=tuple_row)
+            .execute(
+                NEXT_IMAGES,
+                [
+                    [job.demand.job_id for job, _ in counts],
+                    [job.cursor[0] for job, _ in counts],
+                    [job.cursor[1] for job, _ in counts],
+                    [images for _, images in counts],
+                ],
+            )
+            .fetchall()
+        )
         images: dict[uuid.UUID, list[tuple]] = {}
         for job_id, *image in rows:
             images.setdefault(job_id, []).append(tuple(image))
         return images
 
-    def _produce(self, jobs: dict[uuid.UUID, ActiveJob], plan: dict[uuid.UUID, Release],
-                 images: dict[uuid.UUID, list[tuple]], stop: threading.Event) -> set[uuid.UUID]:
+    def _produce(
+        self,
+        jobs: dict[uuid.UUID, ActiveJob],
+        plan: dict[uuid.UUID, Release],
+        images: dict[uuid.UUID, list[tuple]],
+        stop: threading.Event,
+    ) -> set[uuid.UUID]:
         """Produce the round's events and wait for Kafka; return the jobs whose every event was acknowledged."""
         failed: dict[uuid.UUID, str] = {}
         pending = [0]
@@ -244,13 +274,14 @@ class Dispatcher:
                 pending[0] -= 1
                 if error is not None:
                     failed.setdefault(job_id, error.str())
+
             return delivered
 
         for job_id, of_job in images.items():
             events = self._events_of(jobs[job_id])
             priority = plan[job_id].priority
             on_delivery = report(job_id)
-            for n, (image, event) in enumerate(zip(of_job, events.encode(of_job))):
+            for n, (image, event) in enumerate(zip(of_job, events.encode(of_job), strict=True)):
                 topic = self.settings.topic_requested if n < priority else self.settings.topic_requested_bulk
                 pending[0] += 1
                 self._produce_one(topic, event, image[0], on_delivery)
@@ -260,8 +291,11 @@ class Dispatcher:
         if pending[0] > 0:  # stopping: what is not acknowledged yet is released again by the next leader
             self.producer.flush(1)
         if failed:
-            log.warning("dispatcher: Kafka did not acknowledge the events of %d job(s) (%s); releasing them again",
-                        len(failed), next(iter(failed.values())))
+            log.warning(
+                "dispatcher: Kafka did not acknowledge the events of %d job(s) (%s); releasing them again",
+                len(failed),
+                next(iter(failed.values())),
+            )
         unreported = set(images) if pending[0] > 0 else set()
         return set(images) - set(failed) - unreported
 
@@ -280,16 +314,27 @@ class Dispatcher:
             events = self._events[job.demand.job_id] = RequestedEvents(job.demand.job_id, options)
         return events
 
-    def _advance(self, conn: psycopg.Connection, jobs: dict[uuid.UUID, ActiveJob],
-                 images: dict[uuid.UUID, list[tuple]], acknowledged: set[uuid.UUID]) -> int:
+    def _advance(
+        self,
+        conn: psycopg.Connection,
+        jobs: dict[uuid.UUID, ActiveJob],
+        images: dict[uuid.UUID, list[tuple]],
+        acknowledged: set[uuid.UUID],
+    ) -> int:
         """Move the cursors of the jobs whose events Kafka acknowledged; return how many images that released."""
         done = [job_id for job_id in images if job_id in acknowledged]
         if not done:
             return 0
-        rows = conn.execute(ADVANCE, [
-            done, [jobs[job_id].released for job_id in done], [len(images[job_id]) for job_id in done],
-            [images[job_id][-1][1] for job_id in done], [images[job_id][-1][2] for job_id in done],
-        ]).fetchall()
+        rows = conn.execute(
+            ADVANCE,
+            [
+                done,
+                [jobs[job_id].released for job_id in done],
+                [len(images[job_id]) for job_id in done],
+                [images[job_id][-1][1] for job_id in done],
+                [images[job_id][-1][2] for job_id in done],
+            ],
+        ).fetchall()
         for row in rows:
             if row["first_release_seconds"] is not None:
                 metrics.FIRST_RELEASE.observe(float(row["first_release_seconds"]))

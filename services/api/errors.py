@@ -1,6 +1,7 @@
 """The one shape of every error answer: {"error": {"code": ..., "message": ..., ...details}}, and what a
 database error tells the client: `busy` when the server answers but every connection of the pool is in
 use, `database_unavailable` only when it does not answer."""
+
 import logging
 
 import psycopg
@@ -35,15 +36,23 @@ def database_error(exc: psycopg.OperationalError, database_url: str) -> ApiError
     means the server does not answer. Blocks for up to PROBE_TIMEOUT_SECONDS (run it in a thread)."""
     if isinstance(exc, PoolTimeout) and _server_answers(database_url):
         log.warning("every database connection of the pool is in use: %s", exc)
-        return ApiError(503, "busy", "the API is at its capacity for this kind of request; retry shortly",
-                        headers={"Retry-After": str(BUSY_RETRY_SECONDS)})
+        return ApiError(
+            503,
+            "busy",
+            "the API is at its capacity for this kind of request; retry shortly",
+            headers={"Retry-After": str(BUSY_RETRY_SECONDS)},
+        )
     return database_unavailable(exc)
 
 
 def database_unavailable(reason: object) -> ApiError:
     log.error("database unavailable: %s", reason)
-    return ApiError(503, "database_unavailable", "the database does not answer; retry later",
-                    headers={"Retry-After": str(UNAVAILABLE_RETRY_SECONDS)})
+    return ApiError(
+        503,
+        "database_unavailable",
+        "the database does not answer; retry later",
+        headers={"Retry-After": str(UNAVAILABLE_RETRY_SECONDS)},
+    )
 
 
 def _server_answers(database_url: str) -> bool:

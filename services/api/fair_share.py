@@ -16,6 +16,7 @@ holds would keep giving it the priority lane, starving the bulk lane (measured: 
 the prioritised client instead of 75 %). A client with many jobs has small shares per job, so a flood
 of small jobs gets few images through the priority lane. Pure: no I/O, so it is tested on its own.
 """
+
 import heapq
 import itertools
 import math

@@ -3,6 +3,7 @@ the size of an upload.
 
 FastAPI parses a multipart body, spooling its file to disk, before any endpoint or dependency runs,
 so neither check can wait for the endpoint."""
+
 from collections.abc import Callable
 
 import psycopg
@@ -42,12 +43,15 @@ class RequireApiKey:
                 key = await run_in_threadpool(self.find_key, presented) if scheme.lower() == "bearer" else None
             except psycopg.OperationalError as exc:  # the server is down, or every read connection in use
                 error = await run_in_threadpool(database_error, exc, self.database_url)
-                response = error_response(error.status_code, error.code, error.message,
-                                          headers={**error.headers, "Connection": "close"})
+                response = error_response(
+                    error.status_code, error.code, error.message, headers={**error.headers, "Connection": "close"}
+                )
                 return await response(scope, receive, send)
             if key is None:
                 response = error_response(
-                    401, "unauthorized", "this API needs a valid key: Authorization: Bearer <key>",
+                    401,
+                    "unauthorized",
+                    "this API needs a valid key: Authorization: Bearer <key>",
                     # closed: uvicorn would otherwise read the body of a refused upload to discard it
                     headers={"WWW-Authenticate": "Bearer", "Connection": "close"},
                 )

@@ -4,6 +4,7 @@ job as an upload would be stored, and the dispatcher releases its images like an
 active key) goes unchanged to
 job.requested.dlq with a header saying why. An event is committed only once its job is stored, so a
 crash takes it again; the producer's request_id makes that repeat create nothing."""
+
 import logging
 import threading
 import uuid
@@ -60,8 +61,13 @@ class JobIntake:
 
     def run(self, stop: threading.Event) -> None:
         tracker = OffsetTracker()
-        consumer = kafka.make_consumer(self.settings, self.settings.intake_group, [self.settings.topic_job_requested],
-                                       tracker, **CONSUMER_LAG.consumer_config(self.settings.intake_group))
+        consumer = kafka.make_consumer(
+            self.settings,
+            self.settings.intake_group,
+            [self.settings.topic_job_requested],
+            tracker,
+            **CONSUMER_LAG.consumer_config(self.settings.intake_group),
+        )
         try:
             while not stop.is_set():
                 message = consumer.poll(POLL_SECONDS)
@@ -93,12 +99,25 @@ class JobIntake:
                     self._dead_letter(message, f"could not be stored in {len(failures)} tries: {failures[-1]!r}")
                 return True
             except UNAVAILABLE as exc:
-                log.warning("taking the job at %s[%d]@%d waits for the database or Kafka (%s); next try in %gs",
-                            message.topic(), message.partition(), message.offset(), exc, backoff.delay)
+                log.warning(
+                    "taking the job at %s[%d]@%d waits for the database or Kafka (%s); next try in %gs",
+                    message.topic(),
+                    message.partition(),
+                    message.offset(),
+                    exc,
+                    backoff.delay,
+                )
             except Exception as exc:
                 failures.append(exc)
-                log.exception("taking the job at %s[%d]@%d failed (try %d of %d); next try in %gs", message.topic(),
-                              message.partition(), message.offset(), len(failures), MESSAGE_MAX_ATTEMPTS, backoff.delay)
+                log.exception(
+                    "taking the job at %s[%d]@%d failed (try %d of %d); next try in %gs",
+                    message.topic(),
+                    message.partition(),
+                    message.offset(),
+                    len(failures),
+                    MESSAGE_MAX_ATTEMPTS,
+                    backoff.delay,
+                )
             if not backoff.wait(stop):
                 return False
 
@@ -109,8 +128,14 @@ class JobIntake:
         except InvalidJob as exc:
             self._dead_letter(message, str(exc))
             return
-        stored = jobs.insert_job(self.pool, parsed, job.webhook_url, owner, job_id=job.request_id,
-                                 options=(job.options or JobOptions()).with_default_quality(self.settings.default_quality))
+        stored = jobs.insert_job(
+            self.pool,
+            parsed,
+            job.webhook_url,
+            owner,
+            job_id=job.request_id,
+            options=(job.options or JobOptions()).with_default_quality(self.settings.default_quality),
+        )
         if stored is None:
             log.info("job %s exists already; event %s changes nothing", job.request_id, job.event_id)
             return

@@ -6,6 +6,7 @@ releases them after), so the notifier always finds an image when its result arri
 `visible_to`: the id of the API key asking, which sees only the jobs it created; None when API keys
 are not required (every job is visible).
 """
+
 import json
 import tempfile
 import uuid
@@ -28,23 +29,37 @@ VISIBLE = "job_id = %(job_id)s AND (%(visible_to)s::uuid IS NULL OR owner_key_id
 
 
 def insert_job(
-    pool: ConnectionPool, parsed: ParsedCsv | CsvStream, webhook_url: str | None, owner_key_id: uuid.UUID | None = None,
-    job_id: uuid.UUID | None = None, options: JobOptions | None = None,
+    pool: ConnectionPool,
+    parsed: ParsedCsv | CsvStream,
+    webhook_url: str | None,
+    owner_key_id: uuid.UUID | None = None,
+    job_id: uuid.UUID | None = None,
+    options: JobOptions | None = None,
 ) -> tuple[uuid.UUID, int] | None:
     """Insert the job, its CSV rows and its images in one transaction, none of them released yet, and
-    wake the dispatcher as it commits. Returns (job_id, total_images). The rows are read as they are written (a CsvStream's rows raise
-    their CsvError on the way: the transaction is rolled back and nothing is stored), and the images wait
+    wake the dispatcher as it commits. Returns (job_id, total_images). The rows are read as they are written
+    (a CsvStream's rows raise their CsvError on the way: the transaction is rolled back and nothing is stored), and the images wait
     in a temporary file for their own COPY, so memory stays bounded whatever the size of the CSV.
     job_id: the id a producer chose (jobs over Kafka); None if a job with that id exists already."""
     job_id = job_id or uuid.uuid4()
-    with pool.connection() as conn, conn.transaction(), conn.cursor() as cur, \
-            tempfile.SpooledTemporaryFile(max_size=IMAGES_SPOOL_MEMORY_BYTES, mode="w+", newline="") as images:
+    with (
+        pool.connection() as conn,
+        conn.transaction(),
+        conn.cursor() as cur,
+        tempfile.SpooledTemporaryFile(max_size=IMAGES_SPOOL_MEMORY_BYTES, mode="w+", newline="") as images,
+    ):
         # total_images is known once every row is read: 1 meets the CHECK until then (nobody sees it before commit)
         cur.execute(
             "INSERT INTO processing_jobs (job_id, webhook_url, csv_header, url_column, total_images, owner_key_id, options)"
             " VALUES (%s, %s, %s, %s, 1, %s, %s) ON CONFLICT (job_id) DO NOTHING",
-            (job_id, webhook_url, Jsonb(parsed.header), parsed.url_column, owner_key_id,
-             Jsonb((options or JobOptions()).model_dump())),
+            (
+                job_id,
+                webhook_url,
+                Jsonb(parsed.header),
+                parsed.url_column,
+                owner_key_id,
+                Jsonb((options or JobOptions()).model_dump()),
+            ),
         )
         if cur.rowcount == 0:
             return None
@@ -62,7 +77,9 @@ def insert_job(
                     lines.clear()
             copy.write("".join(lines))
         images.seek(0)
-        with cur.copy("COPY images (job_id, row_number, position, input_url) FROM STDIN") as copy:  # ids: gen_random_uuid()
+        with cur.copy(
+            "COPY images (job_id, row_number, position, input_url) FROM STDIN"
+        ) as copy:  # ids: gen_random_uuid()
             while chunk := images.read(COPY_CHUNK_CHARS):
                 copy.write(chunk)
         cur.execute("UPDATE processing_jobs SET total_images = %s WHERE job_id = %s", (total_images, job_id))
@@ -98,9 +115,13 @@ def list_jobs(pool: ConnectionPool, statuses: list[str], visible_to: uuid.UUID |
             {"statuses": statuses, "visible_to": visible_to, "limit": limit},
         ).fetchall()
     return [
-        {"request_id": str(job["job_id"]), "status": job["status"],
-         "events": "published" if job["published_at"] else "queued", "counts": job_counts(job),
-         "created_at": job["created_at"]}
+        {
+            "request_id": str(job["job_id"]),
+            "status": job["status"],
+            "events": "published" if job["published_at"] else "queued",
+            "counts": job_counts(job),
+            "created_at": job["created_at"],
+        }
         for job in jobs
     ]
 

@@ -4,6 +4,7 @@ A key reads `imgpipe_<key id: 32 hex digits>_<secret: 43 url-safe characters, 25
 the SHA-256 of the whole key is stored. The id part finds the key's row, and the hashes are compared
 with hmac.compare_digest, so how long a refusal takes says nothing about how close a guess was.
 """
+
 import argparse
 import hashlib
 import hmac
@@ -32,10 +33,10 @@ def key_sha256(key: str) -> bytes:
 
 def _key_id(key: str) -> uuid.UUID | None:
     """The id a well-formed key names, else None."""
-    if not key.startswith(PREFIX) or key[_ID_END:_ID_END + 1] != "_" or len(key) <= _ID_END + 1:
+    if not key.startswith(PREFIX) or key[_ID_END : _ID_END + 1] != "_" or len(key) <= _ID_END + 1:
         return None
     try:
-        return uuid.UUID(hex=key[len(PREFIX):_ID_END])
+        return uuid.UUID(hex=key[len(PREFIX) : _ID_END])
     except ValueError:
         return None
 
@@ -45,14 +46,19 @@ def create_key(conn: psycopg.Connection, name: str, weight: float = 1.0) -> tupl
     weight: the key's share of the processors against other keys' (services/api/fair_share.py)."""
     key_id = uuid.uuid4()
     key = f"{PREFIX}{key_id.hex}_{secrets.token_urlsafe(32)}"
-    conn.execute("INSERT INTO api_keys (id, name, key_sha256, weight) VALUES (%s, %s, %s, %s)",
-                 (key_id, name, key_sha256(key), weight))
+    conn.execute(
+        "INSERT INTO api_keys (id, name, key_sha256, weight) VALUES (%s, %s, %s, %s)",
+        (key_id, name, key_sha256(key), weight),
+    )
     return key_id, key
 
 
 def set_weight(conn: psycopg.Connection, name: str, weight: float) -> bool:
     """Give the key named `name` this weight (from the dispatcher's next round on); False if there is no such key."""
-    return conn.execute("UPDATE api_keys SET weight = %s WHERE name = %s RETURNING id", (weight, name)).fetchone() is not None
+    return (
+        conn.execute("UPDATE api_keys SET weight = %s WHERE name = %s RETURNING id", (weight, name)).fetchone()
+        is not None
+    )
 
 
 def revoke_key(conn: psycopg.Connection, name: str) -> bool:
@@ -63,21 +69,30 @@ def revoke_key(conn: psycopg.Connection, name: str) -> bool:
     return revoked is not None
 
 
-def set_limits(conn: psycopg.Connection, name: str, uploads_per_minute: int | None, max_waiting_images: int | None) -> bool:
+def set_limits(
+    conn: psycopg.Connection, name: str, uploads_per_minute: int | None, max_waiting_images: int | None
+) -> bool:
     """Give the key named `name` limits of its own (None: the settings'); False if there is no such key."""
-    return conn.execute(
-        "UPDATE api_keys SET uploads_per_minute = %s, max_waiting_images = %s WHERE name = %s RETURNING id",
-        (uploads_per_minute, max_waiting_images, name)).fetchone() is not None
+    return (
+        conn.execute(
+            "UPDATE api_keys SET uploads_per_minute = %s, max_waiting_images = %s WHERE name = %s RETURNING id",
+            (uploads_per_minute, max_waiting_images, name),
+        ).fetchone()
+        is not None
+    )
 
 
 def list_keys(conn: psycopg.Connection) -> list[dict]:
-    return conn.execute("SELECT id, name, weight, uploads_per_minute, max_waiting_images, created_at, revoked_at"
-                        " FROM api_keys ORDER BY created_at").fetchall()
+    return conn.execute(
+        "SELECT id, name, weight, uploads_per_minute, max_waiting_images, created_at, revoked_at"
+        " FROM api_keys ORDER BY created_at"
+    ).fetchall()
 
 
 @dataclass(frozen=True)
 class ApiKey:
     """An active key, as a request presents it: who it is, and its own limits (None: the settings')."""
+
     id: uuid.UUID
     name: str
     uploads_per_minute: int | None
@@ -129,8 +144,11 @@ def is_active_key(pool: ConnectionPool, key_id: uuid.UUID) -> bool:
 
 def _active_key(pool: ConnectionPool, key_id: uuid.UUID) -> dict | None:
     with pool.connection() as conn:
-        return conn.execute("SELECT key_sha256, name, uploads_per_minute, max_waiting_images FROM api_keys"
-                            " WHERE id = %s AND revoked_at IS NULL", (key_id,)).fetchone()
+        return conn.execute(
+            "SELECT key_sha256, name, uploads_per_minute, max_waiting_images FROM api_keys"
+            " WHERE id = %s AND revoked_at IS NULL",
+            (key_id,),
+        ).fetchone()
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -138,8 +156,12 @@ def main(argv: list[str] | None = None) -> int:
     commands = parser.add_subparsers(dest="command", required=True)
     create = commands.add_parser("create", help="create a key and print it (shown only this once)")
     create.add_argument("name", help="who or what the key is for; unique")
-    create.add_argument("--weight", type=_weight, default=1.0,
-                        help="its share of the processors against other keys' (default 1; e.g. 3 for an interactive client)")
+    create.add_argument(
+        "--weight",
+        type=_weight,
+        default=1.0,
+        help="its share of the processors against other keys' (default 1; e.g. 3 for an interactive client)",
+    )
     weight = commands.add_parser("set-weight", help="change a key's share of the processors")
     weight.add_argument("name")
     weight.add_argument("weight", type=_weight)
@@ -172,8 +194,11 @@ def main(argv: list[str] | None = None) -> int:
             if not set_limits(conn, args.name, args.uploads_per_minute, args.max_waiting_images):
                 print(f"no key named {args.name!r}", file=sys.stderr)
                 return 1
-            print(f"API key {args.name!r}: uploads per minute {args.uploads_per_minute or 'as the setting'}, "
-                  f"images waiting at most {args.max_waiting_images or 'as the setting'}", file=sys.stderr)
+            print(
+                f"API key {args.name!r}: uploads per minute {args.uploads_per_minute or 'as the setting'}, "
+                f"images waiting at most {args.max_waiting_images or 'as the setting'}",
+                file=sys.stderr,
+            )
         elif args.command == "revoke":
             if not revoke_key(conn, args.name):
                 print(f"no active key named {args.name!r}", file=sys.stderr)
@@ -182,10 +207,17 @@ def main(argv: list[str] | None = None) -> int:
         else:
             for key in list_keys(conn):
                 revoked = f"revoked {key['revoked_at']:%Y-%m-%d %H:%M:%S%z}" if key["revoked_at"] else "active"
-                limits = "\t".join(f"{label} {key[column] if key[column] is not None else 'default'}" for label, column in
-                                   (("uploads/min", "uploads_per_minute"), ("waiting images", "max_waiting_images")))
-                print(f"{key['name']}\t{key['id']}\tweight {key['weight']:g}\t{limits}"
-                      f"\tcreated {key['created_at']:%Y-%m-%d %H:%M:%S%z}\t{revoked}")
+                limits = "\t".join(
+                    f"{label} {key[column] if key[column] is not None else 'default'}"
+                    for label, column in (
+                        ("uploads/min", "uploads_per_minute"),
+                        ("waiting images", "max_waiting_images"),
+                    )
+                )
+                print(
+                    f"{key['name']}\t{key['id']}\tweight {key['weight']:g}\t{limits}"
+                    f"\tcreated {key['created_at']:%Y-%m-%d %H:%M:%S%z}\t{revoked}"
+                )
     return 0
 
 

@@ -9,18 +9,18 @@ key is known), so that a refused upload costs nothing and stores nothing:
   left of that limit bounds the upload's own images (the endpoint refuses it the same way if it has more).
 With API keys off, every caller is one bucket. Each refusal names its limit and says when to retry
 (Retry-After). A key's own limits (api_keys) override the settings'."""
+
 import math
 import time
 from collections import Counter as Tally
 from dataclasses import dataclass
 
+import psycopg
 from prometheus_client import Counter
 from psycopg_pool import ConnectionPool
 from starlette.concurrency import run_in_threadpool
 from starlette.datastructures import Headers
 from starlette.types import ASGIApp, Receive, Scope, Send
-
-import psycopg
 
 from services.api.errors import ApiError, database_error, error_response
 from services.api.keys import ApiKey
@@ -34,8 +34,11 @@ PACE_UNKNOWN_RETRY_SECONDS = 60
 REFUSAL_KEPT_SECONDS = 1.0
 MAX_RETRY_SECONDS = 3600
 
-REFUSALS = Counter("imgpipe_upload_refusals_total", "Uploads refused by a limit or a busy pool, per API key "
-                   "(name, or (no key)) and limit (the error code)", ["key", "limit"])
+REFUSALS = Counter(
+    "imgpipe_upload_refusals_total",
+    "Uploads refused by a limit or a busy pool, per API key (name, or (no key)) and limit (the error code)",
+    ["key", "limit"],
+)
 
 # One round trip: the key's jobs of the last minute (and the age of the oldest), its images not finished,
 # and the processors' pace as the dispatcher measured it. {owner} is "= %(key)s" or "IS NULL".
@@ -59,10 +62,15 @@ class Usage:
 
 def key_usage(pool: ConnectionPool, key: ApiKey | None) -> Usage:
     with pool.connection() as conn:
-        row = conn.execute(USAGE.format(owner="IS NULL" if key is None else "= %(key)s"),
-                           {"key": None if key is None else key.id}).fetchone()
-    return Usage(row["recent"], None if row["oldest_recent_age"] is None else float(row["oldest_recent_age"]),
-                 int(row["waiting"]), row["pace"])
+        row = conn.execute(
+            USAGE.format(owner="IS NULL" if key is None else "= %(key)s"), {"key": None if key is None else key.id}
+        ).fetchone()
+    return Usage(
+        row["recent"],
+        None if row["oldest_recent_age"] is None else float(row["oldest_recent_age"]),
+        int(row["waiting"]),
+        row["pace"],
+    )
 
 
 class UploadLimits:
@@ -104,8 +112,13 @@ class UploadLimits:
                 self._give_back(key_id, body_bytes)
         if refusal is not None:
             # Connection: close, or uvicorn would read the refused body to discard it
-            response = error_response(refusal.status_code, refusal.code, refusal.message,
-                                      headers={**(refusal.headers or {}), "Connection": "close"}, **refusal.details)
+            response = error_response(
+                refusal.status_code,
+                refusal.code,
+                refusal.message,
+                headers={**(refusal.headers or {}), "Connection": "close"},
+                **refusal.details,
+            )
             return await response(scope, receive, send)
         scope.setdefault("state", {})["image_allowance"] = allowed
         started = time.monotonic()
@@ -133,15 +146,24 @@ class UploadLimits:
     def _slot_refusal(self, body_bytes: int, key: ApiKey | None) -> ApiError | None:
         in_flight = sum(self.uploading.values())
         mine = self.uploading[None if key is None else key.id]
-        if in_flight < self.settings.max_concurrent_uploads and mine < self.slots_per_key and (
-                in_flight == 0 or self.uploading_bytes + body_bytes <= self.settings.max_uploading_bytes):
+        if (
+            in_flight < self.settings.max_concurrent_uploads
+            and mine < self.slots_per_key
+            and (in_flight == 0 or self.uploading_bytes + body_bytes <= self.settings.max_uploading_bytes)
+        ):
             return None
-        return counted(ApiError(
-            429, "too_many_uploads",
-            f"{in_flight} uploads are being accepted ({self.uploading_bytes} bytes, {mine} of them this key's); the API "
-            f"takes at most {self.settings.max_concurrent_uploads} at once ({self.settings.max_uploading_bytes} bytes), "
-            f"{self.slots_per_key} per key: retry later",
-            headers={"Retry-After": str(_seconds(self.upload_seconds))}, limit=self.settings.max_concurrent_uploads), key)
+        return counted(
+            ApiError(
+                429,
+                "too_many_uploads",
+                f"{in_flight} uploads are being accepted ({self.uploading_bytes} bytes, {mine} of them this key's); the API "
+                f"takes at most {self.settings.max_concurrent_uploads} at once ({self.settings.max_uploading_bytes} bytes), "
+                f"{self.slots_per_key} per key: retry later",
+                headers={"Retry-After": str(_seconds(self.upload_seconds))},
+                limit=self.settings.max_concurrent_uploads,
+            ),
+            key,
+        )
 
     def _key_check(self, key: ApiKey | None, others_in_flight: int) -> tuple[ApiError | None, "ImageAllowance | None"]:
         """A refusal by the key's limits, or None and how many images the upload may still bring.
@@ -152,9 +174,14 @@ class UploadLimits:
         whose = f"API key {key.name!r}" if key else "all callers (API keys are off)"
         if usage.recent + others_in_flight >= per_minute:
             retry = 60 - (usage.oldest_recent_age or 0) if usage.recent >= per_minute else self.upload_seconds
-            refusal = ApiError(429, "uploads_per_minute", f"{whose} created {usage.recent} jobs in the last minute "
-                               f"({others_in_flight} more being accepted); the limit is {per_minute}",
-                               headers={"Retry-After": str(_seconds(retry))}, limit=per_minute)
+            refusal = ApiError(
+                429,
+                "uploads_per_minute",
+                f"{whose} created {usage.recent} jobs in the last minute "
+                f"({others_in_flight} more being accepted); the limit is {per_minute}",
+                headers={"Retry-After": str(_seconds(retry))},
+                limit=per_minute,
+            )
             if usage.recent >= per_minute:
                 until = time.monotonic() + min(retry, REFUSAL_KEPT_SECONDS)
                 self.refused_until[None if key is None else key.id] = (until, refusal)
@@ -168,6 +195,7 @@ class UploadLimits:
 @dataclass
 class ImageAllowance:
     """How many images an upload may still bring under its key's max_waiting_images."""
+
     key: ApiKey | None
     whose: str
     usage: Usage
@@ -182,9 +210,17 @@ class ImageAllowance:
         (counted: the endpoint raises it too, once the upload's rows show it brings too many)."""
         retry = (1 - self.images) / self.usage.pace if self.usage.pace else PACE_UNKNOWN_RETRY_SECONDS
         brings = f"; this upload brings more than the {self.images} it may" if self.images > 0 else ""
-        return counted(ApiError(429, "too_many_images_waiting", f"{self.whose} has {self.usage.waiting} images not "
-                                f"finished yet{brings}; the limit is {self.max_waiting}",
-                                headers={"Retry-After": str(_seconds(retry))}, limit=self.max_waiting), self.key)
+        return counted(
+            ApiError(
+                429,
+                "too_many_images_waiting",
+                f"{self.whose} has {self.usage.waiting} images not "
+                f"finished yet{brings}; the limit is {self.max_waiting}",
+                headers={"Retry-After": str(_seconds(retry))},
+                limit=self.max_waiting,
+            ),
+            self.key,
+        )
 
 
 def counted(refusal: ApiError, key: ApiKey | None) -> ApiError:

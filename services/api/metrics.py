@@ -1,5 +1,6 @@
 """The dispatcher's metrics (services/api/dispatcher.py), served at the API's /metrics. Only the API
 process leading the release reports the gauges; the others report leading 0 and no waiting images."""
+
 import threading
 from collections.abc import Iterable
 
@@ -10,10 +11,14 @@ LEADING = Gauge("imgpipe_dispatch_leading", "1 while this API process leads the 
 RELEASED = Counter("imgpipe_dispatch_images_released_total", "Images released into Kafka by this process")
 HELD = Gauge("imgpipe_dispatch_images_released_not_finished", "Images released into Kafka and not finished yet")
 WINDOW = Gauge("imgpipe_dispatch_window_images", "How many images may be released and not finished")
-PACE = Gauge("imgpipe_dispatch_images_per_second", "What the processors finish per second, as the dispatcher measures it")
+PACE = Gauge(
+    "imgpipe_dispatch_images_per_second", "What the processors finish per second, as the dispatcher measures it"
+)
 FIRST_RELEASE = Histogram(
-    "imgpipe_dispatch_first_release_seconds", "From a job's upload (its commit) to the release of its first image",
-    buckets=(0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30, 60, 300))
+    "imgpipe_dispatch_first_release_seconds",
+    "From a job's upload (its commit) to the release of its first image",
+    buckets=(0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30, 60, 300),
+)
 NO_KEY = "(no key)"
 
 
@@ -30,8 +35,9 @@ class WaitingPerClient:
             self._latest = waiting
 
     def collect(self):
-        gauge = GaugeMetricFamily("imgpipe_dispatch_images_waiting", "Images not released yet, per client",
-                                  labels=["client"])
+        gauge = GaugeMetricFamily(
+            "imgpipe_dispatch_images_waiting", "Images not released yet, per client", labels=["client"]
+        )
         with self._lock:
             for client, images in sorted(self._latest.items()):
                 gauge.add_metric([client], images)

@@ -1,5 +1,6 @@
 """The API's answers, as documented on /docs (OpenAPI): one model per answer; an image's outcome is
 shared with the webhook (shared/outcomes.py)."""
+
 from datetime import datetime
 from typing import Literal
 
@@ -33,19 +34,23 @@ class Counts(BaseModel):
 
 class Dispatch(BaseModel):
     """The job's place in the release of images into Kafka, which gives every active job its fair share."""
+
     released: int = Field(description="Images released into Kafka (being processed, or finished)")
     waiting: int = Field(description="Images waiting in PostgreSQL for their turn")
     share: float | None = Field(
         description="The job's fair share of the processors now (0-1): its API key's weight over the weights of "
         "the keys with work (jobs without a key count as one key of weight 1), split among that key's active jobs; "
-        "it grows as other jobs end. Null once every image of the job is finished")
+        "it grows as other jobs end. Null once every image of the job is finished"
+    )
     started_at: datetime | None = Field(description="When its first image was released; null before")
     starts_within_seconds: float | None = Field(
         description="Before it starts: the time in which every place of the release window frees up at the "
-        "processors' pace, by which its first images are released (at most that; usually at the next round)")
+        "processors' pace, by which its first images are released (at most that; usually at the next round)"
+    )
     expected_finish_seconds: float | None = Field(
         description="Its unfinished images at its share of the processors' measured pace: an estimate, which "
-        "shortens as other jobs end; null while the pace is not measured yet")
+        "shortens as other jobs end; null while the pace is not measured yet"
+    )
 
 
 class WebhookState(BaseModel):
@@ -73,7 +78,8 @@ class JobStatus(BaseModel):
     counts: Counts
     dispatch: Dispatch
     options: JobOptions | None = Field(
-        description="How the job's images are compressed; null for a job stored before options existed (the defaults)")
+        description="How the job's images are compressed; null for a job stored before options existed (the defaults)"
+    )
     webhook: WebhookState | None = Field(description="null when the job has no webhook_url")
     images: list[ImageOutcome] = Field(description="One page of the job's images, in input order")
     page: Page

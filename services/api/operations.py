@@ -1,6 +1,7 @@
 """What the API offers to whoever runs it: /readyz (PostgreSQL and Kafka reachable), /metrics
 (Prometheus), the count of uploads by outcome, and the request id on the log lines about a job.
 Neither endpoint is part of the API's schema."""
+
 import json
 import logging
 import re
@@ -78,8 +79,12 @@ class CountUploads:
             outcome = _outcome(status, answer)
             UPLOADS.labels(outcome=outcome).inc()
             if 200 <= status < 300 and "request_id" in answer:
-                log.info("job %s accepted: %s images", answer["request_id"], answer.get("total_images"),
-                         extra={"request_id": answer["request_id"]})
+                log.info(
+                    "job %s accepted: %s images",
+                    answer["request_id"],
+                    answer.get("total_images"),
+                    extra={"request_id": answer["request_id"]},
+                )
 
 
 class LogRequestId:

@@ -1,12 +1,11 @@
 """A job's options from the form fields of POST /upload: each one optional, refused with a 422 naming it."""
+
 from pydantic import ValidationError
 
 from services.api.errors import ApiError
 from shared.events import JobOptions
 
-FIELD_DESCRIPTIONS = {
-    name: field.description for name, field in JobOptions.model_fields.items()
-}
+FIELD_DESCRIPTIONS = {name: field.description for name, field in JobOptions.model_fields.items()}
 
 
 def read_options(default_quality: int, **fields: str | None) -> JobOptions:
@@ -19,5 +18,6 @@ def read_options(default_quality: int, **fields: str | None) -> JobOptions:
     except ValidationError as exc:
         first = exc.errors()[0]
         field = str(first["loc"][0])
-        raise ApiError(422, "invalid_options", f"{field}: {first['msg']} (got {given.get(field, '')[:100]!r})",
-                       field=field) from None
+        raise ApiError(
+            422, "invalid_options", f"{field}: {first['msg']} (got {given.get(field, '')[:100]!r})", field=field
+        ) from None

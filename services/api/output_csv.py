@@ -1,4 +1,5 @@
 """Builds the output CSV: the input CSV as uploaded, plus a last column with the output URLs."""
+
 import csv
 import io
 from collections import defaultdict

@@ -5,6 +5,7 @@ answers reads: the CPU's bulkhead, beside the connection pools (make bench's loa
 31 ms with it in these workers). The endpoint copies the spooled upload to a file the worker opens; the
 worker reads it as a stream and stores the job with COPY in one transaction (jobs.insert_job), on a
 database connection of its own."""
+
 import logging
 import multiprocessing
 import os
@@ -39,14 +40,19 @@ class UploadWorkers:
         self.executor = self._start()
 
     def _start(self) -> ProcessPoolExecutor:
-        executor = ProcessPoolExecutor(self.workers, mp_context=multiprocessing.get_context("spawn"),
-                                       initializer=_set_database, initargs=self.database)
+        executor = ProcessPoolExecutor(
+            self.workers,
+            mp_context=multiprocessing.get_context("spawn"),
+            initializer=_set_database,
+            initargs=self.database,
+        )
         for _ in range(self.workers):  # started now, not on the first uploads
             executor.submit(_ready)
         return executor
 
-    def store(self, upload: BinaryIO, max_images: int, webhook_url: str | None, owner: uuid.UUID | None,
-              options: JobOptions) -> tuple[uuid.UUID, int]:
+    def store(
+        self, upload: BinaryIO, max_images: int, webhook_url: str | None, owner: uuid.UUID | None, options: JobOptions
+    ) -> tuple[uuid.UUID, int]:
         """Store the CSV as a job in a worker; raises CsvError (and TooManyImages) or DatabaseDown."""
         with tempfile.NamedTemporaryFile(prefix="imgpipe-upload-", suffix=".csv", delete=False) as copy:
             shutil.copyfileobj(upload, copy, COPY_CHUNK_BYTES)
@@ -76,14 +82,21 @@ def _ready() -> None:
     pass
 
 
-def _store(path: str, max_images: int, webhook_url: str | None, owner: uuid.UUID | None,
-           options: JobOptions) -> tuple[uuid.UUID, int]:
+def _store(
+    path: str, max_images: int, webhook_url: str | None, owner: uuid.UUID | None, options: JobOptions
+) -> tuple[uuid.UUID, int]:
     global _pool
     try:
         if _pool is None:  # made on the first upload, without waiting: a database down at start breaks nothing
             url, wait = _database
-            _pool = ConnectionPool(url, min_size=1, max_size=1, kwargs={"row_factory": dict_row}, timeout=wait,
-                                   check=ConnectionPool.check_connection)
+            _pool = ConnectionPool(
+                url,
+                min_size=1,
+                max_size=1,
+                kwargs={"row_factory": dict_row},
+                timeout=wait,
+                check=ConnectionPool.check_connection,
+            )
         with open(path, "rb") as csv_file:
             return insert_job(_pool, read_csv(csv_file, max_images), webhook_url, owner, options=options)
     except psycopg.OperationalError as exc:

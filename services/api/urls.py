@@ -1,4 +1,5 @@
 """The one rule for URLs the API accepts (image URLs in the CSV, the webhook URL)."""
+
 from urllib.parse import urlsplit
 
 import httpx
@@ -17,8 +18,8 @@ def is_http_url(url: str) -> bool:
         return False
     try:
         parts = urlsplit(url)
-        parts.port  # raises ValueError for a port that is not a number in range
-        httpx.URL(url).host  # httpx.InvalidURL, or ValueError (UnicodeError) for an undecodable "xn--" label
+        _ = parts.port  # raises ValueError for a port that is not a number in range
+        _ = httpx.URL(url).host  # httpx.InvalidURL, or ValueError (UnicodeError) for an undecodable "xn--" label
     except (ValueError, httpx.InvalidURL):  # e.g. an unclosed IPv6 bracket
         return False
     return parts.scheme.lower() in ("http", "https") and bool(parts.hostname)
@@ -39,6 +40,8 @@ def check_webhook_url(url: str, settings: Settings) -> None:
     try:
         rule.refuse_private_host(parsed.host, parsed.port or (443 if parsed.scheme == "https" else 80))
     except ForbiddenAddress as exc:
-        raise ApiError(422, "invalid_webhook_url", f"webhook_url: {exc}; webhooks are sent to public addresses only") from None
+        raise ApiError(
+            422, "invalid_webhook_url", f"webhook_url: {exc}; webhooks are sent to public addresses only"
+        ) from None
     except OSError:
         pass

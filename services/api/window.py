@@ -6,6 +6,7 @@ the round before; what was finished meanwhile follows. The rate is an exponentia
 about `seconds`, updated only while the processors had work, so an idle spell does not shrink the window
 the next burst starts with. If the window limits the processors (they finish everything faster than
 `seconds`), the rate it measures grows with it, so it opens until the processors are the limit."""
+
 import math
 
 

@@ -1,4 +1,5 @@
 """python -m services.notifier: run the notifier until SIGTERM or SIGINT."""
+
 from services.notifier.consumer import run
 from shared.db import check_database
 from shared.health import serve_health

@@ -1,12 +1,13 @@
 """The notifier's main loop: consume image results, apply them, and keep the webhook sender running."""
+
 import logging
 import threading
 from concurrent.futures import Future, ThreadPoolExecutor
 from typing import NamedTuple
 
 from confluent_kafka import Consumer, KafkaException, Message
-from pydantic import ValidationError
 from psycopg_pool import ConnectionPool
+from pydantic import ValidationError
 from standardwebhooks import Webhook
 
 from services.notifier import metrics
@@ -18,7 +19,13 @@ from shared.events import ImageProcessed, describe_invalid
 from shared.faults import crash_point
 from shared.health import consumer_check, readiness
 from shared.kafka import (
-    DeliveryError, commit_stored, dead_letter, ensure_topics, make_consumer, make_producer, produce_and_wait,
+    DeliveryError,
+    commit_stored,
+    dead_letter,
+    ensure_topics,
+    make_consumer,
+    make_producer,
+    produce_and_wait,
     store_offsets,
 )
 from shared.metrics import CONSUMER_LAG
@@ -47,8 +54,14 @@ def run(settings: Settings, stop: threading.Event) -> None:
     pool = make_pool(settings.database_url)
     tracker = OffsetTracker()
     assigned: set[tuple[str, int]] = set()
-    consumer = make_consumer(settings, settings.notifier_group, [settings.topic_processed], tracker, assigned,
-                             **CONSUMER_LAG.consumer_config(settings.notifier_group))
+    consumer = make_consumer(
+        settings,
+        settings.notifier_group,
+        [settings.topic_processed],
+        tracker,
+        assigned,
+        **CONSUMER_LAG.consumer_config(settings.notifier_group),
+    )
     readiness.add("consumer", consumer_check(assigned))
     deliveries_due = threading.Event()
     stop_helpers = threading.Event()
@@ -58,8 +71,10 @@ def run(settings: Settings, stop: threading.Event) -> None:
     sender.start()
     producer = make_producer(settings)
     reconciler = threading.Thread(
-        target=reconcile_until, args=(stop_helpers, Reconciler(settings, pool, producer), settings.reconcile_interval_seconds),
-        name="reconciler", daemon=True,
+        target=reconcile_until,
+        args=(stop_helpers, Reconciler(settings, pool, producer), settings.reconcile_interval_seconds),
+        name="reconciler",
+        daemon=True,
     )
     reconciler.start()
     applier = ThreadPoolExecutor(max_workers=1, thread_name_prefix="apply-results")
@@ -71,12 +86,20 @@ def run(settings: Settings, stop: threading.Event) -> None:
             messages = _take(consumer, POLL_SECONDS if applying is None else 0)
             following = None
             if messages:
-                started = [(m, tracker.start((m.topic(), m.partition()), m.offset())) for m in messages if m.error() is None]
+                started = [
+                    (m, tracker.start((m.topic(), m.partition()), m.offset())) for m in messages if m.error() is None
+                ]
                 readable, unreadable = _parse(messages)
                 batch = ResultBatch([result for _, result in readable])
-                following = Applying(applier.submit(_apply_until_committed, pool, batch, readable, stop), len(readable),
-                                     started, unreadable)
-            if applying is not None and not _finish(applying, consumer, tracker, producer, settings, deliveries_due, stop):
+                following = Applying(
+                    applier.submit(_apply_until_committed, pool, batch, readable, stop),
+                    len(readable),
+                    started,
+                    unreadable,
+                )
+            if applying is not None and not _finish(
+                applying, consumer, tracker, producer, settings, deliveries_due, stop
+            ):
                 break
             applying = following
         if applying is not None:
@@ -99,14 +122,22 @@ class Applied(NamedTuple):
 
 class Applying(NamedTuple):
     """A batch handed to the applier thread, with what its end needs on the consuming thread."""
+
     committed: Future  # Applied, or None if stopped before the batch was committed
     results: int
     started: list[tuple[Message, int]]  # its messages, with the epoch of their partition at the start
     unreadable: list[tuple[Message, str]]  # to pass on to the dead-letter topic
 
 
-def _finish(applying: Applying, consumer: Consumer, tracker: OffsetTracker, producer, settings: Settings,
-            deliveries_due: threading.Event, stop: threading.Event) -> bool:
+def _finish(
+    applying: Applying,
+    consumer: Consumer,
+    tracker: OffsetTracker,
+    producer,
+    settings: Settings,
+    deliveries_due: threading.Event,
+    stop: threading.Event,
+) -> bool:
     """Wait for the batch to be committed to the database, then announce the jobs it completed, pass
     its unreadable messages on and store its offsets. False if stopped first: its offsets stay unstored."""
     applied = applying.committed.result()
@@ -166,8 +197,9 @@ def _dead_letter_until_sent(producer, settings: Settings, letters: list[tuple[Me
                 return False
 
 
-def _apply_until_committed(pool: ConnectionPool, batch: ResultBatch, readable: list[tuple[Message, ImageProcessed]],
-                           stop: threading.Event) -> Applied | None:
+def _apply_until_committed(
+    pool: ConnectionPool, batch: ResultBatch, readable: list[tuple[Message, ImageProcessed]], stop: threading.Event
+) -> Applied | None:
     """Apply the batch, retrying while the database is unavailable; None if stopped before it was committed.
     A batch that fails MESSAGE_MAX_ATTEMPTS times for another reason is applied one result at a time,
     and the results the database refuses are passed on to the dead-letter topic."""
@@ -179,12 +211,21 @@ def _apply_until_committed(pool: ConnectionPool, batch: ResultBatch, readable: l
                     return Applied(apply_results(conn, batch), [])
             return _apply_one_by_one(pool, readable)
         except UNAVAILABLE as exc:
-            log.warning("the database is unavailable (%s); applying %d results again in %gs", exc,
-                        len(batch.results), backoff.delay)
+            log.warning(
+                "the database is unavailable (%s); applying %d results again in %gs",
+                exc,
+                len(batch.results),
+                backoff.delay,
+            )
         except Exception:
             failures += 1
-            log.exception("applying %d results failed (try %d of %d); trying again in %gs", len(batch.results),
-                          failures, MESSAGE_MAX_ATTEMPTS, backoff.delay)
+            log.exception(
+                "applying %d results failed (try %d of %d); trying again in %gs",
+                len(batch.results),
+                failures,
+                MESSAGE_MAX_ATTEMPTS,
+                backoff.delay,
+            )
         if not backoff.wait(stop):
             return None
 

@@ -1,4 +1,5 @@
 """The notifier's Prometheus metrics (served at /metrics of its health port: shared/health.py)."""
+
 from prometheus_client import Counter
 
 RESULTS_APPLIED = Counter("imgpipe_results_applied_total", "Result events applied to PostgreSQL (repeats included)")

@@ -11,6 +11,7 @@ An image queued behind a backlog, or waiting for a retry, holds its partition's 
 back, so it is never taken for lost. Under a load that never lets the processors catch up with an
 earlier pass, lost images wait until it does.
 """
+
 import logging
 import threading
 from collections import deque
@@ -21,9 +22,9 @@ from confluent_kafka import Producer
 from confluent_kafka.admin import AdminClient
 from psycopg_pool import ConnectionPool
 
-from shared.failures import FailureCode
 from shared import kafka
 from shared.events import ImageError, ImageProcessed, ImageStatus, JobOptions, RequestedEvents
+from shared.failures import FailureCode
 from shared.positions import Positions, committed_offsets, end_offsets, offset_reader, reached
 from shared.settings import Settings
 
@@ -116,8 +117,13 @@ class Reconciler:
                 self._request_again(again)
                 self._fail(given_up)
                 conn.execute(MARK_REQUESTED_AGAIN, [[image["id"] for image in lost]])
-            log.warning("%d image(s) whose events were lost: %d requested again, %d failed as %s",
-                        len(lost), len(again), len(given_up), FailureCode.LOST)
+            log.warning(
+                "%d image(s) whose events were lost: %d requested again, %d failed as %s",
+                len(lost),
+                len(again),
+                len(given_up),
+                FailureCode.LOST,
+            )
             handled += len(lost)
 
     def _request_again(self, images: list[dict]) -> None:
@@ -126,17 +132,27 @@ class Reconciler:
             stored = of_job[0]["options"]
             options = None if stored is None else JobOptions.model_validate(stored)
             events = RequestedEvents(job_id, options).encode(
-                (image["id"], image["row_number"], image["position"], image["input_url"]) for image in of_job)
-            messages = [(str(image["id"]), event) for image, event in zip(of_job, events)]
+                (image["id"], image["row_number"], image["position"], image["input_url"]) for image in of_job
+            )
+            messages = [(str(image["id"]), event) for image, event in zip(of_job, events, strict=True)]
             kafka.produce_and_wait(self.producer, self.settings.topic_requested_bulk, messages)
 
     def _fail(self, images: list[dict]) -> None:
-        error = ImageError(code=FailureCode.LOST, message=f"its events were lost {self.settings.reconcile_max_requests + 1} time(s)")
+        error = ImageError(
+            code=FailureCode.LOST, message=f"its events were lost {self.settings.reconcile_max_requests + 1} time(s)"
+        )
         messages = [
             (
                 str(image["id"]),
-                ImageProcessed(request_id=image["job_id"], image_id=image["id"], status=ImageStatus.failed, error=error,
-                               **_place(image)).model_dump_json().encode(),
+                ImageProcessed(
+                    request_id=image["job_id"],
+                    image_id=image["id"],
+                    status=ImageStatus.failed,
+                    error=error,
+                    **_place(image),
+                )
+                .model_dump_json()
+                .encode(),
             )
             for image in images
         ]

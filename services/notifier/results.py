@@ -1,4 +1,5 @@
 """Record image results in PostgreSQL and complete jobs, exactly once however often a result arrives."""
+
 import json
 import logging
 import uuid
@@ -67,13 +68,22 @@ class ResultBatch:
         for result in results:
             first_by_image.setdefault(result.image_id, result)
         self.results = list(first_by_image.values())
-        self.json = json.dumps([
-            {"image_id": str(r.image_id), "job_id": str(r.request_id), "status": r.status.value,
-             "output_url": r.output_url, "error_code": r.error.code if r.error else None,
-             "error_message": r.error.message if r.error else None, "format": r.format,
-             "bytes_in": r.bytes_in, "bytes_out": r.bytes_out}
-            for r in self.results
-        ])
+        self.json = json.dumps(
+            [
+                {
+                    "image_id": str(r.image_id),
+                    "job_id": str(r.request_id),
+                    "status": r.status.value,
+                    "output_url": r.output_url,
+                    "error_code": r.error.code if r.error else None,
+                    "error_message": r.error.message if r.error else None,
+                    "format": r.format,
+                    "bytes_in": r.bytes_in,
+                    "bytes_out": r.bytes_out,
+                }
+                for r in self.results
+            ]
+        )
 
 
 def apply_results(conn: Connection, batch: ResultBatch) -> list[uuid.UUID]:
@@ -87,8 +97,10 @@ def apply_results(conn: Connection, batch: ResultBatch) -> list[uuid.UUID]:
         changed = conn.execute(MARK_IMAGES, [batch.json]).fetchall()
         completed: list[uuid.UUID] = []
         if changed:
-            jobs = conn.execute(ADD_COUNTS, [[c["job_id"] for c in changed], [c["processed"] for c in changed],
-                                             [c["failed"] for c in changed]])
+            jobs = conn.execute(
+                ADD_COUNTS,
+                [[c["job_id"] for c in changed], [c["processed"] for c in changed], [c["failed"] for c in changed]],
+            )
             completed = sorted(job["job_id"] for job in jobs if job["status"] == "completed" and job["was_open"])
         if completed:
             conn.execute(CREATE_DELIVERIES, [completed])
@@ -106,8 +118,17 @@ def _log_unknown(conn: Connection, batch: list[ImageProcessed]) -> None:
     for result in batch:
         known_job = job_of_image.get(result.image_id)
         if known_job is None:
-            log.warning("ignoring result %s for unknown image %s (request %s)",
-                        result.event_id, result.image_id, result.request_id)
+            log.warning(
+                "ignoring result %s for unknown image %s (request %s)",
+                result.event_id,
+                result.image_id,
+                result.request_id,
+            )
         elif known_job != result.request_id:
-            log.warning("ignoring result %s: image %s belongs to job %s, not request %s",
-                        result.event_id, result.image_id, known_job, result.request_id)
+            log.warning(
+                "ignoring result %s: image %s belongs to job %s, not request %s",
+                result.event_id,
+                result.image_id,
+                known_job,
+                result.request_id,
+            )

@@ -1,9 +1,10 @@
 """Send each finished job's webhook (Standard Webhooks headers), retrying with exponential backoff."""
+
 import json
 import logging
 import threading
 import uuid
-from datetime import datetime, timezone
+from datetime import UTC, datetime
 
 import httpx
 from psycopg import Connection
@@ -84,29 +85,37 @@ def deliver_due(
             attempts = delivery["attempts"] + 1
             if error is None:
                 conn.execute(MARK_DELIVERED, [job_id])
-                log.info("webhook for job %s delivered (attempt %d)", job_id, attempts, extra={"request_id": str(job_id)})
+                log.info(
+                    "webhook for job %s delivered (attempt %d)", job_id, attempts, extra={"request_id": str(job_id)}
+                )
                 metrics.WEBHOOK_ATTEMPTS.labels(outcome="delivered").inc()
             else:
                 gave_up = attempts >= settings.webhook_max_attempts
                 delay = min(settings.webhook_backoff_seconds * 2 ** (attempts - 1), MAX_BACKOFF_SECONDS)
-                conn.execute(
-                    MARK_FAILED_ATTEMPT, ["failed" if gave_up else "pending", attempts, error, delay, job_id]
+                conn.execute(MARK_FAILED_ATTEMPT, ["failed" if gave_up else "pending", attempts, error, delay, job_id])
+                log.warning(
+                    "webhook for job %s attempt %d failed: %s%s",
+                    job_id,
+                    attempts,
+                    error,
+                    "; giving up" if gave_up else f"; retrying in {delay:g}s",
+                    extra={"request_id": str(job_id)},
                 )
-                log.warning("webhook for job %s attempt %d failed: %s%s", job_id, attempts, error,
-                            "; giving up" if gave_up else f"; retrying in {delay:g}s", extra={"request_id": str(job_id)})
                 metrics.WEBHOOK_ATTEMPTS.labels(outcome="gave_up" if gave_up else "retrying").inc()
         attempted.append(job_id)
     return len(attempted)
 
 
 def make_webhook_client(settings: Settings) -> httpx.Client:
-    return address_checked_client(CheckedBackend(AddressRule(settings.allow_private_addresses, settings.allowed_private_hosts)))
+    return address_checked_client(
+        CheckedBackend(AddressRule(settings.allow_private_addresses, settings.allowed_private_hosts))
+    )
 
 
 def _post(client: httpx.Client, url: str, job_id: uuid.UUID, payload: dict, settings: Settings) -> str | None:
     """POST the payload; return None on a 2xx answer, else what went wrong."""
     body = json.dumps(payload, separators=(",", ":"))
-    sent_at = datetime.now(timezone.utc)
+    sent_at = datetime.now(UTC)
     headers = {
         "Content-Type": "application/json",
         "webhook-id": str(job_id),  # the same on every retry, so receivers can de-duplicate
@@ -118,10 +127,17 @@ def _post(client: httpx.Client, url: str, job_id: uuid.UUID, payload: dict, sett
     try:
         # Streamed so that the receiver's answer body is never read: only its status matters.
         # webhook_timeout bounds the whole request: a receiver trickling its answer cannot hold the sender.
-        with total_deadline(settings.webhook_timeout), client.stream(
-            "POST", url, content=body.encode(), headers=headers, timeout=settings.webhook_timeout,
-            follow_redirects=False,
-        ) as response:
+        with (
+            total_deadline(settings.webhook_timeout),
+            client.stream(
+                "POST",
+                url,
+                content=body.encode(),
+                headers=headers,
+                timeout=settings.webhook_timeout,
+                follow_redirects=False,
+            ) as response,
+        ):
             status_code = response.status_code
     except httpx.TimeoutException:
         return "timeout"

@@ -1,4 +1,5 @@
 """python -m services.processor: consume image.requested until SIGTERM or SIGINT."""
+
 import os
 
 from services.processor.memory import limit_arenas

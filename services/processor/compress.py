@@ -8,6 +8,7 @@ A JPEG kept a JPEG at its own size takes the fast path (services/processor/fast_
 else, and whatever that path does not cover, goes through Pillow. A JPEG to be scaled down is decoded
 at the smallest of libjpeg's DCT scales (1/2, 1/4, 1/8) that still leaves it at least as large as the
 target, then resampled to the exact size."""
+
 import io
 import struct
 import warnings
@@ -16,9 +17,9 @@ from dataclasses import dataclass, replace
 
 from PIL import Image, ImageSequence, UnidentifiedImageError
 
+from services.processor.failures import ImageFailure
 from shared.events import JobOptions
 from shared.failures import FailureCode
-from services.processor.failures import ImageFailure
 from shared.settings import Settings
 
 # Pillow format name -> (file extension, content type). MPO is a JPEG with extra pictures appended
@@ -31,12 +32,23 @@ SUPPORTED_FORMATS = {
 }
 SAVED_AS = {"MPO": "JPEG"}
 # What Pillow's decoders raise on truncated or corrupt data.
-CORRUPT_DATA_ERRORS = (OSError, SyntaxError, ValueError, EOFError, IndexError, KeyError, TypeError, struct.error, zlib.error)
+CORRUPT_DATA_ERRORS = (
+    OSError,
+    SyntaxError,
+    ValueError,
+    EOFError,
+    IndexError,
+    KeyError,
+    TypeError,
+    struct.error,
+    zlib.error,
+)
 
 
 @dataclass(frozen=True)
 class CompressOptions:
     """What compress() needs of the settings: small, so it crosses to a worker process cheaply."""
+
     quality: int  # JPEG and WEBP
     jpeg_optimize: bool = False
     png_optimize: bool = False
@@ -53,8 +65,13 @@ class CompressOptions:
         """These settings with a job's options applied; no options (an older producer), or no quality: the settings'."""
         if job is None:
             return self
-        return replace(self, quality=self.quality if job.quality is None else job.quality, max_width=job.max_width,
-                       max_height=job.max_height, output_format=None if job.format == "keep" else job.format.upper())
+        return replace(
+            self,
+            quality=self.quality if job.quality is None else job.quality,
+            max_width=job.max_width,
+            max_height=job.max_height,
+            output_format=None if job.format == "keep" else job.format.upper(),
+        )
 
 
 @dataclass(frozen=True)
@@ -73,8 +90,14 @@ def compress(data: bytes | bytearray, options: CompressOptions) -> Compressed:
     if options.output_format in (None, "JPEG"):  # reencode() itself tells a JPEG from anything else
         from services.processor import fast_jpeg  # here, not above: the processor process itself needs no numpy
 
-        encoded = fast_jpeg.reencode(data, options.quality, options.max_image_pixels, options.jpeg_optimize,
-                                     options.max_width, options.max_height)
+        encoded = fast_jpeg.reencode(
+            data,
+            options.quality,
+            options.max_image_pixels,
+            options.jpeg_optimize,
+            options.max_width,
+            options.max_height,
+        )
         if encoded is not None:
             return _compressed(data, encoded, "JPEG", True, FAST_JPEG)
     try:
@@ -106,8 +129,9 @@ def compress(data: bytes | bytearray, options: CompressOptions) -> Compressed:
     return _compressed(data, encoded, image_format, input_would_do, PILLOW)
 
 
-def _compressed(data: bytes | bytearray, encoded: bytes, image_format: str, input_would_do: bool,
-                codec: str) -> Compressed:
+def _compressed(
+    data: bytes | bytearray, encoded: bytes, image_format: str, input_would_do: bool, codec: str
+) -> Compressed:
     extension, content_type = SUPPORTED_FORMATS[image_format]
     if input_would_do and len(encoded) >= len(data):
         encoded = bytes(data)  # already as small as we can make it (an MPO stays as it was; it is still a valid JPEG)
@@ -119,7 +143,9 @@ def _check_total_pixels(image: Image.Image, max_pixels: int) -> None:
     frames = getattr(image, "n_frames", 1)
     width, height = image.size
     if frames * width * height > max_pixels:
-        raise ImageFailure(FailureCode.TOO_LARGE, f"{frames} frames of {width}x{height} exceed {max_pixels} pixels in total")
+        raise ImageFailure(
+            FailureCode.TOO_LARGE, f"{frames} frames of {width}x{height} exceed {max_pixels} pixels in total"
+        )
 
 
 def fitted_size(size: tuple[int, int], max_width: int | None, max_height: int | None) -> tuple[int, int]:
@@ -131,8 +157,9 @@ def fitted_size(size: tuple[int, int], max_width: int | None, max_height: int | 
     return max(1, round(width * scale)), max(1, round(height * scale))
 
 
-def _encode(image: Image.Image, image_format: str, animated: bool, size: tuple[int, int],
-            options: CompressOptions) -> bytes:
+def _encode(
+    image: Image.Image, image_format: str, animated: bool, size: tuple[int, int], options: CompressOptions
+) -> bytes:
     params: dict = {}
     for kept in ("icc_profile", "exif", "dpi"):
         if image.info.get(kept):

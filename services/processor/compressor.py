@@ -1,6 +1,7 @@
 """Compression on every core. Pillow re-encoding JPEG scales to 1.39x one core on two threads of one
 process but to 1.89x on two processes (docs/performance.md), so by default a pool of worker
 processes does it, one per core; compress_processes=0 compresses in the calling thread instead."""
+
 import multiprocessing
 import os
 import threading
@@ -49,8 +50,12 @@ class Compressor:
 
     def _new_pool(self) -> ProcessPoolExecutor:
         # spawn, not fork: this process runs librdkafka's and httpx's threads, which a fork would copy mid-flight.
-        pool = ProcessPoolExecutor(self.processes, mp_context=multiprocessing.get_context("spawn"),
-                                   initializer=_start_worker, initargs=(os.getpid(), self.turbojpeg_library))
+        pool = ProcessPoolExecutor(
+            self.processes,
+            mp_context=multiprocessing.get_context("spawn"),
+            initializer=_start_worker,
+            initargs=(os.getpid(), self.turbojpeg_library),
+        )
         # Start every worker now (each busy a moment, so the next submit spawns another), not at the first images.
         for future in [pool.submit(time.sleep, 0.05) for _ in range(self.processes)]:
             future.result()

@@ -1,5 +1,6 @@
 """The exceptions that carry an image's failure code (shared/failures.py) through the processor."""
 
+
 class ImageFailure(Exception):
     """This image cannot be processed, and trying the same event again would not help."""
 

@@ -7,13 +7,25 @@ JFIF density, comments, progressive scans, greyscale.
 reencode() answers None for whatever it does not cover (CMYK and RGB JPEGs, lossless or differential
 coding, data the decoder warns about or refuses), and compress() takes the Pillow path instead, which
 also names the failure of an image that is really broken."""
+
 import os
 import warnings
 
 import numpy as np
+
 # Debian's libturbojpeg0 is the 2.1 series, whose API PyTurboJPEG 1.x binds (2.x needs libjpeg-turbo 3).
-from turbojpeg import (TJCS_GRAY, TJCS_YCbCr, TJFLAG_PROGRESSIVE, TJFLAG_STOPONWARNING, TJSAMP_420,
-                       TJSAMP_422, TJSAMP_440, TJSAMP_444, TJSAMP_GRAY, TurboJPEG)
+from turbojpeg import (
+    TJCS_GRAY,
+    TJFLAG_PROGRESSIVE,
+    TJFLAG_STOPONWARNING,
+    TJSAMP_420,
+    TJSAMP_422,
+    TJSAMP_440,
+    TJSAMP_444,
+    TJSAMP_GRAY,
+    TJCS_YCbCr,
+    TurboJPEG,
+)
 
 from services.processor.libturbojpeg import library_path
 
@@ -44,8 +56,14 @@ def library() -> TurboJPEG:
     return _library or load()
 
 
-def reencode(data: bytes | bytearray, quality: int, max_pixels: int, optimize: bool = False,
-             max_width: int | None = None, max_height: int | None = None) -> bytes | None:
+def reencode(
+    data: bytes | bytearray,
+    quality: int,
+    max_pixels: int,
+    optimize: bool = False,
+    max_width: int | None = None,
+    max_height: int | None = None,
+) -> bytes | None:
     """The JPEG re-encoded at `quality`, or None when the fast path does not cover it (an image larger
     than the bounds, which must be scaled, included)."""
     source = _read_headers(data)
@@ -64,8 +82,14 @@ def reencode(data: bytes | bytearray, quality: int, max_pixels: int, optimize: b
             yuv, subsampling = _decoded(turbo, data, subsampling)
             if optimize:  # TurboJPEG 2.1 has no flag for optimised Huffman tables, only this variable
                 os.environ["TJ_OPTIMIZE"] = "1"
-            encoded = turbo.encode_from_yuv(yuv, height, width, quality=quality, jpeg_subsample=subsampling,
-                                            flags=TJFLAG_PROGRESSIVE if progressive else 0)
+            encoded = turbo.encode_from_yuv(
+                yuv,
+                height,
+                width,
+                quality=quality,
+                jpeg_subsample=subsampling,
+                flags=TJFLAG_PROGRESSIVE if progressive else 0,
+            )
     except (OSError, ValueError, UserWarning):
         return None
     finally:
@@ -96,7 +120,7 @@ def _read_headers(data: bytes | bytearray) -> tuple[bool, list[bytes]] | None:
         if marker == 0xFF:  # fill byte
             position += 1
             continue
-        length = int.from_bytes(data[position + 2:position + 4], "big")
+        length = int.from_bytes(data[position + 2 : position + 4], "big")
         end = position + 2 + length
         if length < 2 or end > len(data):
             return None
@@ -106,7 +130,7 @@ def _read_headers(data: bytes | bytearray) -> tuple[bool, list[bytes]] | None:
             progressive = DECODED_FRAMES[marker]
         elif marker in OTHER_FRAMES:
             return None
-        elif marker in KEPT and data[position + 4:position + 4 + len(KEPT[marker])] == KEPT[marker]:
+        elif marker in KEPT and data[position + 4 : position + 4 + len(KEPT[marker])] == KEPT[marker]:
             kept.append(bytes(data[position:end]))
         position = end
     return None

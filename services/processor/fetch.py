@@ -1,13 +1,14 @@
 """Download one image over HTTP(S) in one attempt, with limits on time, redirects and size.
 Whether and when to try again is the caller's decision (TransientFailure says it may help)."""
+
 import time
 from collections.abc import Callable
 
 import httpx
 
-from shared.failures import FailureCode, http_status
 from services.processor.failures import ImageFailure, TransientFailure
 from shared.addresses import AddressRule, ForbiddenAddress
+from shared.failures import FailureCode, http_status
 from shared.outbound import CheckedBackend, address_checked_client, total_deadline
 from shared.settings import Settings
 
@@ -40,8 +41,13 @@ def check_url(url: str) -> httpx.URL:
     return parsed
 
 
-def fetch_image(client: httpx.Client, url: str, max_bytes: int, total_seconds: float | None = None,
-                before_body: Callable[[int | None], None] = lambda declared: None) -> bytearray:
+def fetch_image(
+    client: httpx.Client,
+    url: str,
+    max_bytes: int,
+    total_seconds: float | None = None,
+    before_body: Callable[[int | None], None] = lambda declared: None,
+) -> bytearray:
     """The body of `url`, or ImageFailure (a TransientFailure when another attempt may succeed).
     total_seconds bounds the whole download, redirects included, however slowly the server sends.
     before_body(the body's declared size, or None) is called once the answer is accepted, before its body is read."""
@@ -55,21 +61,29 @@ def fetch_image(client: httpx.Client, url: str, max_bytes: int, total_seconds: f
                 raise ImageFailure(http_status(status), f"the server answered {status} {response.reason_phrase}")
             declared = response.headers.get("Content-Length", "")
             if declared.isdigit() and int(declared) > max_bytes:
-                raise ImageFailure(FailureCode.TOO_LARGE, f"the server declares {declared} bytes; the limit is {max_bytes}")
+                raise ImageFailure(
+                    FailureCode.TOO_LARGE, f"the server declares {declared} bytes; the limit is {max_bytes}"
+                )
             before_body(_declared_size(response))
             body = _read_body(response, max_bytes)
     except ForbiddenAddress as exc:
         raise ImageFailure(FailureCode.FORBIDDEN_ADDRESS, str(exc)) from None
     except httpx.TimeoutException as exc:
         if deadline is not None and time.monotonic() >= deadline:
-            raise TransientFailure(FailureCode.TIMEOUT, f"the download took longer than {total_seconds:g}s in total") from None
-        raise TransientFailure(FailureCode.TIMEOUT, f"timed out ({type(exc).__name__})", host_unreachable=True) from None
+            raise TransientFailure(
+                FailureCode.TIMEOUT, f"the download took longer than {total_seconds:g}s in total"
+            ) from None
+        raise TransientFailure(
+            FailureCode.TIMEOUT, f"timed out ({type(exc).__name__})", host_unreachable=True
+        ) from None
     except httpx.TooManyRedirects:
         raise ImageFailure(FailureCode.TOO_MANY_REDIRECTS, "the redirect limit was reached") from None
     except (httpx.UnsupportedProtocol, httpx.InvalidURL) as exc:  # e.g. a redirect to ftp://
         raise ImageFailure(FailureCode.INVALID_URL, f"cannot follow: {exc}") from None
     except httpx.TransportError as exc:  # refused, reset, DNS failure, broken HTTP framing
-        raise TransientFailure(FailureCode.CONNECT_ERROR, f"{type(exc).__name__}: {exc}", host_unreachable=True) from None
+        raise TransientFailure(
+            FailureCode.CONNECT_ERROR, f"{type(exc).__name__}: {exc}", host_unreachable=True
+        ) from None
     if not body:
         raise ImageFailure(FailureCode.EMPTY_BODY, "the server answered with an empty body")
     return body

@@ -4,15 +4,16 @@ After `failure_threshold` consecutive connection failures or timeouts on one hos
 fail at once as host_unavailable for `cooldown_seconds` (a dead or black-holed host costs a few
 timeouts, not one per image). Then the host is tried again: a success closes the breaker, one more
 failure opens it for another cooldown."""
+
 import logging
 import threading
 import time
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 
-from shared.failures import FailureCode
 from services.processor.failures import ImageFailure
 from services.processor.priority import PriorityGate
+from shared.failures import FailureCode
 
 log = logging.getLogger(__name__)
 
@@ -25,8 +26,9 @@ class _Host:
 
 
 class HostGuard:
-    def __init__(self, limit: int, failure_threshold: int, cooldown_seconds: float,
-                 clock: Callable[[], float] = time.monotonic):
+    def __init__(
+        self, limit: int, failure_threshold: int, cooldown_seconds: float, clock: Callable[[], float] = time.monotonic
+    ):
         self.limit, self.failure_threshold, self.cooldown_seconds = limit, failure_threshold, cooldown_seconds
         self.clock = clock
         self._hosts: dict[str, _Host] = {}
@@ -53,8 +55,12 @@ class HostGuard:
             state.consecutive_failures += 1
             if state.consecutive_failures >= self.failure_threshold:
                 if not self._is_open(state):
-                    log.warning("%s failed %d times in a row: its images fail as host_unavailable for %g s",
-                                host, self.failure_threshold, self.cooldown_seconds)
+                    log.warning(
+                        "%s failed %d times in a row: its images fail as host_unavailable for %g s",
+                        host,
+                        self.failure_threshold,
+                        self.cooldown_seconds,
+                    )
                 state.open_until = self.clock() + self.cooldown_seconds
                 state.consecutive_failures = self.failure_threshold - 1  # after the cooldown, one failure reopens it
 

@@ -1,5 +1,6 @@
 """Where libjpeg-turbo's TurboJPEG library is, found and loaded without numpy: the processor process
 checks it at start but never encodes (its workers do), and numpy would cost it 13 MB of memory."""
+
 import ctypes
 import ctypes.util
 
@@ -19,6 +20,7 @@ def library_path(configured: str | None = None) -> str:
             raise OSError("the loader does not know it")
         ctypes.CDLL(path)
     except OSError as exc:
-        raise LibraryMissing("libjpeg-turbo's TurboJPEG library was not found "
-                             f"(Debian: apt-get install -y libturbojpeg0): {exc}") from None
+        raise LibraryMissing(
+            f"libjpeg-turbo's TurboJPEG library was not found (Debian: apt-get install -y libturbojpeg0): {exc}"
+        ) from None
     return path

@@ -6,6 +6,7 @@ flight grew with the threads. Two arenas bound that and still reuse freed buffer
 large buffer to the system at once instead (mmap threshold 128 KiB, before the fast JPEG path) cost
 page faults on every download and hand-off: the processor's own CPU per JPEG fell from 13 to 6 ms
 without it (docs/performance.md). What the arenas keep free is handed back once nothing is in flight."""
+
 import ctypes
 import os
 

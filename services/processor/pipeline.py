@@ -4,6 +4,7 @@ It never sleeps: an attempt worth repeating returns RetryLater, and the worker s
 other images proceed. Failures of the image itself become a failed result; an unexpected error is
 tried image_max_attempts times, then fails as internal_error; an unavailable storage is tried
 again without limit (it is not the image's fault), keeping the compressed bytes meanwhile."""
+
 import logging
 import threading
 from dataclasses import dataclass, field
@@ -11,16 +12,16 @@ from urllib.parse import urlsplit
 
 import httpx
 
-from shared.failures import FailureCode
+from services.processor import metrics
 from services.processor.compress import Compressed, CompressOptions
 from services.processor.compressor import Compressor
 from services.processor.failures import ImageFailure, StorageUnavailable, TransientFailure
 from services.processor.fetch import fetch_image
-from services.processor import metrics
 from services.processor.hosts import HostGuard
 from services.processor.priority import NORMAL
 from services.processor.storage import Storage
 from shared.events import ImageError, ImageProcessed, ImageRequested, ImageStatus
+from shared.failures import FailureCode
 from shared.offsets import Partition
 from shared.runtime import log_context
 from shared.settings import Settings
@@ -129,8 +130,15 @@ class Reservation:
 
 
 class ImagePipeline:
-    def __init__(self, settings: Settings, storage: Storage, client: httpx.Client, hosts: HostGuard,
-                 compressor: Compressor, memory: ByteBudget):
+    def __init__(
+        self,
+        settings: Settings,
+        storage: Storage,
+        client: httpx.Client,
+        hosts: HostGuard,
+        compressor: Compressor,
+        memory: ByteBudget,
+    ):
         self.settings, self.storage, self.client, self.hosts = settings, storage, client, hosts
         self.compressor, self.memory = compressor, memory
         self.options = CompressOptions.from_settings(settings)
@@ -155,42 +163,68 @@ class ImagePipeline:
         except TransientFailure as failure:
             if task.fetch_attempts < self.settings.fetch_attempts:
                 delay = FETCH_RETRY_SECONDS * 2 ** (task.fetch_attempts - 1)
-                log.info("fetch attempt %d of image %s failed (%s); trying again in %gs", task.fetch_attempts,
-                         event.image_id, failure, delay)
+                log.info(
+                    "fetch attempt %d of image %s failed (%s); trying again in %gs",
+                    task.fetch_attempts,
+                    event.image_id,
+                    failure,
+                    delay,
+                )
                 return RetryLater(delay, str(failure))
-            return self._failed(task, ImageFailure(failure.code, f"{failure.message} (after {task.fetch_attempts} attempts)"))
+            return self._failed(
+                task, ImageFailure(failure.code, f"{failure.message} (after {task.fetch_attempts} attempts)")
+            )
         except ImageFailure as failure:
             return self._failed(task, failure)
         except StorageUnavailable as exc:
             task.storage_attempts += 1
             delay = min(MAX_RETRY_SECONDS, STORAGE_RETRY_SECONDS * 2 ** (task.storage_attempts - 1))
-            log.warning("image %s of job %s waits for the storage (try %d, next in %gs): %s", event.image_id,
-                        event.request_id, task.storage_attempts, delay, exc)
+            log.warning(
+                "image %s of job %s waits for the storage (try %d, next in %gs): %s",
+                event.image_id,
+                event.request_id,
+                task.storage_attempts,
+                delay,
+                exc,
+            )
             return RetryLater(delay, f"the storage is unavailable: {exc}")
         except Exception as exc:
             task.unexpected_errors += 1
             if task.unexpected_errors < self.settings.image_max_attempts:
-                log.exception("image %s of job %s raised (try %d); retrying", event.image_id, event.request_id,
-                              task.unexpected_errors)
+                log.exception(
+                    "image %s of job %s raised (try %d); retrying",
+                    event.image_id,
+                    event.request_id,
+                    task.unexpected_errors,
+                )
                 return RetryLater(UNEXPECTED_RETRY_SECONDS * 2 ** (task.unexpected_errors - 1), repr(exc))
-            log.exception("image %s of job %s failed after %d tries", event.image_id, event.request_id,
-                          task.unexpected_errors)
+            log.exception(
+                "image %s of job %s failed after %d tries", event.image_id, event.request_id, task.unexpected_errors
+            )
             message = f"unexpected {type(exc).__name__} in {task.unexpected_errors} tries: {exc}"
             return self._failed(task, ImageFailure(FailureCode.INTERNAL_ERROR, message[:MESSAGE_MAX_CHARS]))
-        log.info("image %s of job %s: %s %d -> %d bytes", event.image_id, event.request_id,
-                 task.compressed.format, task.bytes_in, len(task.compressed.data))
+        log.info(
+            "image %s of job %s: %s %d -> %d bytes",
+            event.image_id,
+            event.request_id,
+            task.compressed.format,
+            task.bytes_in,
+            len(task.compressed.data),
+        )
         metrics.IMAGES_PROCESSED.inc()
         metrics.IMAGES_ENCODED.labels(codec=task.compressed.codec).inc()
         metrics.DOWNLOADED_BYTES.inc(task.bytes_in)
         metrics.STORED_BYTES.inc(len(task.compressed.data))
-        return Finished(ImageProcessed(
-            **_same_image(event),
-            status=ImageStatus.processed,
-            output_url=output_url,
-            format=task.compressed.format,
-            bytes_in=task.bytes_in,
-            bytes_out=len(task.compressed.data),
-        ))
+        return Finished(
+            ImageProcessed(
+                **_same_image(event),
+                status=ImageStatus.processed,
+                output_url=output_url,
+                format=task.compressed.format,
+                bytes_in=task.bytes_in,
+                bytes_out=len(task.compressed.data),
+            )
+        )
 
     def _fetch_and_compress(self, task: ImageTask) -> None:
         host = task.origin
@@ -200,8 +234,13 @@ class ImagePipeline:
                 task.fetch_attempts += 1
                 try:
                     with metrics.DOWNLOAD_SECONDS.time():
-                        data = fetch_image(self.client, task.event.input_url, self.settings.max_download_bytes,
-                                           self.settings.fetch_total_timeout, reservation.body_size)
+                        data = fetch_image(
+                            self.client,
+                            task.event.input_url,
+                            self.settings.max_download_bytes,
+                            self.settings.fetch_total_timeout,
+                            reservation.body_size,
+                        )
                 except TransientFailure as failure:
                     if failure.host_unreachable:
                         self.hosts.failed(host)
@@ -227,9 +266,13 @@ class ImagePipeline:
         event = task.event
         log.log(level, "image %s of job %s failed: %s", event.image_id, event.request_id, failure)
         metrics.IMAGES_FAILED.labels(reason=str(failure.code)).inc()
-        return Finished(ImageProcessed(
-            **_same_image(event), status=ImageStatus.failed, error=ImageError(code=failure.code, message=failure.message)
-        ))
+        return Finished(
+            ImageProcessed(
+                **_same_image(event),
+                status=ImageStatus.failed,
+                error=ImageError(code=failure.code, message=failure.message),
+            )
+        )
 
 
 def origin(url: str) -> str:

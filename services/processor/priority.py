@@ -1,6 +1,7 @@
 """A counting semaphore whose waiters go in by priority (lower first), then in the order they came.
 Images of the normal lane pass bulk images wherever they queue for a host, for memory or for a
 compression worker, so a small job is not stuck behind a large one inside the processor either."""
+
 import heapq
 import itertools
 import threading

@@ -1,4 +1,5 @@
 """Where compressed images go: local disk (served by the API under /files/), Cloudinary or S3."""
+
 import logging
 import os
 import tempfile
@@ -12,8 +13,8 @@ import botocore.exceptions
 import cloudinary.exceptions
 import cloudinary.uploader
 
-from shared.failures import FailureCode
 from services.processor.failures import ImageFailure, StorageUnavailable
+from shared.failures import FailureCode
 from shared.settings import Settings
 
 log = logging.getLogger(__name__)
@@ -34,10 +35,18 @@ S3_READ_TIMEOUT_SECONDS = 60
 # S3 answers that another try may not get, besides any 5xx and 429: throttling and timeouts that come
 # with a 4xx status. Any other answer (access denied, no such bucket, unknown key id, wrong region) will
 # be the same next time.
-S3_TRANSIENT_ERROR_CODES = frozenset({
-    "SlowDown", "Throttling", "ThrottlingException", "TooManyRequestsException", "RequestLimitExceeded",
-    "RequestThrottled", "RequestTimeout", "RequestTimeoutException",
-})
+S3_TRANSIENT_ERROR_CODES = frozenset(
+    {
+        "SlowDown",
+        "Throttling",
+        "ThrottlingException",
+        "TooManyRequestsException",
+        "RequestLimitExceeded",
+        "RequestThrottled",
+        "RequestTimeout",
+        "RequestTimeoutException",
+    }
+)
 # No answer at all (refused, reset, DNS, timeouts, TLS, a proxy), or credentials that boto3's default chain
 # cannot fetch right now (an instance role's endpoint down): the storage is unavailable.
 S3_UNREACHABLE_ERRORS = (
@@ -90,7 +99,9 @@ class LocalStorage:
 class CloudinaryStorage:
     def __init__(self, settings: Settings):
         if settings.cloudinary_url is None:
-            raise ValueError("storage=cloudinary needs CLOUDINARY_URL (cloudinary://<api_key>:<api_secret>@<cloud_name>)")
+            raise ValueError(
+                "storage=cloudinary needs CLOUDINARY_URL (cloudinary://<api_key>:<api_secret>@<cloud_name>)"
+            )
         # Passed with each upload rather than through cloudinary.config(): the SDK's config(cloudinary_url=...)
         # stores the string without parsing it.
         self.options = _parse_cloudinary_url(settings.cloudinary_url.get_secret_value())
@@ -110,7 +121,9 @@ class CloudinaryStorage:
                 **self.options,
             )
         except CLOUDINARY_PERMANENT_ERRORS as exc:
-            raise ImageFailure(FailureCode.STORAGE_ERROR, f"Cloudinary refused the upload: {type(exc).__name__}: {exc}") from None
+            raise ImageFailure(
+                FailureCode.STORAGE_ERROR, f"Cloudinary refused the upload: {type(exc).__name__}: {exc}"
+            ) from None
         except cloudinary.exceptions.Error as exc:
             raise StorageUnavailable(f"Cloudinary is unavailable: {type(exc).__name__}: {exc}") from exc
         return result["secure_url"]
@@ -133,26 +146,34 @@ class S3Storage:
             raise ValueError("storage=s3 needs S3_BUCKET")
         access_key_id, secret_access_key = settings.s3_access_key_id, settings.s3_secret_access_key
         if (access_key_id is None) != (secret_access_key is None):
-            raise ValueError("S3_ACCESS_KEY_ID and S3_SECRET_ACCESS_KEY go together; set neither for boto3's default chain")
+            raise ValueError(
+                "S3_ACCESS_KEY_ID and S3_SECRET_ACCESS_KEY go together; set neither for boto3's default chain"
+            )
         session = boto3.session.Session(
             aws_access_key_id=access_key_id.get_secret_value() if access_key_id else None,
             aws_secret_access_key=secret_access_key.get_secret_value() if secret_access_key else None,
             region_name=settings.s3_region,
         )
         if session.get_credentials() is None:
-            raise ValueError("storage=s3 found no credentials: set S3_ACCESS_KEY_ID and S3_SECRET_ACCESS_KEY, "
-                             "or give boto3's default chain some (AWS_* variables, ~/.aws, an instance or task role)")
+            raise ValueError(
+                "storage=s3 found no credentials: set S3_ACCESS_KEY_ID and S3_SECRET_ACCESS_KEY, "
+                "or give boto3's default chain some (AWS_* variables, ~/.aws, an instance or task role)"
+            )
         # One client for all of the processor's threads (boto3 clients are thread-safe), with a connection for
         # each image in flight.
-        self.client = session.client("s3", endpoint_url=settings.s3_endpoint_url, config=botocore.config.Config(
-            signature_version="s3v4",
-            connect_timeout=S3_CONNECT_TIMEOUT_SECONDS,
-            read_timeout=S3_READ_TIMEOUT_SECONDS,
-            max_pool_connections=settings.processor_max_in_flight,
-            # No retries in the SDK, which would sleep in the image's thread: the pipeline retries an unavailable
-            # storage itself, with backoff, holding no thread.
-            retries={"mode": "standard", "total_max_attempts": 1},
-        ))
+        self.client = session.client(
+            "s3",
+            endpoint_url=settings.s3_endpoint_url,
+            config=botocore.config.Config(
+                signature_version="s3v4",
+                connect_timeout=S3_CONNECT_TIMEOUT_SECONDS,
+                read_timeout=S3_READ_TIMEOUT_SECONDS,
+                max_pool_connections=settings.processor_max_in_flight,
+                # No retries in the SDK, which would sleep in the image's thread: the pipeline retries an unavailable
+                # storage itself, with backoff, holding no thread.
+                retries={"mode": "standard", "total_max_attempts": 1},
+            ),
+        )
         self.bucket, self.prefix = settings.s3_bucket, settings.s3_prefix
         self.public_base_url = settings.s3_public_base_url.rstrip("/") if settings.s3_public_base_url else None
         self.presigned_url_expiry_seconds = settings.s3_presigned_url_expiry_seconds
@@ -164,14 +185,18 @@ class S3Storage:
             if self.public_base_url:
                 return f"{self.public_base_url}/{quote(object_key)}"
             return self.client.generate_presigned_url(
-                "get_object", Params={"Bucket": self.bucket, "Key": object_key}, ExpiresIn=self.presigned_url_expiry_seconds,
+                "get_object",
+                Params={"Bucket": self.bucket, "Key": object_key},
+                ExpiresIn=self.presigned_url_expiry_seconds,
             )
         except botocore.exceptions.ClientError as exc:
             status = exc.response.get("ResponseMetadata", {}).get("HTTPStatusCode", 0)
             code = exc.response.get("Error", {}).get("Code", "")
             if status >= 500 or status == 429 or code in S3_TRANSIENT_ERROR_CODES:
                 raise StorageUnavailable(f"S3 is unavailable: {exc}") from exc
-            raise ImageFailure(FailureCode.STORAGE_ERROR, f"S3 refused the upload to s3://{self.bucket}/{object_key}: {exc}") from None
+            raise ImageFailure(
+                FailureCode.STORAGE_ERROR, f"S3 refused the upload to s3://{self.bucket}/{object_key}: {exc}"
+            ) from None
         except S3_UNREACHABLE_ERRORS as exc:
             raise StorageUnavailable(f"S3 is unavailable: {type(exc).__name__}: {exc}") from exc
 

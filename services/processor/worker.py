@@ -8,6 +8,7 @@ image goes to a download thread, which runs the pipeline and produces its result
 delivery report, served here, marks the message finished, and offsets are stored as far as the
 OffsetTracker allows, although images finish out of order. Retries wait in a schedule here,
 holding no thread."""
+
 import heapq
 import itertools
 import logging
@@ -64,8 +65,12 @@ class Processor:
         # per image, which the broker pays for on the same cores as the compression.
         self.producer = make_producer(settings, **{"linger.ms": RESULTS_LINGER_MS})
         self.consumer = make_consumer(
-            settings, settings.processor_group, [settings.topic_requested, settings.topic_requested_bulk], self.tracker,
-            self.assigned, **{
+            settings,
+            settings.processor_group,
+            [settings.topic_requested, settings.topic_requested_bulk],
+            self.tracker,
+            self.assigned,
+            **{
                 "partition.assignment.strategy": "roundrobin",  # every processor gets partitions of both lanes
                 # A resumed partition is fetched again only once the fetch already waiting at the broker
                 # returns: at most this long (500 ms by default), so a backlog is not read in stutters.
@@ -76,7 +81,9 @@ class Processor:
         readiness.add("consumer", consumer_check(self.assigned))
         self.compressor = Compressor(settings.compress_processes, settings.turbojpeg_library)
         self.client = make_http_client(settings)
-        hosts = HostGuard(settings.fetch_per_host_limit, settings.host_failure_threshold, settings.host_cooldown_seconds)
+        hosts = HostGuard(
+            settings.fetch_per_host_limit, settings.host_failure_threshold, settings.host_cooldown_seconds
+        )
         memory = ByteBudget(settings.processor_max_in_flight_bytes)
         self.pipeline = ImagePipeline(settings, storage, self.client, hosts, self.compressor, memory)
         self.threads = ThreadPoolExecutor(settings.processor_max_in_flight, thread_name_prefix="image")
@@ -100,9 +107,13 @@ class Processor:
 
     def run(self, stop: threading.Event) -> None:
         self.consumer_thread = threading.current_thread()
-        log.info("processor consuming %s and %s as group %s, up to %d images at a time",
-                 self.settings.topic_requested, self.settings.topic_requested_bulk, self.settings.processor_group,
-                 self.settings.processor_max_in_flight)
+        log.info(
+            "processor consuming %s and %s as group %s, up to %d images at a time",
+            self.settings.topic_requested,
+            self.settings.topic_requested_bulk,
+            self.settings.processor_group,
+            self.settings.processor_max_in_flight,
+        )
         try:
             while not stop.is_set():
                 self._raise_thread_errors()
@@ -181,8 +192,11 @@ class Processor:
         self.lanes[message.topic()].append(ImageTask(partition, message.offset(), event, priority, epoch=epoch))
 
     def _can_start(self) -> bool:
-        return (self.working < self.settings.processor_max_in_flight and self.unacked < self.queue_limit
-                and any(self.lanes.values()))
+        return (
+            self.working < self.settings.processor_max_in_flight
+            and self.unacked < self.queue_limit
+            and any(self.lanes.values())
+        )
 
     def _start_queued(self) -> None:
         """Start queued images while there is room, the normal lane's first."""
@@ -222,13 +236,22 @@ class Processor:
                 self._finish(task.partition, task.offset, task.epoch)
                 return
             delay = min(MAX_PRODUCE_RETRY_SECONDS, PRODUCE_RETRY_SECONDS * 2 ** (attempt - 1))
-            log.warning("result of image %s not acknowledged by Kafka (%s); producing it again in %gs",
-                        task.event.image_id, error, delay,
-                        extra={"request_id": str(task.event.request_id), "image_id": str(task.event.image_id)})
+            log.warning(
+                "result of image %s not acknowledged by Kafka (%s); producing it again in %gs",
+                task.event.image_id,
+                error,
+                delay,
+                extra={"request_id": str(task.event.request_id), "image_id": str(task.event.image_id)},
+            )
             self._schedule(delay, lambda: self._produce_result(task, result, attempt + 1))
 
-        self._produce(self.settings.topic_processed, str(result.request_id).encode(),
-                      result.model_dump_json().encode(), None, delivered)
+        self._produce(
+            self.settings.topic_processed,
+            str(result.request_id).encode(),
+            result.model_dump_json().encode(),
+            None,
+            delivered,
+        )
 
     def _send_dead_letter(self, message: Message, epoch: int, error: str, in_thread: bool) -> None:
         """Pass an unreadable message on unchanged, with headers saying why and where from."""
@@ -296,8 +319,9 @@ class Processor:
         """Let running images finish and their results be acknowledged; what is queued or waits for a
         retry is left to the partition's next owner (its offset stays uncommitted)."""
         deadline = time.monotonic() + self.settings.processor_drain_seconds
-        while (self.working - self.waiting or self.unacked) and time.monotonic() < deadline and self.thread_errors.empty():
+        while (
+            (self.working - self.waiting or self.unacked) and time.monotonic() < deadline and self.thread_errors.empty()
+        ):
             self.producer.poll(0.05)
             self._hear_from_threads()
         store_offsets(self.consumer, self.tracker)
-

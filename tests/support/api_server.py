@@ -1,4 +1,5 @@
 """An ASGI app (the API) in a real uvicorn server on 127.0.0.1, in a thread of the test."""
+
 import threading
 import time
 

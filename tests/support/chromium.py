@@ -4,6 +4,7 @@ it is pointed at this executable.
 
 The flags keep Chromium's traffic on loopback: without the background-networking ones it tries
 Google's hosts at every start (component updates, sync, field trials, QUIC probes)."""
+
 import os
 import shutil
 import subprocess

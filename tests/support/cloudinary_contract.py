@@ -2,6 +2,7 @@
 POST /v1_1/<cloud_name>/image/upload, multipart/form-data with file, api_key, timestamp and signature,
 where signature = SHA-1 of the other parameters (not file, cloud_name, resource_type, api_key) sorted,
 as k=v joined with & ("&" inside a pair written %26), followed by the API secret."""
+
 import email.parser
 import email.policy
 import hashlib
@@ -64,7 +65,9 @@ class _UploadHandler(BaseHTTPRequestHandler):
             return self.answer(401, {"error": {"message": f"Unknown API key {fields['api_key']}"}})
         if fields["signature"] != sign(fields, server.api_secret):
             to_sign = string_to_sign(fields)
-            return self.answer(401, {"error": {"message": f"Invalid Signature {fields['signature']}. String to sign - '{to_sign}'."}})
+            return self.answer(
+                401, {"error": {"message": f"Invalid Signature {fields['signature']}. String to sign - '{to_sign}'."}}
+            )
         if abs(time.time() - int(fields["timestamp"])) > SIGNATURE_LIFETIME_SECONDS:
             return self.answer(401, {"error": {"message": "Stale request - reported time is more than 1 hour ago"}})
         try:
@@ -79,11 +82,21 @@ class _UploadHandler(BaseHTTPRequestHandler):
         version = int(time.time())
         extension = EXTENSIONS.get(image_format, image_format.lower())
         url = f"{server.base_url}/{server.cloud_name}/image/upload/v{version}/{public_id}.{extension}"
-        self.answer(200, {
-            "public_id": public_id, "version": version, "resource_type": "image", "type": "upload",
-            "format": extension, "width": width, "height": height, "bytes": len(raw["file"]),
-            "url": url, "secure_url": url,
-        })
+        self.answer(
+            200,
+            {
+                "public_id": public_id,
+                "version": version,
+                "resource_type": "image",
+                "type": "upload",
+                "format": extension,
+                "width": width,
+                "height": height,
+                "bytes": len(raw["file"]),
+                "url": url,
+                "secure_url": url,
+            },
+        )
 
     def answer(self, status: int, payload: dict):
         body = json.dumps(payload).encode()
@@ -107,4 +120,3 @@ class CloudinaryContractServer(LoopbackServer):
 
     def cloudinary_url(self, api_secret: str | None = None) -> str:
         return f"cloudinary://{self.api_key}:{api_secret or self.api_secret}@{self.cloud_name}"
-

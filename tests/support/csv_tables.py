@@ -1,4 +1,5 @@
 """Hypothesis strategies for CSV uploads: tables a person could build, and the CSV text they could save them as."""
+
 from hypothesis import strategies as st
 
 URL_COLUMN_NAMES = ("url", "input image urls")
@@ -20,7 +21,8 @@ def urls(draw, comma_allowed: bool) -> str:
     port = draw(st.none() | st.integers(0, 65535))
     path_char = st.characters(
         codec="utf-8",
-        exclude_categories=("Cs", "Cc", "Zs", "Zl", "Zp"), exclude_characters="" if comma_allowed else ","
+        exclude_categories=("Cs", "Cc", "Zs", "Zl", "Zp"),
+        exclude_characters="" if comma_allowed else ",",
     ).filter(lambda ch: not ch.isspace())
     path = draw(st.text(path_char, max_size=16))
     return f"{scheme}://{host}{'' if port is None else f':{port}'}/{path}"

@@ -1,4 +1,5 @@
 """Real HTTP servers on 127.0.0.1 for the tests: an image host and a webhook receiver."""
+
 import json
 import sys
 import threading
@@ -148,6 +149,8 @@ class WebhookReceiver(LoopbackServer):
     def wait_for(self, count: int = 1, timeout: float = 60, path: str | None = None) -> list[Received]:
         deadline = time.monotonic() + timeout
         while len(posts := self.posts_to(path)) < count:
-            assert time.monotonic() < deadline, f"expected {count} POSTs to {path or 'any path'} within {timeout}s, got {len(posts)}"
+            assert time.monotonic() < deadline, (
+                f"expected {count} POSTs to {path or 'any path'} within {timeout}s, got {len(posts)}"
+            )
             time.sleep(0.05)
         return posts

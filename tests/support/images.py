@@ -1,4 +1,5 @@
 """Photo-like test images made in code, so tests need no files from outside the repository."""
+
 import io
 import random
 

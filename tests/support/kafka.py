@@ -2,6 +2,7 @@
 
 `kafka` is the bootstrap servers, or Settings: then the clients are configured as the services' are
 (secured Kafka too)."""
+
 import json
 import time
 
@@ -40,7 +41,9 @@ def committed_offsets(kafka: str | Settings, group: str, topic: str) -> dict[int
     as shared/positions.py reads them (the admin client's call can crash the process)."""
     reader = Consumer({**_config(kafka), "group.id": group, "enable.auto.commit": False})
     try:
-        return {partition: offset for (_topic, partition), offset in positions.committed_offsets(reader, [topic]).items()}
+        return {
+            partition: offset for (_topic, partition), offset in positions.committed_offsets(reader, [topic]).items()
+        }
     finally:
         reader.close()
 
@@ -53,7 +56,11 @@ def wait_until_consumed(
     every message was handled."""
     admin = AdminClient(_config(kafka))
     ends = {
-        topic: {p: end for p, end in end_offsets(admin, topic).items() if end > 0 and (partitions is None or p in partitions)}
+        topic: {
+            p: end
+            for p, end in end_offsets(admin, topic).items()
+            if end > 0 and (partitions is None or p in partitions)
+        }
         for topic in topics
     }
     deadline = time.monotonic() + timeout
@@ -122,8 +129,12 @@ def requested_events(settings: Settings, request_id: str, expected: int, timeout
     dispatcher releases a job's images after its upload, not during it)."""
     deadline = time.monotonic() + timeout
     while True:
-        found = [message for topic in (settings.topic_requested, settings.topic_requested_bulk)
-                 for message in read_to_end(settings, topic) if json.loads(message.value())["request_id"] == request_id]
+        found = [
+            message
+            for topic in (settings.topic_requested, settings.topic_requested_bulk)
+            for message in read_to_end(settings, topic)
+            if json.loads(message.value())["request_id"] == request_id
+        ]
         if len(found) >= expected:
             return found
         assert time.monotonic() < deadline, f"{len(found)} of {expected} events of job {request_id} released"

@@ -1,4 +1,5 @@
 """Reading a service's /metrics (Prometheus text) and /readyz as an operator's tools would."""
+
 import time
 
 import httpx

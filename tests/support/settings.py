@@ -1,5 +1,6 @@
 """The one way tests build Settings: from explicit field names only, never from the environment of
 whoever runs the tests (a DATABASE_URL or IMGPIPE_STORAGE there must not change what a test checks)."""
+
 import os
 import uuid
 

@@ -1,4 +1,5 @@
 """The running stack as a test sees it (start_stack in conftest.py), and what tests do through its API."""
+
 import signal
 import time
 from dataclasses import dataclass
@@ -55,8 +56,11 @@ def assert_settled_with_one_webhook(stack: Stack, request_id: str, receiver: Web
     """Wait until every request is processed and every result applied (committed offsets at the ends of
     the topics: the services commit only finished work), then check the webhook was sent exactly once."""
     settings = stack.settings
-    wait_until_consumed(settings.kafka_bootstrap_servers, settings.processor_group,
-                        [settings.topic_requested, settings.topic_requested_bulk])
+    wait_until_consumed(
+        settings.kafka_bootstrap_servers,
+        settings.processor_group,
+        [settings.topic_requested, settings.topic_requested_bulk],
+    )
     wait_until_consumed(settings.kafka_bootstrap_servers, settings.notifier_group, [settings.topic_processed])
     webhook = wait_for_status(stack.api, request_id, lambda s: s["webhook"]["status"] != "pending")["webhook"]
     assert (webhook["status"], webhook["attempts"]) == ("delivered", 1)

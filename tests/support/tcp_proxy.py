@@ -1,6 +1,7 @@
 """A TCP forwarder on 127.0.0.1 that a test can cut and restore: a dependency that goes away and comes
 back without stopping its server (for PostgreSQL; Kafka's clients would go around it, to the brokers'
 advertised addresses)."""
+
 import socket
 import threading
 

@@ -1,4 +1,5 @@
 """A service's run(settings, stop) in a thread of the test, whose crash fails the test."""
+
 import threading
 
 
