@@ -101,9 +101,7 @@ class Processor:
         self.unacked = 0  # results handed to the producer and not yet acknowledged
         self.paused: set[tuple[str, int]] = set()
         self.trimmed = True  # free memory handed back since the last image finished
-        metrics.IMAGES_IN_FLIGHT.set_function(lambda: self.working)
-        for lane, name in ((settings.topic_requested, "normal"), (settings.topic_requested_bulk, "bulk")):
-            metrics.IMAGES_QUEUED.labels(lane=name).set_function(lambda queue=self.lanes[lane]: len(queue))
+        self._set_gauges(running=True)
 
     def run(self, stop: threading.Event) -> None:
         self.consumer_thread = threading.current_thread()
@@ -137,7 +135,18 @@ class Processor:
             self.threads.shutdown(wait=False, cancel_futures=True)
             self.compressor.close()
             self.client.close()
+            self._read_gauges_from(
+                None
+            )  # the gauges are global: they must not keep this processor (its producer) alive
             log.info("processor stopped")
+
+    def _set_gauges(self, running: bool) -> None:
+        """The gauges are global: once stopped they read 0 and hold no reference to this processor (whose
+        producer would otherwise live on, trying to reach its brokers)."""
+        metrics.IMAGES_IN_FLIGHT.set_function((lambda: self.working) if running else (lambda: 0))
+        for lane, name in ((self.settings.topic_requested, "normal"), (self.settings.topic_requested_bulk, "bulk")):
+            queue = self.lanes[lane] if running else ()
+            metrics.IMAGES_QUEUED.labels(lane=name).set_function(lambda queue=queue: len(queue))
 
     # --- taking messages ------------------------------------------------------------------------
 
