@@ -83,7 +83,8 @@ class Settings(BaseSettings):
     # How long the dispatcher's producer tries to deliver a round's events before that round fails and is
     # released again (librdkafka's message.timeout.ms).
     publish_attempt_seconds: float = Field(30.0, gt=0)
-    # When set, every endpoint but /healthz needs "Authorization: Bearer <key>" (python -m services.api.keys).
+    # When set, every endpoint but services/api/guards.py's public ones (health, API description, web page,
+    # stored files) needs "Authorization: Bearer <key>" (python -m services.api.keys).
     api_keys_required: bool = False
     # Bulkheads (services/api/limits.py). Uploads being accepted at once, and the bytes they declare: one
     # more is refused at once, before its body is read, with 429 too_many_uploads. Each upload parses on
