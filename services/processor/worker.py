@@ -135,9 +135,7 @@ class Processor:
             self.threads.shutdown(wait=False, cancel_futures=True)
             self.compressor.close()
             self.client.close()
-            self._read_gauges_from(
-                None
-            )  # the gauges are global: they must not keep this processor (its producer) alive
+            self._set_gauges(running=False)
             log.info("processor stopped")
 
     def _set_gauges(self, running: bool) -> None:
