@@ -26,10 +26,11 @@ run-cluster: install
 test: install
 	$(PY) -m pytest
 
-# ruff (lint, import order, format) on the whole tree; settings in pyproject.toml.
+# ruff (lint, import order, format) and mypy on the whole tree; settings in pyproject.toml.
 lint: install
 	$(VENV)/bin/ruff check .
 	$(VENV)/bin/ruff format --check .
+	$(VENV)/bin/mypy
 
 # The performance harness (docs/performance.md); not part of `make test`. Results in bench/results/.
 bench: install

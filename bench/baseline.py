@@ -28,6 +28,7 @@ def _load(images: list[bytes], ready) -> None:
 def _warm_up(_n: int) -> None:
     """Each of the pool's processes must take one of these (the barrier): then all are loaded and warm."""
     pillow_reencode(_images[0])  # Pillow's plugins load on first use: not part of the measurement
+    assert _ready is not None  # set by _load, the pool's initializer
     _ready.wait(60)
 
 

@@ -49,7 +49,8 @@ def write_url_csv(path: Path, rows: int) -> Path:
 def settings_of(services: Services) -> Settings:
     """The services' settings, as they read them from their IMGPIPE_* environment."""
     return Settings(
-        **{
+        # mypy matches the **dict against BaseSettings' own _-prefixed options too; these are all fields
+        **{  # type: ignore[arg-type]
             key.removeprefix("IMGPIPE_").lower(): value
             for key, value in services.env.items()
             if key.startswith("IMGPIPE_")
@@ -328,9 +329,11 @@ def notifier(bench) -> dict:
                 while time.monotonic() < deadline:
                     if services.core.processes["notifier"].poll() is not None:
                         raise RuntimeError("the notifier exited")
-                    seen = conn.execute(
+                    row = conn.execute(
                         "SELECT processed_images + failed_images FROM processing_jobs WHERE job_id = %s", (job_id,)
-                    ).fetchone()[0]
+                    ).fetchone()
+                    assert row is not None  # the job stored above
+                    seen = row[0]
                     now = time.monotonic()
                     if seen and first is None:
                         first = (now, seen)
@@ -344,11 +347,12 @@ def notifier(bench) -> dict:
             pool.close()
     bare_rate = results / bare
     target = f">= {NOTIFIER_TARGET_PER_SECOND} results/s"
-    if last is None or last == first[0]:
+    # first[...] below: first is set whenever last is (by the first result seen, results > 0)
+    if last is None or last == first[0]:  # type: ignore[index]
         result = check("notifier", f"{seen} of {results} results committed within the wait", target, False)
         rate = None
     else:
-        rate = (results - first[1]) / (last - first[0])  # from the first committed batch: startup excluded
+        rate = (results - first[1]) / (last - first[0])  # type: ignore[index]  # from the first committed batch: startup excluded
         result = check(
             "notifier",
             f"{rate:.0f} results/s (bare COPY {bare_rate:.0f} rows/s)",
@@ -363,7 +367,7 @@ def notifier(bench) -> dict:
             {
                 "job": f"{results} prepared results, Kafka -> committed rows",
                 "images": results,
-                "seconds": None if last is None else last - first[0],
+                "seconds": None if last is None else last - first[0],  # type: ignore[index]
                 "images_per_second": rate,
                 "finished": last is not None,
                 "failed_images": None,

@@ -26,7 +26,8 @@ class Job:
 
     @property
     def images_per_second(self) -> float | None:
-        return None if self.finished_at is None else self.images / self.seconds
+        seconds = self.seconds
+        return None if seconds is None else self.images / seconds
 
     def summary(self, name: str) -> dict:
         return {

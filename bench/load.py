@@ -96,7 +96,9 @@ def uploads(bench) -> dict:
             answers = list(pool.map(lambda _: _upload(services.api_url, big), range(count)))
         busy_answers = poller.stop()
         with psycopg.connect(services.database_url) as conn:
-            stored = conn.execute("SELECT count(*) FROM processing_jobs WHERE total_images = %s", [rows]).fetchone()[0]
+            row = conn.execute("SELECT count(*) FROM processing_jobs WHERE total_images = %s", [rows]).fetchone()
+            assert row is not None  # count(*) gives one row
+            stored = row[0]
     accepted = [a for a in answers if a[1] == 202]
     refused = [a for a in answers if a[1] != 202]
     honest = all(

@@ -6,6 +6,7 @@ import math
 import os
 import platform
 import subprocess
+from collections.abc import Sequence
 from pathlib import Path
 
 import PIL
@@ -55,7 +56,7 @@ def table_rows(scenarios: dict) -> list[tuple[str, str, str, str]]:
     return rows
 
 
-def text_table(rows: list[tuple[str, ...]], header=("scenario", "measured", "target", "met?")) -> str:
+def text_table(rows: Sequence[tuple[str, ...]], header=("scenario", "measured", "target", "met?")) -> str:
     widths = [max(len(row[i]) for row in [header, *rows]) for i in range(len(header))]
     lines = [" | ".join(cell.ljust(width) for cell, width in zip(row, widths, strict=True)) for row in [header, *rows]]
     lines.insert(1, "-+-".join("-" * width for width in widths))

@@ -6,7 +6,7 @@ import itertools
 import math
 import os
 import time
-from collections.abc import Iterator
+from collections.abc import Iterator, Sequence
 from contextlib import contextmanager
 from dataclasses import dataclass, field, fields, replace
 from pathlib import Path
@@ -156,9 +156,12 @@ class Bench:
                 self._services.start(processors, settings)
                 self._jobs = Jobs(self._services.api_url, self.webhooks, self._services.api_key("bench"))
                 self.warm_up(self._services, self._jobs)
-            elif (processors, settings) != (len(self._services.processors.names), self._services.processor_settings):
+            # started services have their processors, and their Jobs beside them
+            elif (processors, settings) != (len(self._services.processors.names), self._services.processor_settings):  # type: ignore[union-attr]
+                assert self._jobs is not None
                 self._services.restart_processors(processors, settings)
                 self.warm_up(self._services, self._jobs)
+            assert self._jobs is not None
             yield self._services, self._jobs
         except Exception as exc:
             tails = self._services.log_tails() if self._services else ""
@@ -234,13 +237,13 @@ def _job_line(name: str, job: Job) -> str:
     return f"{name}: {job.images} images in {job.seconds:.2f} s ({job.images_per_second:.1f} img/s)"
 
 
-def _cpu_seconds(roots: dict[str, list[int | None]]) -> dict[str, float | None]:
+def _cpu_seconds(roots: dict[str, Sequence[int | None]]) -> dict[str, float | None]:
     """CPU seconds so far of each group of process trees (None where a process is unknown or gone), and
     of the harness itself (without its children: the services are its children)."""
     totals: dict[str, float | None] = {}
     for name, pids in roots.items():
         readings = [proc.cpu_seconds(pid) if pid else None for pid in pids]
-        totals[name] = None if None in readings else sum(readings)
+        totals[name] = None if None in readings else sum(readings)  # type: ignore[arg-type]  # no None in them here
     totals["harness"] = proc.cpu_seconds(os.getpid(), children=False)
     return totals
 
@@ -252,7 +255,7 @@ EFFICIENCY_PASSES = 2  # each way, alternating: the machine's noise is of the or
 
 def efficiency(bench: Bench) -> dict:
     baseline = bench.pillow_baseline()["2_processes"]
-    runs = {"without the window": [], "with the window": []}
+    runs: dict[str, list[tuple[Job, dict]]] = {"without the window": [], "with the window": []}
     for _ in range(EFFICIENCY_PASSES):
         for way, api_settings in (("without the window", WITHOUT_WINDOW), ("with the window", {})):
             runs[way].append(_efficiency_job(bench, api_settings))
@@ -324,7 +327,9 @@ def _efficiency_job(
     bench: Bench, api_settings: dict[str, str], images: list[ImageFile] | None = None
 ) -> tuple[Job, dict]:
     with bench.stack("efficiency", api_settings=api_settings) as (services, jobs):
-        roots = {name: [pid] for name, pid in services.pids().items() if not name.startswith("processor-")}
+        roots: dict[str, Sequence[int | None]] = {
+            name: [pid] for name, pid in services.pids().items() if not name.startswith("processor-")
+        }
         roots |= {
             "processors": services.processor_pids(),
             "kafka": [bench.infra.kafka_pid()],
@@ -337,7 +342,9 @@ def _efficiency_job(
         after = _cpu_seconds(roots)
     _log(_job_line(f"{'JPEG' if images else 'mixed'} job{' without the window' if api_settings else ''}", job))
     return job, {
-        name: None if after[name] is None or before[name] is None else after[name] - before[name] for name in after
+        # mypy does not narrow after[name] and before[name] by the checks for None
+        name: None if after[name] is None or before[name] is None else after[name] - before[name]  # type: ignore[operator]
+        for name in after
     }
 
 
@@ -383,6 +390,7 @@ def dead_host(bench: Bench) -> dict:
             "dead host", f"{counts['failed']} of {dead.images} failed after {dead_wait:.0f} s", target, False
         )
     else:
+        assert dead.webhook is not None  # it arrived with finished_at, which seconds is from
         failed = dead.webhook["failed_images"]
         all_failed = check(
             "dead host",

@@ -42,7 +42,8 @@ def _hold_connections(listener: socket.socket) -> None:
 def _serve(directory: Path, ports) -> None:
     """The image server process: /img/<file name> for every file of `directory`, from memory."""
     httpd = LoopbackHTTPServer(_ImageHandler)
-    httpd.files = {
+    # what _ImageHandler serves, reached as self.server (LoopbackHTTPServer has no such attribute)
+    httpd.files = {  # type: ignore[attr-defined]
         f"/img/{path.name}": path.read_bytes() for path in directory.iterdir() if path.suffix in (".jpg", ".png")
     }
     black_hole = socket.create_server((LOOPBACK, 0), backlog=1024)

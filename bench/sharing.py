@@ -197,10 +197,12 @@ def _sample_held(database_url: str, settings: Settings, stop: threading.Event, s
     try:
         with psycopg.connect(database_url, autocommit=True) as conn:
             while not stop.wait(SAMPLE_SECONDS):
-                held = conn.execute(
+                row = conn.execute(
                     "SELECT coalesce(sum(greatest(0, released_images - processed_images - failed_images)), 0)"
                     " FROM processing_jobs WHERE status <> 'completed'"
-                ).fetchone()[0]
+                ).fetchone()
+                assert row is not None  # an aggregate without GROUP BY gives one row
+                held = row[0]
                 state = conn.execute("SELECT window_images FROM dispatcher_state").fetchone()
                 end = sum(ends.get_watermark_offsets(tp, timeout=5, cached=False)[1] for tp in partitions)
                 committed = sum(max(0, offset) for offset in positions.committed_offsets(reader, topics).values())

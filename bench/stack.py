@@ -82,7 +82,9 @@ class Infrastructure:
 
     def postgres_version(self) -> str:
         with psycopg.connect(self.server_url) as conn:
-            return conn.execute("SHOW server_version").fetchone()[0]
+            row = conn.execute("SHOW server_version").fetchone()
+            assert row is not None  # SHOW gives one row
+            return row[0]
 
 
 @contextmanager
@@ -197,6 +199,7 @@ class Services:
 
     def wait_for_processors(self, timeout: float = 30) -> bool:
         """True once the processor group is stable with every processor holding partitions."""
+        assert self.processors is not None  # start() made them
         wanted = len(self.processors.names)
         deadline = time.monotonic() + timeout
         while time.monotonic() < deadline:
@@ -220,6 +223,7 @@ class Services:
         return {name: proc.pid for group in groups for name, proc in group.processes.items()}
 
     def processor_pids(self) -> list[int]:
+        assert self.processors is not None  # start() made them
         return [proc.pid for proc in self.processors.processes.values()]
 
     def _stop_processors(self) -> None:

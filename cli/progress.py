@@ -81,6 +81,7 @@ def fetch_progress(client: ApiClient, request_id: str) -> JobProgress:
             )
         for image in page["images"]:
             _add_image(progress, image)
+    assert progress is not None  # status_pages yields the first page at least
     return progress
 
 

@@ -56,7 +56,8 @@ def is_public(address: IPAddress) -> bool:
 def resolve(host: str, port: int) -> list[str]:
     """Every address the host name resolves to, in the resolver's order, without repeats."""
     infos = socket.getaddrinfo(host, port, type=socket.SOCK_STREAM)
-    return list(dict.fromkeys(info[4][0] for info in infos))
+    # str(): the hints allow an int there, which an IPv4 or IPv6 address never is
+    return list(dict.fromkeys(str(info[4][0]) for info in infos))
 
 
 class AddressRule:

@@ -2,10 +2,11 @@
 
 import time
 from pathlib import Path
+from typing import Any
 
 import psycopg
 from psycopg.conninfo import conninfo_to_dict
-from psycopg.rows import dict_row
+from psycopg.rows import DictRow, dict_row
 from psycopg_pool import ConnectionPool
 from yoyo import get_backend, read_migrations
 
@@ -14,17 +15,19 @@ from shared.runtime import StartupError
 MIGRATIONS_DIR = Path(__file__).resolve().parent.parent / "schemas" / "migrations"
 # NOTIFY on this channel wakes the dispatcher (services/api/dispatcher.py): a job was stored, or results freed places.
 RELEASE_CHANNEL = "imgpipe_release"
+# What make_pool makes: its connections give rows as dicts.
+DictPool = ConnectionPool[psycopg.Connection[DictRow]]
 
 
-def signal_release(conn: psycopg.Connection) -> None:
+def signal_release(conn: psycopg.Connection[Any]) -> None:
     """Wake the dispatcher when the caller's transaction commits (at once without one)."""
     conn.execute(f"NOTIFY {RELEASE_CHANNEL}")
 
 
-def make_pool(database_url: str, max_size: int = 4, timeout: float = 30.0) -> ConnectionPool:
+def make_pool(database_url: str, max_size: int = 4, timeout: float = 30.0) -> DictPool:
     """timeout: how long pool.connection() waits for a connection (e.g. while the server is down).
     Each connection is checked as it is handed out, so after a server restart no request gets a dead one."""
-    pool = ConnectionPool(
+    pool: DictPool = ConnectionPool(
         database_url,
         min_size=1,
         max_size=max_size,

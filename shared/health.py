@@ -72,7 +72,8 @@ def kafka_check(settings: Settings) -> Check:
     def check() -> None:
         nonlocal admin
         if admin is None:  # made on first use, then kept connected
-            admin = AdminClient({**client_config(settings), "logger": _Discard()})
+            # AdminClient's hints allow only str and number values, not the logger librdkafka takes.
+            admin = AdminClient({**client_config(settings), "logger": _Discard()})  # type: ignore[dict-item]
         try:
             admin.list_topics(timeout=CHECK_TIMEOUT_SECONDS)
         finally:

@@ -3,11 +3,12 @@
 import logging
 import time
 from collections.abc import Iterable
+from typing import Any, cast
 
 from confluent_kafka import Consumer, KafkaError, KafkaException, Message, Producer, TopicPartition
 from confluent_kafka.admin import AdminClient, NewTopic
 
-from shared.offsets import OffsetTracker
+from shared.offsets import OffsetTracker, position
 from shared.runtime import StartupError
 from shared.settings import Settings
 
@@ -24,11 +25,12 @@ class KafkaUnavailable(StartupError):
 
 def client_config(settings: Settings) -> dict:
     """What every Kafka client (producer, consumer, admin) starts from: the brokers and how to reach them."""
-    config = {
+    config: dict[str, Any] = {
         "bootstrap.servers": settings.kafka_bootstrap_servers,
         "security.protocol": settings.kafka_security_protocol,
     }
     if settings.kafka_security_protocol.startswith("SASL_"):
+        assert settings.kafka_sasl_password is not None  # Settings refuses SASL without credentials
         config.update(
             {
                 "sasl.mechanism": settings.kafka_sasl_mechanism,
@@ -63,7 +65,8 @@ def check_kafka(settings: Settings, timeout: float = 30) -> None:
     where = f"Kafka at {settings.kafka_bootstrap_servers}"
     problems = _ConnectionProblems()
     try:
-        admin = AdminClient({**client_config(settings), "error_cb": problems.errors.append, "logger": problems})
+        # AdminClient's hints allow only str and number values, not the callbacks librdkafka takes.
+        admin = AdminClient({**client_config(settings), "error_cb": problems.errors.append, "logger": problems})  # type: ignore[dict-item]
     except KafkaException as exc:
         raise KafkaUnavailable(f"{where}: the client configuration is invalid: {exc.args[0].str()}") from None
     deadline = time.monotonic() + timeout
@@ -145,7 +148,9 @@ def produce_and_wait(producer: Producer, topic: str, messages: Iterable[tuple], 
 DEAD_LETTER_ERROR_MAX_CHARS = 1000
 
 
-def dead_letter(message: Message, topic: str, error: str) -> tuple[bytes | None, bytes | None, list[tuple[str, bytes]]]:
+def dead_letter(
+    message: Message, topic: str, error: str
+) -> tuple[bytes | None, bytes | None, list[tuple[str, bytes | None]]]:
     """The message as it is passed on, unchanged, to the dead-letter `topic` (logged): its key, its
     value, and headers saying why and where from."""
     log.warning(
@@ -154,13 +159,15 @@ def dead_letter(message: Message, topic: str, error: str) -> tuple[bytes | None,
     return message.key(), message.value(), dead_letter_headers(message, error)
 
 
-def dead_letter_headers(message: Message, error: str) -> list[tuple[str, bytes]]:
+def dead_letter_headers(message: Message, error: str) -> list[tuple[str, bytes | None]]:
     """The headers of a message passed on unchanged to a dead-letter topic: its own, why, and where from."""
-    return list(message.headers() or []) + [
+    (topic, partition), offset = position(message)
+    # A consumed message's headers are a list (the hints also allow the dict a producer may be given).
+    return cast(list[tuple[str, bytes | None]], list(message.headers() or [])) + [
         ("error", error[:DEAD_LETTER_ERROR_MAX_CHARS].encode()),
-        ("source_topic", message.topic().encode()),
-        ("source_partition", str(message.partition()).encode()),
-        ("source_offset", str(message.offset()).encode()),
+        ("source_topic", topic.encode()),
+        ("source_partition", str(partition).encode()),
+        ("source_offset", str(offset).encode()),
     ]
 
 

@@ -5,9 +5,17 @@ one past the highest started. So a crash replays every unfinished message and ne
 The tracker refuses to go backwards: an offset below one already started means the consumer was
 rewound behind our back, which would make a commit skip work."""
 
-from confluent_kafka import TopicPartition
+from collections.abc import Iterable
+from typing import cast
+
+from confluent_kafka import Message, TopicPartition
 
 Partition = tuple[str, int]  # (topic, partition)
+
+
+def position(message: Message) -> tuple[Partition, int]:
+    """A consumed message's (topic, partition) and offset, which librdkafka sets on every message without an error."""
+    return cast(Partition, (message.topic(), message.partition())), cast(int, message.offset())
 
 
 class OffsetTracker:
@@ -37,7 +45,7 @@ class OffsetTracker:
     def is_open(self, partition: Partition, offset: int, epoch: int) -> bool:
         return epoch == self._epoch.get(partition, 0) and offset in self._open.get(partition, ())
 
-    def committable(self, partitions: list[Partition] | None = None) -> list[TopicPartition]:
+    def committable(self, partitions: Iterable[Partition] | None = None) -> list[TopicPartition]:
         """The offsets to commit that are past what was last handed out (of the partitions given, or
         of those where a message finished since); marks them as handed out."""
         advanced = []

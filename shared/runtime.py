@@ -29,7 +29,8 @@ def setup_logging(level: str, log_format: str = "text") -> None:
         threading.excepthook = lambda args: logging.getLogger("imgpipe").critical(
             "uncaught exception in thread %s",
             args.thread.name if args.thread else "?",
-            exc_info=(args.exc_type, args.exc_value, args.exc_traceback),
+            # the hints want an exc_value that is not None; logging formats a None one too
+            exc_info=(args.exc_type, args.exc_value, args.exc_traceback),  # type: ignore[arg-type]
         )
     logging.basicConfig(level=level.upper(), handlers=[handler], force=True)
 

@@ -1,6 +1,7 @@
 """Session fixtures: real Kafka and PostgreSQL on 127.0.0.1, started here unless
 KAFKA_BOOTSTRAP_SERVERS / DATABASE_URL name running ones; and the three services as processes."""
 
+import gc
 import os
 import uuid
 from concurrent.futures import ThreadPoolExecutor
@@ -101,6 +102,9 @@ def infra(tmp_path_factory):
         migrate(database_url(server_url, name))
     infrastructure = Infrastructure(kafka_servers, database_url(server_url, shared_database), server_url, template)
     yield infrastructure
+    # Kafka clients the tests left to the garbage collector (in reference cycles, e.g. an app and its
+    # dispatcher) go now, while their brokers still answer: later, they would print connection errors.
+    gc.collect()
     for name in (template, shared_database):
         infrastructure.drop_database(database_url(server_url, name))
     _shut_down(started)

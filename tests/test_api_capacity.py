@@ -69,7 +69,9 @@ def upload(base_url: str, urls: int = 1, key: str | None = None) -> httpx.Respon
 
 def jobs_stored(database_url: str) -> int:
     with psycopg.connect(database_url) as conn:
-        return conn.execute("SELECT count(*) FROM processing_jobs").fetchone()[0]
+        row = conn.execute("SELECT count(*) FROM processing_jobs").fetchone()
+        assert row is not None  # count(*) gives one row
+        return row[0]
 
 
 def test_reads_are_answered_while_the_upload_capacity_is_taken_and_a_full_read_pool_is_busy(start_api, own_database):

@@ -63,7 +63,9 @@ def body_bytes_read(server):
 
 def stored_jobs(database: str) -> int:
     with psycopg.connect(database) as conn:
-        return conn.execute("SELECT count(*) FROM processing_jobs").fetchone()[0]
+        row = conn.execute("SELECT count(*) FROM processing_jobs").fetchone()
+        assert row is not None  # count(*) gives one row
+        return row[0]
 
 
 def request_head(server, **headers: str) -> bytes:

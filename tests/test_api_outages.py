@@ -43,7 +43,7 @@ def upload(api: httpx.Client, urls: list[str], webhook_url: str) -> dict:
     return response.json()
 
 
-def job_row(database_url: str, request_id: str) -> dict:
+def job_row(database_url: str, request_id: str) -> dict | None:
     with psycopg.connect(database_url, row_factory=psycopg.rows.dict_row) as conn:
         return conn.execute("SELECT * FROM processing_jobs WHERE job_id = %s", (request_id,)).fetchone()
 

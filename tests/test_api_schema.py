@@ -11,6 +11,7 @@ import csv
 import gc
 import io
 import threading
+from collections.abc import Collection
 from dataclasses import dataclass
 
 import httpx
@@ -62,7 +63,9 @@ def upload(base_url: str, body: bytes, webhook_url: str = "") -> httpx.Response:
     return httpx.post(f"{base_url}/upload", files=files, data={"webhook_url": webhook_url}, timeout=30)
 
 
-def complete_job(database_url: str, request_id: str, failed_positions: set[tuple[int, int]] = frozenset()) -> None:
+def complete_job(
+    database_url: str, request_id: str, failed_positions: Collection[tuple[int, int]] = frozenset()
+) -> None:
     """Record every image of the job as the notifier would: processed, or failed at failed_positions."""
     with psycopg.connect(database_url, autocommit=True) as conn, conn.transaction():
         conn.execute(

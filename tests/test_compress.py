@@ -20,7 +20,7 @@ def options() -> CompressOptions:
     return CompressOptions.from_settings(make_test_settings())
 
 
-def photo(size=(800, 600), mode="RGB") -> Image.Image:
+def photo(size: tuple[int, int] = (800, 600), mode: str = "RGB") -> Image.Image:
     return photo_like(*size, seed=7, mode=mode)
 
 
@@ -41,7 +41,7 @@ def test_jpeg_photo_is_recompressed_smaller_at_the_same_size(options):
 
 def quantization(data: bytes) -> dict:
     with Image.open(io.BytesIO(data)) as image:
-        return image.quantization
+        return image.quantization  # type: ignore[attr-defined]  # a JPEG's: JpegImageFile has it
 
 
 def test_jpeg_is_saved_at_quality_50(options):

@@ -22,10 +22,10 @@ def job(defaults: CompressOptions, **options) -> CompressOptions:
 
 def quantization(data: bytes) -> dict:
     with Image.open(io.BytesIO(data)) as image:
-        return image.quantization
+        return image.quantization  # type: ignore[attr-defined]  # a JPEG's: JpegImageFile has it
 
 
-def photo(size=(800, 600), mode="RGB") -> Image.Image:
+def photo(size: tuple[int, int] = (800, 600), mode: str = "RGB") -> Image.Image:
     return photo_like(*size, seed=11, mode=mode)
 
 

@@ -18,7 +18,7 @@ import pytest
 import yaml
 from jsonschema import Draft202012Validator
 from packaging.requirements import Requirement
-from packaging.utils import canonicalize_name
+from packaging.utils import NormalizedName, canonicalize_name
 from pydantic import SecretStr
 
 from shared.settings import REPO_ROOT, Settings
@@ -276,7 +276,7 @@ def runtime_requirements() -> list[Requirement]:
     return [Requirement(line.split("#")[0]) for line in lines if line.split("#")[0].strip()]
 
 
-def installed_with(requirements: list[Requirement]) -> set[str]:
+def installed_with(requirements: list[Requirement]) -> set[NormalizedName]:
     """The distributions these requirements install, their dependencies included."""
     seen, queue = set(), [(r, frozenset(r.extras)) for r in requirements]
     while queue:
@@ -295,12 +295,13 @@ def imported_distributions() -> dict[str, str]:
     """Third-party distribution -> a module of services/ or shared/ that imports it."""
     local = {"services", "shared"}
     distributions = metadata.packages_distributions()
-    found = {}
+    found: dict[str, str] = {}
     for path in [*REPO_ROOT.glob("services/**/*.py"), *REPO_ROOT.glob("shared/**/*.py")]:
         for node in ast.walk(ast.parse(path.read_text())):
             if isinstance(node, ast.Import):
                 modules = [alias.name for alias in node.names]
             elif isinstance(node, ast.ImportFrom) and node.level == 0:
+                assert node.module is not None  # an absolute `from` import names its module
                 modules = [node.module]
             else:
                 continue

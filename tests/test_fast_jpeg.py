@@ -25,7 +25,7 @@ def options() -> CompressOptions:
     return CompressOptions.from_settings(make_test_settings())
 
 
-def photo(size=(801, 601), mode="RGB") -> Image.Image:
+def photo(size: tuple[int, int] = (801, 601), mode: str = "RGB") -> Image.Image:
     return photo_like(*size, seed=11, mode=mode)  # odd sizes: the planes' padding is part of what is tested
 
 

@@ -107,8 +107,8 @@ def test_each_service_counts_what_a_job_did_and_is_ready(start_stack, image_host
 def lags(base_urls: list[str], group: str) -> dict[tuple[str, str], float]:
     found = {}
     for url in base_urls:
-        for labels, value in scrape(url).matching("imgpipe_consumer_lag", group=group).items():
-            labels = dict(labels)
+        for pairs, value in scrape(url).matching("imgpipe_consumer_lag", group=group).items():
+            labels = dict(pairs)
             found[(labels["topic"], labels["partition"])] = value
     return found
 

@@ -64,6 +64,7 @@ class MotoServer:
             raise
 
     def stop(self) -> None:
+        assert self.process is not None  # started
         self.process.terminate()
         try:
             self.process.wait(10)

@@ -71,9 +71,9 @@ def main(argv: list[str] | None = None) -> None:
     database = urlparse(settings.database_url)
     kafka_ports = [int(address.rsplit(":", 1)[1]) for address in settings.kafka_bootstrap_servers.split(",")]
     ensure_installed()
-    postgres = LocalPostgres(LOCAL_DIR / "postgres", port=database.port)
+    postgres = LocalPostgres(LOCAL_DIR / "postgres", port=database.port or 5432)  # no port in the URL: PostgreSQL's own
     if len(kafka_ports) == 1:
-        kafka = KafkaBroker(
+        kafka: KafkaBroker | KafkaCluster = KafkaBroker(
             LOCAL_DIR / "kafka",
             port=kafka_ports[0],
             controller_port=kafka_ports[0] + 1,

@@ -79,6 +79,7 @@ def create_app(settings: Settings | None = None) -> FastAPI:
             intake_thread.join(timeout=10)
             dispatcher.join(timeout=10)
             app.state.dispatcher.close(timeout=10)
+            del app.state.dispatcher  # its producer goes with it, not when the app is collected
             producer.flush(10)
             app.state.uploads.close()
             app.state.intake_pool.close()
@@ -127,13 +128,13 @@ def create_app(settings: Settings | None = None) -> FastAPI:
         )
         if _size_of(file.file) > settings.max_csv_bytes:
             raise ApiError(413, *_csv_too_large(settings))
-        webhook_url = webhook_url.strip() or None
-        if webhook_url is not None:
-            check_webhook_url(webhook_url, settings)
+        webhook = webhook_url.strip() or None
+        if webhook is not None:
+            check_webhook_url(webhook, settings)
         allowance = request.state.image_allowance  # what the key's images not finished leave (UploadLimits)
         try:  # the CSV is read as its rows are stored, in a worker process: a bad row rolls the job back
             job_id, total_images = request.app.state.uploads.store(
-                file.file, min(settings.max_images_per_job, allowance.images), webhook_url, owner, options
+                file.file, min(settings.max_images_per_job, allowance.images), webhook, owner, options
             )
         except DatabaseDown as exc:
             raise database_unavailable(exc) from None
@@ -199,7 +200,9 @@ def create_app(settings: Settings | None = None) -> FastAPI:
                 status=job["status"],
                 counts=jobs.job_counts(job),
             )
-        header, rows, images = jobs.get_output_rows(pool, job_id)
+        output = jobs.get_output_rows(pool, job_id)
+        assert output is not None  # the job was found just above, and jobs are not deleted
+        header, rows, images = output
         return CsvResponse(
             render_output_csv(header, rows, images),
             headers={"Content-Disposition": f'attachment; filename="{job_id}.csv"'},

@@ -5,6 +5,7 @@ leading dispatcher last measured (dispatcher_state)."""
 from collections.abc import Mapping
 
 from psycopg import Connection
+from psycopg.rows import DictRow
 
 from services.api.fair_share import share
 
@@ -20,7 +21,7 @@ GROUP BY j.owner_key_id, k.weight
 STATE = "SELECT window_images, images_per_second FROM dispatcher_state"
 
 
-def dispatch_view(conn: Connection, job: Mapping) -> dict:
+def dispatch_view(conn: Connection[DictRow], job: Mapping) -> dict:
     """job: its processing_jobs row."""
     finished = job["processed_images"] + job["failed_images"]
     view = {

@@ -26,7 +26,7 @@ from dataclasses import dataclass
 
 import psycopg
 from confluent_kafka import Producer
-from psycopg.rows import dict_row, tuple_row
+from psycopg.rows import DictRow, dict_row, tuple_row
 
 from services.api import metrics
 from services.api.fair_share import JobDemand, Release, allocate
@@ -131,7 +131,9 @@ class Dispatcher:
         while not stop.is_set():
             try:
                 with psycopg.connect(self.settings.database_url, autocommit=True, row_factory=dict_row) as conn:
-                    if conn.execute("SELECT pg_try_advisory_lock(%s) AS led", [LOCK_KEY]).fetchone()["led"]:
+                    lock = conn.execute("SELECT pg_try_advisory_lock(%s) AS led", [LOCK_KEY]).fetchone()
+                    assert lock is not None  # a SELECT without FROM gives one row
+                    if lock["led"]:
                         self._lead(conn, stop)
                         continue
             except psycopg.Error as exc:
@@ -143,7 +145,7 @@ class Dispatcher:
     def close(self, timeout: float) -> None:
         self.producer.flush(timeout)
 
-    def _lead(self, conn: psycopg.Connection, stop: threading.Event) -> None:
+    def _lead(self, conn: psycopg.Connection[DictRow], stop: threading.Event) -> None:
         log.info("dispatcher: leading the release of images")
         self.leading.set()
         metrics.LEADING.set(1)
@@ -181,7 +183,7 @@ class Dispatcher:
         self._events.clear()
 
     @staticmethod
-    def _wait_for_signal(conn: psycopg.Connection, timeout: float) -> None:
+    def _wait_for_signal(conn: psycopg.Connection[DictRow], timeout: float) -> None:
         """Return at the first NOTIFY, or after `timeout`; signals already received are used up."""
         if timeout > 0:
             for _ in conn.notifies(timeout=timeout, stop_after=1):
@@ -189,7 +191,7 @@ class Dispatcher:
         for _ in conn.notifies(timeout=0):
             pass
 
-    def release_round(self, conn: psycopg.Connection, stop: threading.Event) -> RoundResult:
+    def release_round(self, conn: psycopg.Connection[DictRow], stop: threading.Event) -> RoundResult:
         """One round: fill the window's free places fairly; return what was released and what still waits."""
         jobs = [self._active_job(row) for row in conn.execute(ACTIVE_JOBS).fetchall()]
         held = sum(job.demand.held for job in jobs)
@@ -237,7 +239,7 @@ class Dispatcher:
         )
 
     def _next_images(
-        self, conn: psycopg.Connection, counts: list[tuple[ActiveJob, int]]
+        self, conn: psycopg.Connection[DictRow], counts: list[tuple[ActiveJob, int]]
     ) -> dict[uuid.UUID, list[tuple]]:
         """Each job's next images after its cursor, as (id, row_number, position, input_url)."""
         rows = (
@@ -316,7 +318,7 @@ class Dispatcher:
 
     def _advance(
         self,
-        conn: psycopg.Connection,
+        conn: psycopg.Connection[DictRow],
         jobs: dict[uuid.UUID, ActiveJob],
         images: dict[uuid.UUID, list[tuple]],
         acknowledged: set[uuid.UUID],
@@ -342,7 +344,7 @@ class Dispatcher:
         metrics.RELEASED.inc(released)
         return released
 
-    def _save_state(self, conn: psycopg.Connection, window: int, held: int) -> None:
+    def _save_state(self, conn: psycopg.Connection[DictRow], window: int, held: int) -> None:
         now = time.monotonic()
         if now - self._state_saved_at >= STATE_EVERY_SECONDS:
             conn.execute(SAVE_STATE, [window, self.window.images_per_second, held])

@@ -10,7 +10,6 @@ import threading
 import uuid
 
 from confluent_kafka import KafkaException, Message, Producer
-from psycopg_pool import ConnectionPool
 from pydantic import ValidationError
 
 from services.api import jobs, keys
@@ -18,9 +17,10 @@ from services.api.csv_input import CsvRow, ParsedCsv
 from services.api.errors import ApiError
 from services.api.urls import check_webhook_url, is_http_url
 from shared import kafka
+from shared.db import DictPool
 from shared.events import JobOptions, JobRequested, describe_invalid
 from shared.metrics import CONSUMER_LAG
-from shared.offsets import OffsetTracker
+from shared.offsets import OffsetTracker, position
 from shared.retry import MESSAGE_MAX_ATTEMPTS, UNAVAILABLE, Backoff
 from shared.settings import Settings
 
@@ -54,7 +54,7 @@ def read_job(value: bytes | None, settings: Settings) -> tuple[JobRequested, Par
 
 
 class JobIntake:
-    def __init__(self, settings: Settings, pool: ConnectionPool, producer: Producer):
+    def __init__(self, settings: Settings, pool: DictPool, producer: Producer):
         self.settings = settings
         self.pool = pool
         self.producer = producer
@@ -73,16 +73,17 @@ class JobIntake:
                 message = consumer.poll(POLL_SECONDS)
                 if message is None:
                     continue
-                if message.error() is not None:
-                    if message.error().fatal():
-                        raise KafkaException(message.error())
-                    log.warning("job intake consumer error: %s", message.error())
+                error = message.error()
+                if error is not None:
+                    if error.fatal():
+                        raise KafkaException(error)
+                    log.warning("job intake consumer error: %s", error)
                     continue
-                partition = (message.topic(), message.partition())
-                epoch = tracker.start(partition, message.offset())
+                partition, offset = position(message)
+                epoch = tracker.start(partition, offset)
                 if not self._take_until_done(message, stop):
                     break
-                tracker.finish(partition, message.offset(), epoch)
+                tracker.finish(partition, offset, epoch)
                 kafka.store_offsets(consumer, tracker)
         finally:
             consumer.close()
@@ -90,7 +91,8 @@ class JobIntake:
     def _take_until_done(self, message: Message, stop: threading.Event) -> bool:
         """Take the message, retrying while the database or Kafka is unavailable; after MESSAGE_MAX_ATTEMPTS
         failures for another reason, pass it on to the dead-letter topic. False if stopped first."""
-        backoff, failures = Backoff(), []
+        backoff = Backoff()
+        failures: list[Exception] = []
         while True:
             try:
                 if len(failures) < MESSAGE_MAX_ATTEMPTS:

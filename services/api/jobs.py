@@ -11,13 +11,13 @@ import json
 import tempfile
 import uuid
 from collections.abc import Mapping
+from typing import overload
 
 from psycopg.types.json import Jsonb
-from psycopg_pool import ConnectionPool
 
 from services.api.csv_input import CsvStream, ParsedCsv
 from services.api.dispatch_view import dispatch_view
-from shared.db import signal_release
+from shared.db import DictPool, signal_release
 from shared.events import JobOptions
 from shared.outcomes import ImageOutcome
 
@@ -28,8 +28,26 @@ COPY_BATCH_ROWS = 1000  # CSV rows handed to COPY at a time (its text format, wr
 VISIBLE = "job_id = %(job_id)s AND (%(visible_to)s::uuid IS NULL OR owner_key_id = %(visible_to)s::uuid)"
 
 
+@overload
 def insert_job(
-    pool: ConnectionPool,
+    pool: DictPool,
+    parsed: ParsedCsv | CsvStream,
+    webhook_url: str | None,
+    owner_key_id: uuid.UUID | None = None,
+    job_id: None = None,
+    options: JobOptions | None = None,
+) -> tuple[uuid.UUID, int]: ...
+@overload
+def insert_job(
+    pool: DictPool,
+    parsed: ParsedCsv | CsvStream,
+    webhook_url: str | None,
+    owner_key_id: uuid.UUID | None = None,
+    job_id: uuid.UUID | None = None,
+    options: JobOptions | None = None,
+) -> tuple[uuid.UUID, int] | None: ...
+def insert_job(
+    pool: DictPool,
     parsed: ParsedCsv | CsvStream,
     webhook_url: str | None,
     owner_key_id: uuid.UUID | None = None,
@@ -92,7 +110,7 @@ def _copy_text(value: str) -> str:
     return value.replace("\\", "\\\\").replace("\t", "\\t").replace("\n", "\\n").replace("\r", "\\r")
 
 
-def get_job(pool: ConnectionPool, job_id: uuid.UUID, visible_to: uuid.UUID | None) -> dict | None:
+def get_job(pool: DictPool, job_id: uuid.UUID, visible_to: uuid.UUID | None) -> dict | None:
     """The job's row with its counts, or None if there is no such job visible to the key."""
     with pool.connection() as conn:
         job = conn.execute(
@@ -104,7 +122,7 @@ def get_job(pool: ConnectionPool, job_id: uuid.UUID, visible_to: uuid.UUID | Non
     return job
 
 
-def list_jobs(pool: ConnectionPool, statuses: list[str], visible_to: uuid.UUID | None, limit: int) -> list[dict]:
+def list_jobs(pool: DictPool, statuses: list[str], visible_to: uuid.UUID | None, limit: int) -> list[dict]:
     """The oldest `limit` jobs in these states that the key may see, oldest first."""
     with pool.connection() as conn:
         jobs = conn.execute(
@@ -136,9 +154,7 @@ def job_counts(job: Mapping) -> dict:
     }
 
 
-def get_status(
-    pool: ConnectionPool, job_id: uuid.UUID, visible_to: uuid.UUID | None, offset: int, limit: int
-) -> dict | None:
+def get_status(pool: DictPool, job_id: uuid.UUID, visible_to: uuid.UUID | None, offset: int, limit: int) -> dict | None:
     """The job's progress and one page of its images (ordered by row_number, position), or None."""
     job = get_job(pool, job_id, visible_to)
     if job is None:
@@ -183,7 +199,7 @@ def _webhook_view(webhook_url: str | None, delivery: Mapping | None) -> dict | N
     return {key: delivery[key] for key in ("url", "status", "attempts", "last_error")}
 
 
-def get_output_rows(pool: ConnectionPool, job_id: uuid.UUID) -> tuple[list[str], list[dict], list[dict]] | None:
+def get_output_rows(pool: DictPool, job_id: uuid.UUID) -> tuple[list[str], list[dict], list[dict]] | None:
     """(header, rows, images) of the job, as render_output_csv takes them, or None."""
     with pool.connection() as conn:
         job = conn.execute("SELECT csv_header FROM processing_jobs WHERE job_id = %s", (job_id,)).fetchone()

@@ -14,10 +14,10 @@ import time
 import uuid
 from collections.abc import Callable
 from dataclasses import dataclass
+from typing import Any
 
 import psycopg
-from psycopg.rows import dict_row
-from psycopg_pool import ConnectionPool
+from psycopg.rows import DictRow, dict_row
 
 from shared import db
 from shared.settings import get_settings
@@ -41,7 +41,7 @@ def _key_id(key: str) -> uuid.UUID | None:
         return None
 
 
-def create_key(conn: psycopg.Connection, name: str, weight: float = 1.0) -> tuple[uuid.UUID, str]:
+def create_key(conn: psycopg.Connection[Any], name: str, weight: float = 1.0) -> tuple[uuid.UUID, str]:
     """Store a new key named `name` and return (its id, the key): the only time the key is known.
     weight: the key's share of the processors against other keys' (services/api/fair_share.py)."""
     key_id = uuid.uuid4()
@@ -53,7 +53,7 @@ def create_key(conn: psycopg.Connection, name: str, weight: float = 1.0) -> tupl
     return key_id, key
 
 
-def set_weight(conn: psycopg.Connection, name: str, weight: float) -> bool:
+def set_weight(conn: psycopg.Connection[Any], name: str, weight: float) -> bool:
     """Give the key named `name` this weight (from the dispatcher's next round on); False if there is no such key."""
     return (
         conn.execute("UPDATE api_keys SET weight = %s WHERE name = %s RETURNING id", (weight, name)).fetchone()
@@ -61,7 +61,7 @@ def set_weight(conn: psycopg.Connection, name: str, weight: float) -> bool:
     )
 
 
-def revoke_key(conn: psycopg.Connection, name: str) -> bool:
+def revoke_key(conn: psycopg.Connection[Any], name: str) -> bool:
     """Revoke the key named `name`; False if there is no such key not yet revoked."""
     revoked = conn.execute(
         "UPDATE api_keys SET revoked_at = now() WHERE name = %s AND revoked_at IS NULL RETURNING id", (name,)
@@ -70,7 +70,7 @@ def revoke_key(conn: psycopg.Connection, name: str) -> bool:
 
 
 def set_limits(
-    conn: psycopg.Connection, name: str, uploads_per_minute: int | None, max_waiting_images: int | None
+    conn: psycopg.Connection[Any], name: str, uploads_per_minute: int | None, max_waiting_images: int | None
 ) -> bool:
     """Give the key named `name` limits of its own (None: the settings'); False if there is no such key."""
     return (
@@ -82,7 +82,7 @@ def set_limits(
     )
 
 
-def list_keys(conn: psycopg.Connection) -> list[dict]:
+def list_keys(conn: psycopg.Connection[DictRow]) -> list[dict]:
     return conn.execute(
         "SELECT id, name, weight, uploads_per_minute, max_waiting_images, created_at, revoked_at"
         " FROM api_keys ORDER BY created_at"
@@ -99,7 +99,7 @@ class ApiKey:
     max_waiting_images: int | None
 
 
-def find_active_key(pool: ConnectionPool, presented: str) -> ApiKey | None:
+def find_active_key(pool: db.DictPool, presented: str) -> ApiKey | None:
     """The key `presented` if it is a stored key not revoked, else None."""
     key_id = _key_id(presented)
     if key_id is None:
@@ -118,7 +118,7 @@ class ActiveKeys:
     CACHE_SECONDS = 5.0
     CACHE_SIZE = 10_000
 
-    def __init__(self, pool: Callable[[], ConnectionPool]):
+    def __init__(self, pool: Callable[[], db.DictPool]):
         self.pool = pool
         self._found: dict[bytes, tuple[float, ApiKey]] = {}  # sha256 of the key -> (when found, the key)
 
@@ -137,12 +137,12 @@ class ActiveKeys:
         return key
 
 
-def is_active_key(pool: ConnectionPool, key_id: uuid.UUID) -> bool:
+def is_active_key(pool: db.DictPool, key_id: uuid.UUID) -> bool:
     """Whether a key with this id is stored and not revoked (a key named by id, e.g. in a job.requested event)."""
     return _active_key(pool, key_id) is not None
 
 
-def _active_key(pool: ConnectionPool, key_id: uuid.UUID) -> dict | None:
+def _active_key(pool: db.DictPool, key_id: uuid.UUID) -> dict | None:
     with pool.connection() as conn:
         return conn.execute(
             "SELECT key_sha256, name, uploads_per_minute, max_waiting_images FROM api_keys"
@@ -205,18 +205,18 @@ def main(argv: list[str] | None = None) -> int:
                 return 1
             print(f"revoked API key {args.name!r}", file=sys.stderr)
         else:
-            for key in list_keys(conn):
-                revoked = f"revoked {key['revoked_at']:%Y-%m-%d %H:%M:%S%z}" if key["revoked_at"] else "active"
-                limits = "\t".join(
-                    f"{label} {key[column] if key[column] is not None else 'default'}"
+            for row in list_keys(conn):
+                revoked = f"revoked {row['revoked_at']:%Y-%m-%d %H:%M:%S%z}" if row["revoked_at"] else "active"
+                own_limits = "\t".join(
+                    f"{label} {row[column] if row[column] is not None else 'default'}"
                     for label, column in (
                         ("uploads/min", "uploads_per_minute"),
                         ("waiting images", "max_waiting_images"),
                     )
                 )
                 print(
-                    f"{key['name']}\t{key['id']}\tweight {key['weight']:g}\t{limits}"
-                    f"\tcreated {key['created_at']:%Y-%m-%d %H:%M:%S%z}\t{revoked}"
+                    f"{row['name']}\t{row['id']}\tweight {row['weight']:g}\t{own_limits}"
+                    f"\tcreated {row['created_at']:%Y-%m-%d %H:%M:%S%z}\t{revoked}"
                 )
     return 0
 

@@ -17,13 +17,13 @@ from dataclasses import dataclass
 
 import psycopg
 from prometheus_client import Counter
-from psycopg_pool import ConnectionPool
 from starlette.concurrency import run_in_threadpool
 from starlette.datastructures import Headers
 from starlette.types import ASGIApp, Receive, Scope, Send
 
 from services.api.errors import ApiError, database_error, error_response
 from services.api.keys import ApiKey
+from shared.db import DictPool
 from shared.settings import Settings
 
 NO_KEY = "(no key)"
@@ -60,11 +60,12 @@ class Usage:
     pace: float | None  # images/s the processors finish
 
 
-def key_usage(pool: ConnectionPool, key: ApiKey | None) -> Usage:
+def key_usage(pool: DictPool, key: ApiKey | None) -> Usage:
     with pool.connection() as conn:
         row = conn.execute(
             USAGE.format(owner="IS NULL" if key is None else "= %(key)s"), {"key": None if key is None else key.id}
         ).fetchone()
+    assert row is not None  # a SELECT without FROM gives one row
     return Usage(
         row["recent"],
         None if row["oldest_recent_age"] is None else float(row["oldest_recent_age"]),

@@ -22,6 +22,7 @@ from psycopg_pool import ConnectionPool
 
 from services.api.csv_input import read_csv
 from services.api.jobs import insert_job
+from shared.db import DictPool
 from shared.events import JobOptions
 
 log = logging.getLogger(__name__)
@@ -70,7 +71,7 @@ class UploadWorkers:
 
 
 _database: tuple[str, float] | None = None  # its URL, and how long to wait for a connection
-_pool: ConnectionPool | None = None
+_pool: DictPool | None = None
 
 
 def _set_database(database_url: str, connection_wait_seconds: float) -> None:
@@ -88,6 +89,7 @@ def _store(
     global _pool
     try:
         if _pool is None:  # made on the first upload, without waiting: a database down at start breaks nothing
+            assert _database is not None  # set by the executor's initializer
             url, wait = _database
             _pool = ConnectionPool(
                 url,

@@ -6,7 +6,6 @@ from concurrent.futures import Future, ThreadPoolExecutor
 from typing import NamedTuple
 
 from confluent_kafka import Consumer, KafkaException, Message
-from psycopg_pool import ConnectionPool
 from pydantic import ValidationError
 from standardwebhooks import Webhook
 
@@ -14,7 +13,7 @@ from services.notifier import metrics
 from services.notifier.reconciler import Reconciler, reconcile_until
 from services.notifier.results import ResultBatch, apply_results
 from services.notifier.webhook import deliver_due, make_webhook_client
-from shared.db import make_pool, migrate
+from shared.db import DictPool, make_pool, migrate
 from shared.events import ImageProcessed, describe_invalid
 from shared.faults import crash_point
 from shared.health import consumer_check, readiness
@@ -29,7 +28,7 @@ from shared.kafka import (
     store_offsets,
 )
 from shared.metrics import CONSUMER_LAG
-from shared.offsets import OffsetTracker
+from shared.offsets import OffsetTracker, position
 from shared.retry import MESSAGE_MAX_ATTEMPTS, UNAVAILABLE, Backoff
 from shared.settings import Settings
 
@@ -86,9 +85,7 @@ def run(settings: Settings, stop: threading.Event) -> None:
             messages = _take(consumer, POLL_SECONDS if applying is None else 0)
             following = None
             if messages:
-                started = [
-                    (m, tracker.start((m.topic(), m.partition()), m.offset())) for m in messages if m.error() is None
-                ]
+                started = [(m, tracker.start(*position(m))) for m in messages if m.error() is None]
                 readable, unreadable = _parse(messages)
                 batch = ResultBatch([result for _, result in readable])
                 following = Applying(
@@ -154,7 +151,7 @@ def _finish(
     if letters and not _dead_letter_until_sent(producer, settings, letters, stop):
         return False
     for message, epoch in applying.started:
-        tracker.finish((message.topic(), message.partition()), message.offset(), epoch)
+        tracker.finish(*position(message), epoch)
     store_offsets(consumer, tracker)
     return True
 
@@ -169,10 +166,11 @@ def _parse(messages: list[Message]) -> tuple[list[tuple[Message, ImageProcessed]
     """The results with their messages, and the messages that are not results with why."""
     readable, unreadable = [], []
     for message in messages:
-        if message.error() is not None:
-            if message.error().fatal():
-                raise KafkaException(message.error())
-            log.warning("consumer error: %s", message.error())
+        error = message.error()
+        if error is not None:
+            if error.fatal():
+                raise KafkaException(error)
+            log.warning("consumer error: %s", error)
             continue
         try:
             readable.append((message, ImageProcessed.model_validate_json(message.value() or b"")))
@@ -198,7 +196,7 @@ def _dead_letter_until_sent(producer, settings: Settings, letters: list[tuple[Me
 
 
 def _apply_until_committed(
-    pool: ConnectionPool, batch: ResultBatch, readable: list[tuple[Message, ImageProcessed]], stop: threading.Event
+    pool: DictPool, batch: ResultBatch, readable: list[tuple[Message, ImageProcessed]], stop: threading.Event
 ) -> Applied | None:
     """Apply the batch, retrying while the database is unavailable; None if stopped before it was committed.
     A batch that fails MESSAGE_MAX_ATTEMPTS times for another reason is applied one result at a time,
@@ -230,7 +228,7 @@ def _apply_until_committed(
             return None
 
 
-def _apply_one_by_one(pool: ConnectionPool, readable: list[tuple[Message, ImageProcessed]]) -> Applied:
+def _apply_one_by_one(pool: DictPool, readable: list[tuple[Message, ImageProcessed]]) -> Applied:
     completed, refused = [], []
     with pool.connection() as conn:
         for message, result in readable:
@@ -243,9 +241,7 @@ def _apply_one_by_one(pool: ConnectionPool, readable: list[tuple[Message, ImageP
     return Applied(completed, refused)
 
 
-def _send_webhooks(
-    pool: ConnectionPool, settings: Settings, deliveries_due: threading.Event, stop: threading.Event
-) -> None:
+def _send_webhooks(pool: DictPool, settings: Settings, deliveries_due: threading.Event, stop: threading.Event) -> None:
     """Deliver due webhooks every second, or at once when a job completes."""
     with make_webhook_client(settings) as client:
         while not stop.is_set():

@@ -20,9 +20,9 @@ from datetime import datetime
 
 from confluent_kafka import Producer
 from confluent_kafka.admin import AdminClient
-from psycopg_pool import ConnectionPool
 
 from shared import kafka
+from shared.db import DictPool
 from shared.events import ImageError, ImageProcessed, ImageStatus, JobOptions, RequestedEvents
 from shared.failures import FailureCode
 from shared.positions import Positions, committed_offsets, end_offsets, offset_reader, reached
@@ -63,7 +63,7 @@ class Pass:
 
 
 class Reconciler:
-    def __init__(self, settings: Settings, pool: ConnectionPool, producer: Producer):
+    def __init__(self, settings: Settings, pool: DictPool, producer: Producer):
         self.settings = settings
         self.pool = pool
         self.producer = producer
@@ -86,9 +86,10 @@ class Reconciler:
 
     def _take_pass(self) -> Pass:
         with self.pool.connection() as conn:
-            database_time = conn.execute("SELECT clock_timestamp() AS now").fetchone()["now"]
+            row = conn.execute("SELECT clock_timestamp() AS now").fetchone()
+        assert row is not None  # a SELECT without FROM gives one row
         return Pass(
-            database_time,
+            row["now"],
             end_offsets(self.admin, self.request_topics),
             committed_offsets(self.processors, self.request_topics),
             end_offsets(self.admin, [self.settings.topic_processed]),

@@ -5,6 +5,7 @@ import logging
 import uuid
 
 from psycopg import Connection
+from psycopg.rows import DictRow
 
 from shared.db import signal_release
 from shared.events import ImageProcessed
@@ -86,7 +87,7 @@ class ResultBatch:
         )
 
 
-def apply_results(conn: Connection, batch: ResultBatch) -> list[uuid.UUID]:
+def apply_results(conn: Connection[DictRow], batch: ResultBatch) -> list[uuid.UUID]:
     """Apply a batch of results in one transaction (a savepoint if the caller has one open) and
     return the jobs that this call completed; their webhook deliveries are queued in the same transaction."""
     if not batch.results:
@@ -112,7 +113,7 @@ def apply_results(conn: Connection, batch: ResultBatch) -> list[uuid.UUID]:
     return completed
 
 
-def _log_unknown(conn: Connection, batch: list[ImageProcessed]) -> None:
+def _log_unknown(conn: Connection[DictRow], batch: list[ImageProcessed]) -> None:
     """Results that changed nothing are repeats, unless their image is unknown or belongs to another job."""
     job_of_image = {row["id"]: row["job_id"] for row in conn.execute(FIND_KNOWN, [[r.image_id for r in batch]])}
     for result in batch:

@@ -8,11 +8,12 @@ from datetime import UTC, datetime
 
 import httpx
 from psycopg import Connection
-from psycopg_pool import ConnectionPool
+from psycopg.rows import DictRow
 from standardwebhooks import Webhook
 
 from services.notifier import metrics
 from shared.addresses import AddressRule
+from shared.db import DictPool
 from shared.outbound import CheckedBackend, address_checked_client, total_deadline
 from shared.outcomes import ImageOutcome, JobCompleted
 from shared.runtime import log_context
@@ -53,8 +54,9 @@ FROM images WHERE job_id = %s ORDER BY row_number, position
 """
 
 
-def build_payload(conn: Connection, job_id: uuid.UUID, public_base_url: str) -> dict:
+def build_payload(conn: Connection[DictRow], job_id: uuid.UUID, public_base_url: str) -> dict:
     job = conn.execute(JOB, [job_id]).fetchone()
+    assert job is not None  # a delivery's job (its foreign key)
     images = [ImageOutcome.from_row(image) for image in conn.execute(IMAGES, [job_id])]
     return JobCompleted(
         request_id=str(job["job_id"]),
@@ -67,9 +69,7 @@ def build_payload(conn: Connection, job_id: uuid.UUID, public_base_url: str) -> 
     ).model_dump(mode="json")
 
 
-def deliver_due(
-    pool: ConnectionPool, client: httpx.Client, settings: Settings, stop: threading.Event | None = None
-) -> int:
+def deliver_due(pool: DictPool, client: httpx.Client, settings: Settings, stop: threading.Event | None = None) -> int:
     """Attempt every delivery that is due, each at most once per call, one per transaction;
     return how many were attempted. Stops early once `stop` is set."""
     attempted: list[uuid.UUID] = []

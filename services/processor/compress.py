@@ -30,7 +30,7 @@ SUPPORTED_FORMATS = {
     "WEBP": (".webp", "image/webp"),
     "GIF": (".gif", "image/gif"),
 }
-SAVED_AS = {"MPO": "JPEG"}
+SAVED_AS: dict[str | None, str] = {"MPO": "JPEG"}  # keyed by Image.format, which may be None
 # What Pillow's decoders raise on truncated or corrupt data.
 CORRUPT_DATA_ERRORS = (
     OSError,

@@ -25,14 +25,14 @@ class Compressor:
         # of the normal lane waits for at most that one, not for every bulk image in flight.
         self._gate = PriorityGate((self.processes or os.cpu_count() or 1) + 1)
 
-    def compress(self, data: bytes, options: CompressOptions, priority: int) -> Compressed:
+    def compress(self, data: bytes | bytearray, options: CompressOptions, priority: int) -> Compressed:
         """compress() in a worker process; raises what it raises. A worker that died (a crash in a
         decoder, the kernel's OOM killer) breaks the pool: a new one is made and BrokenProcessPool is
         raised for the images that were in it, which count it as an unexpected error and try again."""
         with self._gate.slot(priority):
             return self._compress(data, options)
 
-    def _compress(self, data: bytes, options: CompressOptions) -> Compressed:
+    def _compress(self, data: bytes | bytearray, options: CompressOptions) -> Compressed:
         pool = self._pool
         if pool is None:
             return compress(data, options)

@@ -156,6 +156,7 @@ class ImagePipeline:
         try:
             if task.compressed is None:
                 self._fetch_and_compress(task)
+            assert task.compressed is not None  # set by _fetch_and_compress, which raises otherwise
             # Deterministic: a duplicate event overwrites the same object instead of adding one.
             key = f"{event.request_id}/{event.image_id}{task.compressed.extension}"
             with metrics.STORE_SECONDS.time():

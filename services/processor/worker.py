@@ -9,6 +9,7 @@ delivery report, served here, marks the message finished, and offsets are stored
 OffsetTracker allows, although images finish out of order. Retries wait in a schedule here,
 holding no thread."""
 
+import functools
 import heapq
 import itertools
 import logging
@@ -16,7 +17,7 @@ import queue
 import threading
 import time
 from collections import deque
-from collections.abc import Callable
+from collections.abc import Callable, Sized
 from concurrent.futures import ThreadPoolExecutor
 
 from confluent_kafka import KafkaException, Message, TopicPartition
@@ -35,7 +36,7 @@ from shared.faults import crash_point
 from shared.health import consumer_check, readiness
 from shared.kafka import commit_stored, dead_letter, ensure_topics, make_consumer, make_producer, store_offsets
 from shared.metrics import CONSUMER_LAG
-from shared.offsets import OffsetTracker
+from shared.offsets import OffsetTracker, position
 from shared.settings import Settings
 
 log = logging.getLogger(__name__)
@@ -93,7 +94,10 @@ class Processor:
         self.thread_errors: queue.SimpleQueue = queue.SimpleQueue()  # what must stop the processor
         self.scheduled: list = []  # heap of (due, sequence, action) run by this thread
         self.sequence = itertools.count()
-        self.lanes = {settings.topic_requested: deque(), settings.topic_requested_bulk: deque()}  # normal lane first
+        self.lanes: dict[str, deque[ImageTask]] = {  # normal lane first
+            settings.topic_requested: deque(),
+            settings.topic_requested_bulk: deque(),
+        }
         # Also the most results awaiting Kafka's acknowledgement.
         self.queue_limit = settings.processor_queued_per_lane
         self.working = 0  # images in a download thread or waiting for a retry
@@ -143,8 +147,8 @@ class Processor:
         producer would otherwise live on, trying to reach its brokers)."""
         metrics.IMAGES_IN_FLIGHT.set_function((lambda: self.working) if running else (lambda: 0))
         for lane, name in ((self.settings.topic_requested, "normal"), (self.settings.topic_requested_bulk, "bulk")):
-            queue = self.lanes[lane] if running else ()
-            metrics.IMAGES_QUEUED.labels(lane=name).set_function(lambda queue=queue: len(queue))
+            waiting: Sized = self.lanes[lane] if running else ()
+            metrics.IMAGES_QUEUED.labels(lane=name).set_function(functools.partial(len, waiting))
 
     # --- taking messages ------------------------------------------------------------------------
 
@@ -181,13 +185,14 @@ class Processor:
         return [first] + (self.consumer.consume(num_messages=room, timeout=0) if room > 0 else [])
 
     def _queue(self, message: Message) -> None:
-        if message.error() is not None:
-            if message.error().fatal():
-                raise KafkaException(message.error())
-            log.warning("consumer error: %s", message.error())
+        kafka_error = message.error()
+        if kafka_error is not None:
+            if kafka_error.fatal():
+                raise KafkaException(kafka_error)
+            log.warning("consumer error: %s", kafka_error)
             return
-        partition = (message.topic(), message.partition())
-        epoch = self.tracker.start(partition, message.offset())
+        partition, offset = position(message)
+        epoch = self.tracker.start(partition, offset)
         try:
             event = ImageRequested.model_validate_json(message.value() or b"")
         except ValidationError as exc:
@@ -196,7 +201,7 @@ class Processor:
             self.threads.submit(self._in_thread, self._send_dead_letter, message, epoch, error, True)
             return
         priority = NORMAL if message.topic() == self.settings.topic_requested else BULK
-        self.lanes[message.topic()].append(ImageTask(partition, message.offset(), event, priority, epoch=epoch))
+        self.lanes[partition[0]].append(ImageTask(partition, offset, event, priority, epoch=epoch))
 
     def _can_start(self) -> bool:
         return (
@@ -266,7 +271,7 @@ class Processor:
 
         def delivered(kafka_error, _message) -> None:
             if kafka_error is None:
-                self._finish((message.topic(), message.partition()), message.offset(), epoch)
+                self._finish(*position(message), epoch)
             else:
                 log.warning("dead letter not acknowledged (%s); sending it again", kafka_error)
                 self._schedule(PRODUCE_RETRY_SECONDS, lambda: self._send_dead_letter(message, epoch, error, False))
@@ -304,7 +309,8 @@ class Processor:
                 self.unacked += 1
             else:
                 self.waiting += 1
-                self._schedule(retry.delay, lambda task=task: self._resubmit(task))
+                # as for IMAGES_QUEUED above: mypy cannot infer a lambda whose default binds a value
+                self._schedule(retry.delay, lambda task=task: self._resubmit(task))  # type: ignore[misc]
 
     def _resubmit(self, task: ImageTask) -> None:
         self.waiting -= 1

@@ -36,8 +36,9 @@ def parse_multipart(content_type: str, body: bytes) -> dict[str, bytes]:
     )
     if not message.is_multipart():
         raise ValueError("not multipart/form-data")
+    # email's hints allow other types; a form-data part's name is a str and its decoded payload bytes
     return {
-        part.get_param("name", header="content-disposition"): part.get_payload(decode=True)
+        part.get_param("name", header="content-disposition"): part.get_payload(decode=True)  # type: ignore[misc]
         for part in message.iter_parts()
     }
 

@@ -4,10 +4,9 @@ import csv
 import io
 import uuid
 
-from psycopg_pool import ConnectionPool
-
 from services.api.csv_input import parse_csv
 from services.api.jobs import insert_job
+from shared.db import DictPool
 from shared.events import ImageError, ImageProcessed, ImageStatus
 
 HEADER = ["S. No.", "Product Name", "Input Image Urls"]
@@ -17,7 +16,7 @@ class Jobs:
     """Creates jobs with pending images as an upload does (their events are the dispatcher's to release,
     where one runs: a test that produces them itself runs none)."""
 
-    def __init__(self, pool: ConnectionPool):
+    def __init__(self, pool: DictPool):
         self.pool = pool
         self.created: list[uuid.UUID] = []
 
@@ -50,7 +49,7 @@ class Jobs:
                 [job_id],
             )
 
-    def job(self, job_id: uuid.UUID) -> dict:
+    def job(self, job_id: uuid.UUID) -> dict | None:
         with self.pool.connection() as conn:
             return conn.execute("SELECT * FROM processing_jobs WHERE job_id = %s", [job_id]).fetchone()
 

@@ -6,11 +6,12 @@
 import json
 import time
 
-from confluent_kafka import OFFSET_BEGINNING, Consumer, KafkaError, KafkaException, Producer, TopicPartition
+from confluent_kafka import OFFSET_BEGINNING, Consumer, KafkaError, KafkaException, Message, Producer, TopicPartition
 from confluent_kafka.admin import AdminClient, OffsetSpec
 
 from shared import positions
 from shared.kafka import client_config
+from shared.offsets import position
 from shared.settings import Settings
 
 
@@ -79,7 +80,7 @@ class TopicReader:
     """Reads a whole topic from the beginning, without a consumer group."""
 
     def __init__(self, kafka: str | Settings, topic: str):
-        self.messages = []
+        self.messages: list[Message] = []
         self.consumer = Consumer({**_config(kafka), "group.id": "unused"})
         partitions = self.consumer.list_topics(topic, timeout=10).topics[topic].partitions
         self.consumer.assign([TopicPartition(topic, p, OFFSET_BEGINNING) for p in partitions])
@@ -109,9 +110,11 @@ def read_to_end(kafka: str | Settings, topic: str, timeout: float = 30) -> list:
         while any(next_offsets[p] < end for p, end in ends.items()):
             assert time.monotonic() < deadline, f"could not read {topic} to its end within {timeout}s"
             message = consumer.poll(0.2)
-            if message is not None and not message.error() and message.offset() < ends[message.partition()]:
-                messages.append(message)
-                next_offsets[message.partition()] = message.offset() + 1
+            if message is not None and not message.error():
+                (_, partition), offset = position(message)
+                if offset < ends[partition]:
+                    messages.append(message)
+                    next_offsets[partition] = offset + 1
     finally:
         consumer.close()
     return messages
