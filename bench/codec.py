@@ -13,6 +13,7 @@ from PIL import Image
 from ssimulacra2 import compute_ssimulacra2
 
 from bench.baseline import pillow_reencode
+from bench.checks import check, log
 from services.processor import fast_jpeg
 from services.processor.compress import CompressOptions, compress, fitted_size
 from shared.settings import Settings
@@ -65,14 +66,13 @@ def _fast(data: bytes) -> bytes:
 
 
 def codec(bench) -> dict:
-    from bench.scenarios import _log, check  # the scenarios' helpers (bench/scenarios.py imports this module)
 
     jpegs = [image for image in bench.images.mixed if image.format == "JPEG"]
     data = [bench.images.read(image) for image in jpegs]
     fast_jpeg.load()
     seconds = _alternating({"fast": _fast, "pillow": lambda d: pillow_reencode(d, QUALITY)}, data)
     speed = seconds["pillow"] / seconds["fast"]
-    _log(
+    log(
         f"{len(data)} JPEGs, one core: fast path {seconds['fast']:.2f} s, Pillow {seconds['pillow']:.2f} s ({speed:.2f}x)"
     )
 
@@ -86,7 +86,7 @@ def codec(bench) -> dict:
             {"image": image.name, "fast": _score(d, _fast(d)), "pillow": _score(d, pillow_reencode(d, QUALITY))}
         )
     worst = min(score["fast"] - score["pillow"] for score in scores)
-    _log(f"SSIMULACRA2 on {len(scores)} images: fast - Pillow >= {worst:+.2f}; bytes {fast_bytes / pillow_bytes:.3f}x")
+    log(f"SSIMULACRA2 on {len(scores)} images: fast - Pillow >= {worst:+.2f}; bytes {fast_bytes / pillow_bytes:.3f}x")
 
     large = [bench.images.read(image) for image in bench.images.large]
     options = replace(CompressOptions.from_settings(Settings()), max_width=RESIZE_WIDTH)
@@ -108,7 +108,7 @@ def codec(bench) -> dict:
         - _score(_resized_whole(d, RESIZE_WIDTH, "PNG"), _resized_whole(d, RESIZE_WIDTH))
         for d in large
     )
-    _log(
+    log(
         f"{len(large)} 12-megapixel JPEGs to {RESIZE_WIDTH} px: {resize_speed:.2f}x, SSIMULACRA2 of the pixels >= "
         f"{pixels_score:.1f}, of the outputs >= {outputs_score:.1f}, against the lossless whole: {against_whole:+.2f}"
     )

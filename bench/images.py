@@ -11,7 +11,7 @@ from dataclasses import asdict, dataclass
 from pathlib import Path
 
 from deploy.local.services import REPO_ROOT
-from tests.support.images import encode, photo_like
+from testbed.images import encode, photo_like
 
 CACHE_ROOT = REPO_ROOT / ".cache" / "bench-images"
 GENERATOR_VERSION = 1  # bump when the way images are made changes, so that old caches are not reused

@@ -15,6 +15,7 @@ import psycopg
 from confluent_kafka import Consumer, TopicPartition
 
 from bench import proc
+from bench.checks import check, log
 from bench.stack import Services
 from deploy.local.stack import wait_for_api
 from services.api.csv_input import CsvRow, ParsedCsv, read_csv
@@ -140,7 +141,6 @@ def upload(services: Services, path: Path) -> tuple[float, float, int]:
 
 
 def intake(bench) -> dict:
-    from bench.scenarios import _log, check
 
     rows = bench.sizes.intake_rows
     path = write_url_csv(bench.work_dir / "intake.csv", rows)
@@ -161,7 +161,7 @@ def intake(bench) -> dict:
             count.close()
         bare = _bare_store_seconds(services.database_url, path)
     to_202 = answered - before
-    _log(
+    log(
         f"{rows} rows: committed after {committed - before:.2f} s, 202 after {to_202:.2f} s; first images in Kafka "
         + (f"{(first_released - committed) * 1000:.0f} ms after the commit" if first_released else "not within 30 s")
         + f"; the same CSV stored bare (insert_job in the harness): {bare:.2f} s"
@@ -221,7 +221,6 @@ def _rss_kib(pid: int) -> int:
 
 
 def intake_memory(bench) -> dict:
-    from bench.scenarios import _log, check
 
     rows = bench.sizes.intake_memory_rows
     path = write_url_csv(bench.work_dir / "intake-memory.csv", rows)
@@ -239,7 +238,7 @@ def intake_memory(bench) -> dict:
         finally:
             count.close()
     above_idle = sampler.peak_mib - idle_kib / 1024
-    _log(
+    log(
         f"{rows} rows ({path.stat().st_size / 1e6:.0f} MB): 202 after {answered - before:.1f} s; "
         f"API peak RSS {sampler.peak_mib:.0f} MB, idle {idle_kib / 1024:.0f} MB"
     )
@@ -307,7 +306,6 @@ def _result(job_id: uuid.UUID, image: dict) -> bytes:
 
 
 def notifier(bench) -> dict:
-    from bench.scenarios import _log, check
 
     results = bench.sizes.notifier_results
     pool = None
@@ -360,7 +358,7 @@ def notifier(bench) -> dict:
             rate >= NOTIFIER_TARGET_PER_SECOND,
             rate,
         )
-    _log(f"notifier: {result['measured']}")
+    log(f"notifier: {result['measured']}")
     return {
         "checks": [result],
         "jobs": [

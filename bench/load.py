@@ -13,6 +13,7 @@ import httpx
 import psycopg
 
 from bench import proc
+from bench.checks import check, log, percentile
 from bench.intake import services_without_processors, write_url_csv
 from services.api import keys
 
@@ -73,14 +74,12 @@ def _upload(base_url: str, csv_path, key: str | None = None) -> tuple[float, int
 
 
 def _p99(seconds: list[float]) -> float:
-    from bench.scenarios import percentile
 
     return percentile(seconds, 99) if seconds else float("inf")
 
 
 def uploads(bench) -> dict:
     """Many 100,000-row uploads at once, a status poller beside them, the API's peak memory."""
-    from bench.scenarios import _log, check
 
     rows, count = bench.sizes.load_rows, bench.sizes.load_uploads
     big = write_url_csv(bench.work_dir / "load.csv", rows)
@@ -107,11 +106,11 @@ def uploads(bench) -> dict:
     codes = sorted({a[2].get("code", str(a[1])) for a in refused})
     read_errors = [status for _, status in busy_answers if status != 200]
     p99, idle_p99 = _p99([s for s, _ in busy_answers]), _p99([s for s, _ in idle_answers])
-    _log(
+    log(
         f"{count} uploads of {rows} rows: {len(accepted)} accepted (in {min(a[0] for a in accepted):.1f}-"
         f"{max(a[0] for a in accepted):.1f} s), {len(refused)} refused ({', '.join(codes) or '-'}); {stored} stored"
     )
-    _log(
+    log(
         f"status every {POLL_SECONDS * 1000:.0f} ms: {len(busy_answers)} answers, {len(read_errors)} errors, "
         f"p99 {p99 * 1000:.0f} ms (idle {idle_p99 * 1000:.0f} ms); API peak memory {memory.peak_mib:.0f} MB"
     )
@@ -161,7 +160,6 @@ def keys_limit(bench) -> dict:
     """Key A over its uploads-per-minute limit (two clients ignoring its Retry-After, each uploading every
     FLOOD_INTERVAL_SECONDS) while key B uploads every B_UPLOAD_SECONDS and reads every POLL_SECONDS: B's
     answers against B alone, in the same run."""
-    from bench.scenarios import _log, check
 
     small = write_url_csv(bench.work_dir / "load-small.csv", 2)
     seconds = bench.sizes.load_flood_seconds
@@ -199,7 +197,7 @@ def keys_limit(bench) -> dict:
         f"({ratios['uploads']:.2f}x), reads p99 {p99['busy']['reads'] * 1000:.0f} ms vs "
         f"{p99['idle']['reads'] * 1000:.0f} ms ({ratios['reads']:.2f}x)"
     )
-    _log(
+    log(
         f"key A: {a_accepted} accepted, {len(a_refused)} refused ({', '.join(a_codes)}) in {seconds} s; key B: {measured}"
     )
     return {

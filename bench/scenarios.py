@@ -13,6 +13,7 @@ from pathlib import Path
 
 from bench import codec, intake, load, proc, sharing
 from bench.baseline import pillow_throughput
+from bench.checks import check, job_line, log, percentile
 from bench.images import ImageFile, ImageSet
 from bench.jobs import Job, Jobs
 from bench.servers import ImageServer, WebhookReceiver
@@ -186,16 +187,6 @@ class Bench:
             raise RuntimeError("a warm-up job of 2 images did not finish within 60 s")
 
 
-def check(name: str, measured: str, target: str, met: bool | None, value: float | None = None) -> dict:
-    return {"check": name, "measured": measured, "target": target, "met": met, "value": value}
-
-
-def percentile(values: list[float], percent: float) -> float:
-    """Nearest rank: the smallest value with at least `percent` % of the values at or below it."""
-    ordered = sorted(values)
-    return ordered[max(0, math.ceil(percent / 100 * len(ordered)) - 1)]
-
-
 def _seconds(job: Job) -> float:
     return job.seconds if job.seconds is not None else math.inf
 
@@ -225,16 +216,6 @@ def _ratio_check(name: str, alone: Job, behind: Job, waited: float) -> dict:
     return check(
         name, f"{ratio:.2f}x ({behind.seconds:.1f} s vs {alone.seconds:.1f} s alone)", target, ratio <= 1.3, ratio
     )
-
-
-def _log(message: str) -> None:
-    print(f"  {message}", flush=True)
-
-
-def _job_line(name: str, job: Job) -> str:
-    if job.seconds is None:
-        return f"{name}: {job.images} images, not finished"
-    return f"{name}: {job.images} images in {job.seconds:.2f} s ({job.images_per_second:.1f} img/s)"
 
 
 def _cpu_seconds(roots: dict[str, Sequence[int | None]]) -> dict[str, float | None]:
@@ -267,7 +248,7 @@ def efficiency(bench: Bench) -> dict:
     }
     means = {way: sum(values) / len(values) for way, values in ratios.items()}
     for way, values in ratios.items():
-        _log(f"{way}: " + ", ".join(f"{v:.2f}" for v in values))
+        log(f"{way}: " + ", ".join(f"{v:.2f}" for v in values))
     target = ">= 0.90 of bare Pillow, 2 processes"
     if job.seconds is None:
         result = check("efficiency", f"not done after {bench.max_wait:.0f} s", target, False)
@@ -340,7 +321,7 @@ def _efficiency_job(
         job = jobs.upload(bench.urls_of(images or bench.images.mixed, bench.sizes.efficiency_images))
         jobs.wait(job, bench.max_wait)
         after = _cpu_seconds(roots)
-    _log(_job_line(f"{'JPEG' if images else 'mixed'} job{' without the window' if api_settings else ''}", job))
+    log(job_line(f"{'JPEG' if images else 'mixed'} job{' without the window' if api_settings else ''}", job))
     return job, {
         # mypy does not narrow after[name] and before[name] by the checks for None
         name: None if after[name] is None or before[name] is None else after[name] - before[name]  # type: ignore[operator]
@@ -357,8 +338,8 @@ def isolation(bench: Bench) -> dict:
         behind = jobs.upload(bench.mixed_urls(count))
         waited = _patience(bench, alone)
         jobs.wait(behind, waited)
-    _log(_job_line("alone", alone))
-    _log(_job_line("after the black-hole URLs", behind))
+    log(job_line("alone", alone))
+    log(job_line("after the black-hole URLs", behind))
     return {
         "checks": [_ratio_check("isolation", alone, behind, waited)],
         "jobs": [alone.summary("alone"), behind.summary(f"after {bench.sizes.black_hole_urls} black-hole URLs")],
@@ -382,8 +363,8 @@ def dead_host(bench: Bench) -> dict:
         dead_wait = min(bench.max_wait, 2 * DEAD_HOST_TARGET)
         if not jobs.wait(dead, dead_wait):
             counts = jobs.counts(dead)
-    _log(_job_line("refused URLs", dead))
-    _log(_job_line("after them", behind))
+    log(job_line("refused URLs", dead))
+    log(job_line("after them", behind))
     target = f"all failed within {DEAD_HOST_TARGET:.0f} s"
     if dead.seconds is None:
         all_failed = check(
@@ -424,9 +405,9 @@ def fairness(bench: Bench) -> dict:
     during = sum(1 for job in small if bulk.finished_at is None or job.uploaded_at < bulk.finished_at)
     latencies = [_seconds(job) for job in small]
     p95 = percentile(latencies, 95)
-    _log(_job_line("bulk job", bulk))
+    log(job_line("bulk job", bulk))
     measured = f"p95 {_in_seconds(p95)} (max {_in_seconds(max(latencies))})"
-    _log(f"one-image jobs: {measured}, {during} of {small_jobs} uploaded while the bulk job ran")
+    log(f"one-image jobs: {measured}, {during} of {small_jobs} uploaded while the bulk job ran")
     return {
         "checks": [check("fairness", measured, "p95 <= 1 s", p95 <= 1, _finite(p95))],
         "jobs": [bulk.summary("bulk job")] + [job.summary("one-image job") for job in small],
@@ -444,7 +425,7 @@ def latency(bench: Bench) -> dict:
             jobs.wait(job, min(LATENCY_JOB_WAIT, bench.max_wait))
             latencies.append(_seconds(job))
     p50, p99 = percentile(latencies, 50), percentile(latencies, 99)
-    _log(f"{len(latencies)} one-image jobs ({image.width}x{image.height} JPEG): p50 {_in_ms(p50)}, p99 {_in_ms(p99)}")
+    log(f"{len(latencies)} one-image jobs ({image.width}x{image.height} JPEG): p50 {_in_ms(p50)}, p99 {_in_ms(p99)}")
     finished = [s for s in latencies if s != math.inf]
     return {
         "checks": [
@@ -471,8 +452,8 @@ def memory(bench: Bench) -> dict:
             job = jobs.upload(bench.urls_of(bench.images.large, bench.sizes.memory_images))
             jobs.wait(job, bench.max_wait)
     peak = sampler.peak_mib
-    _log(_job_line("12-megapixel job", job))
-    _log(f"processor peak RSS {peak:.0f} MB over {len(sampler.peaks_kib)} process(es)")
+    log(job_line("12-megapixel job", job))
+    log(f"processor peak RSS {peak:.0f} MB over {len(sampler.peaks_kib)} process(es)")
     measured = f"{peak:.0f} MB ({len(sampler.peaks_kib)} process{'es' if len(sampler.peaks_kib) > 1 else ''})"
     return {
         "checks": [check("memory", measured, "<= 400 MB", peak <= 400, peak)],
@@ -532,7 +513,7 @@ def _scaling_point(bench: Bench, processors: int, in_flight: int, settings: dict
             counts = jobs.counts(job)
             done = counts["processed"] + counts["failed"]
             point.update(images_done=done, images_per_second=done / (time.monotonic() - job.uploaded_at))
-    _log(
+    log(
         f"{name}: {point['images_per_second']:.1f} img/s"
         + ("" if point["finished"] else f" ({point['images_done']} of {job.images} images done in {waited:.0f} s)")
     )

@@ -11,7 +11,7 @@ from pathlib import Path
 from urllib.parse import urlsplit
 
 from deploy.local.probe import free_port
-from tests.support.http_servers import LoopbackHTTPServer, LoopbackServer
+from testbed.http_servers import LoopbackHTTPServer, LoopbackServer
 
 LOOPBACK = "127.0.0.1"
 

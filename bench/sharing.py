@@ -11,6 +11,7 @@ import httpx
 import psycopg
 from confluent_kafka import Consumer, TopicPartition
 
+from bench.checks import check, job_line, log
 from bench.jobs import Job
 from services.api.dispatcher import ROUND_MAX_IMAGES
 from shared import kafka, positions
@@ -57,7 +58,6 @@ def _wait_started(jobs, job: Job) -> None:
 
 
 def _ratio(name: str, alone: Job, behind: Job) -> dict:
-    from bench.scenarios import check
 
     target = f"<= {RATIO_TARGET}x alone"
     if alone.seconds is None or behind.seconds is None:
@@ -74,7 +74,6 @@ def _ratio(name: str, alone: Job, behind: Job) -> dict:
 
 def cliff(bench) -> dict:
     """A small and a mid-sized job, each uploaded while a large job is being processed, against their time alone."""
-    from bench.scenarios import _job_line, _log
 
     sizes, small = bench.sizes, bench.images.small()
     with bench.stack("cliff") as (_services, jobs):
@@ -90,9 +89,9 @@ def cliff(bench) -> dict:
             jobs.wait(behind[images], bench.max_wait)
         backlog_done = jobs.counts(backlog)
     for images in alone:
-        _log(_job_line(f"{images} images alone", alone[images]))
-        _log(_job_line(f"{images} images behind {backlog.images}", behind[images]))
-    _log(f"the {backlog.images}-image job had {backlog_done['pending']} images to go")
+        log(job_line(f"{images} images alone", alone[images]))
+        log(job_line(f"{images} images behind {backlog.images}", behind[images]))
+    log(f"the {backlog.images}-image job had {backlog_done['pending']} images to go")
     return {
         "checks": [
             _ratio(f"cliff: {images} behind {backlog.images}", alone[images], behind[images]) for images in alone
@@ -109,7 +108,6 @@ def cliff(bench) -> dict:
 def clients(bench, weight: float = 1.0) -> dict:
     """Key A uploads four jobs, key B (of this weight) one job 5 s later: B's share of the images finished
     while both are active, and (weight 1) B's time against its time alone."""
-    from bench.scenarios import _job_line, _log, check
 
     sizes, small = bench.sizes, bench.images.small()
     name = "clients" if weight == 1 else "weights"
@@ -134,8 +132,8 @@ def clients(bench, weight: float = 1.0) -> dict:
     share = of_b / (of_a + of_b) if of_a + of_b else 0.0
     quarters = _shares_by_quarter(progress, b_job, a_jobs)
     low, high = (0.40, 0.60) if weight == 1 else (0.65, 0.85)
-    _log(
-        _job_line(f"key B (weight {weight:g})", b_job) + f"; B's share {share:.0%} ({of_b} of {of_a + of_b} images); "
+    log(
+        job_line(f"key B (weight {weight:g})", b_job) + f"; B's share {share:.0%} ({of_b} of {of_a + of_b} images); "
         "by quarter of its time: " + ", ".join(f"{q:.0%}" for q in quarters)
     )
     checks = [
@@ -148,7 +146,7 @@ def clients(bench, weight: float = 1.0) -> dict:
         )
     ]
     if alone is not None:
-        _log(_job_line("key B alone", alone))
+        log(job_line("key B alone", alone))
         checks.append(_ratio(f"{name}: B's job", alone, b_job))
     return {
         "checks": checks,
@@ -219,7 +217,6 @@ def backlog(bench) -> dict:
     their highest pace) with the processors running: the window never lets more than itself plus one round
     into Kafka."""
     from bench.intake import settings_of, upload
-    from bench.scenarios import _log, check
 
     rows = bench.sizes.backlog_rows
     path = _refused_csv(bench.work_dir / "backlog.csv", rows, bench.image_server.refused_url)
@@ -243,7 +240,7 @@ def backlog(bench) -> dict:
     peak_held, peak_window = max(samples.held, default=0), max(samples.window, default=0)
     peak_unconsumed = max(samples.unconsumed, default=0)
     bound = peak_window + ROUND_MAX_IMAGES
-    _log(
+    log(
         f"{rows} rows: 202 after {answered - before:.1f} s; {done} images failed fast in {bench.sizes.backlog_watch_seconds:g} s; "
         f"peaks: released and not finished {peak_held}, window {peak_window}, not yet consumed {peak_unconsumed}"
     )

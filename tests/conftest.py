@@ -24,7 +24,7 @@ from deploy.local.stack import wait_for_api
 from shared.db import make_pool, migrate
 from shared.kafka import ensure_topics
 from shared.settings import Settings
-from tests.support.http_servers import ImageHost, WebhookReceiver
+from testbed.http_servers import ImageHost, WebhookReceiver
 from tests.support.jobs import Jobs
 from tests.support.settings import make_test_settings, own_names, service_env
 from tests.support.stack import Stack

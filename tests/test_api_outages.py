@@ -17,8 +17,8 @@ from deploy.local.probe import free_port
 from services.api.app import create_app
 from shared.events import ImageRequested
 from shared.kafka import make_producer, produce_and_wait
+from testbed.images import jpeg_bytes
 from tests.support.api_server import ApiServer
-from tests.support.images import jpeg_bytes
 from tests.support.kafka import wait_until_consumed
 from tests.support.settings import make_test_settings, own_names
 

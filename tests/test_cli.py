@@ -16,8 +16,8 @@ from pathlib import Path
 import pytest
 
 from deploy.local.probe import free_port
-from tests.support.http_servers import LoopbackServer
-from tests.support.images import jpeg_bytes
+from testbed.http_servers import LoopbackServer
+from testbed.images import jpeg_bytes
 from tests.support.stack import JOB_TIMEOUT, url_csv, wait_for_status
 
 IMGPIPE = Path(sys.executable).parent / "imgpipe"  # the console script `make install` puts beside the venv's python

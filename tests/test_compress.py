@@ -8,7 +8,7 @@ from PIL import Image, ImageCms
 
 from services.processor.compress import CompressOptions, compress
 from services.processor.failures import ImageFailure
-from tests.support.images import decode, encode, photo_like
+from testbed.images import decode, encode, photo_like
 from tests.support.settings import make_test_settings
 
 ORIENTATION = 0x0112

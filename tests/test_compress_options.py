@@ -7,7 +7,7 @@ from PIL import Image
 
 from services.processor.compress import CompressOptions, compress, fitted_size
 from shared.events import JobOptions
-from tests.support.images import decode, encode, photo_like
+from testbed.images import decode, encode, photo_like
 from tests.support.settings import make_test_settings
 
 

@@ -14,7 +14,7 @@ from PIL import Image
 
 from deploy.local.stack import wait_for_api
 from services.processor import fast_jpeg
-from tests.support.images import jpeg_bytes, png_bytes
+from testbed.images import jpeg_bytes, png_bytes
 from tests.support.kafka import committed_offsets, read_to_end
 from tests.support.stack import (
     CRASH_TEST_SETTINGS,

@@ -13,7 +13,7 @@ import pytest
 from PIL import Image, ImageCms, JpegImagePlugin
 
 from services.processor.compress import FAST_JPEG, PILLOW, CompressOptions, compress
-from tests.support.images import decode, encode, photo_like
+from testbed.images import decode, encode, photo_like
 from tests.support.settings import make_test_settings
 
 ORIENTATION = 0x0112

@@ -21,8 +21,8 @@ from deploy.local.kafka import KafkaBroker, KafkaCluster
 from deploy.local.postgres import LocalPostgres
 from deploy.local.probe import free_port
 from shared.db import migrate
-from tests.support.http_servers import ImageHost, WebhookReceiver
-from tests.support.images import jpeg_bytes
+from testbed.http_servers import ImageHost, WebhookReceiver
+from testbed.images import jpeg_bytes
 from tests.support.kafka import committed_offsets, end_offsets, wait_until_consumed
 from tests.support.stack import (
     CRASH_TEST_SETTINGS,

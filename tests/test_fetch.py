@@ -11,7 +11,7 @@ from deploy.local.probe import free_port
 from services.processor.failures import ImageFailure, TransientFailure
 from services.processor.fetch import fetch_image, make_http_client
 from shared.settings import Settings
-from tests.support.http_servers import LoopbackServer
+from testbed.http_servers import LoopbackServer
 from tests.support.settings import make_test_settings
 
 BODY = b"\xff\xd8\xff\xe0 pretend image bytes"

@@ -10,7 +10,7 @@ import uuid
 import psycopg
 
 from shared.events import JobRequested
-from tests.support.images import jpeg_bytes
+from testbed.images import jpeg_bytes
 from tests.support.kafka import produce_as_another_service, read_to_end, wait_until_consumed
 from tests.support.stack import JOB_TIMEOUT, wait_for_status
 

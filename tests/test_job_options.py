@@ -17,7 +17,7 @@ from services.api.app import create_app
 from services.api.intake import InvalidJob, read_job
 from shared.events import ImageRequested, JobOptions, JobRequested
 from shared.kafka import make_producer, produce_and_wait
-from tests.support.images import jpeg_bytes, png_bytes
+from testbed.images import jpeg_bytes, png_bytes
 from tests.support.kafka import requested_events
 from tests.support.settings import make_test_settings, own_names
 from tests.support.stack import all_images, url_csv, wait_for_status

@@ -12,7 +12,7 @@ from deploy.local.kafka import KafkaBroker, ScramListener, TlsListener
 from deploy.local.probe import free_port
 from deploy.local.services import ServiceGroup
 from shared.kafka import KafkaUnavailable, check_kafka
-from tests.support.images import jpeg_bytes
+from testbed.images import jpeg_bytes
 from tests.support.kafka import wait_until_consumed
 from tests.support.settings import make_test_settings, service_env
 from tests.support.stack import upload, url_csv, wait_for_status

@@ -10,8 +10,8 @@ import uuid
 
 from services.api.keys import create_key
 from shared.runtime import log_context, log_handler
+from testbed.images import jpeg_bytes
 from tests.support.cloudinary_contract import CloudinaryContractServer
-from tests.support.images import jpeg_bytes
 from tests.support.stack import JOB_TIMEOUT, assert_settled_with_one_webhook, upload, url_csv
 
 WEBHOOK_KEY = b"webhook-signing-key-3f9a1c7e5d20"

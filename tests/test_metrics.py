@@ -16,7 +16,7 @@ from shared.health import NOT_STARTED
 from shared.kafka import make_consumer, make_producer, produce_and_wait
 from shared.metrics import CONSUMER_LAG
 from shared.offsets import OffsetTracker
-from tests.support.images import jpeg_bytes
+from testbed.images import jpeg_bytes
 from tests.support.scrape import scrape, total, wait_for_answer, wait_until
 from tests.support.settings import service_env
 from tests.support.stack import JOB_TIMEOUT, all_images, assert_settled_with_one_webhook, upload, url_csv

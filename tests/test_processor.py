@@ -21,9 +21,9 @@ from services.processor.worker import run
 from shared.events import ImageProcessed, ImageRequested
 from shared.kafka import make_producer, produce_and_wait
 from shared.settings import REPO_ROOT, Settings
+from testbed.http_servers import ImageHost
+from testbed.images import jpeg_bytes, png_bytes
 from tests.support.cloudinary_contract import CloudinaryContractServer
-from tests.support.http_servers import ImageHost
-from tests.support.images import jpeg_bytes, png_bytes
 from tests.support.kafka import TopicReader, committed_offsets, end_offsets, wait_until_consumed
 from tests.support.settings import make_test_settings
 from tests.support.threads import ServiceThread

@@ -1,7 +1,7 @@
 """Lost events: images that cannot still be on their way are requested again, then fail as lost,
 so every job ends; images merely queued are never taken for lost."""
 
-from tests.support.images import jpeg_bytes
+from testbed.images import jpeg_bytes
 from tests.support.kafka import read_to_end
 
 

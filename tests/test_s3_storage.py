@@ -24,8 +24,8 @@ from PIL import Image
 from deploy.local.probe import free_port, port_open
 from services.processor.failures import ImageFailure, StorageUnavailable
 from services.processor.storage import S3Storage, make_storage
-from tests.support.http_servers import LoopbackServer
-from tests.support.images import encode, jpeg_bytes, photo_like, png_bytes
+from testbed.http_servers import LoopbackServer
+from testbed.images import encode, jpeg_bytes, photo_like, png_bytes
 from tests.support.settings import make_test_settings
 from tests.support.stack import upload, url_csv, wait_for_status
 

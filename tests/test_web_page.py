@@ -15,9 +15,9 @@ from playwright.sync_api import expect, sync_playwright
 
 from deploy.local.services import REPO_ROOT
 from services.api.app import create_app
+from testbed.images import jpeg_bytes
 from tests.support.api_server import ApiServer
 from tests.support.chromium import OFFLINE_FLAGS, ensure_chromium
-from tests.support.images import jpeg_bytes
 from tests.support.settings import service_env
 from tests.support.stack import JOB_TIMEOUT, all_images, url_csv
 

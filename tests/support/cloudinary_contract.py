@@ -14,7 +14,7 @@ from http.server import BaseHTTPRequestHandler
 
 from PIL import Image
 
-from tests.support.http_servers import LoopbackServer
+from testbed.http_servers import LoopbackServer
 
 UNSIGNED_PARAMETERS = {"file", "cloud_name", "resource_type", "api_key", "signature"}
 SIGNATURE_LIFETIME_SECONDS = 3600

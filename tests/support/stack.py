@@ -8,7 +8,7 @@ import httpx
 
 from deploy.local.services import ServiceGroup
 from shared.settings import Settings
-from tests.support.http_servers import WebhookReceiver
+from testbed.http_servers import WebhookReceiver
 from tests.support.kafka import wait_until_consumed
 
 
