@@ -17,13 +17,16 @@ LOOPBACK = "127.0.0.1"
 
 
 class _ImageHandler(BaseHTTPRequestHandler):
+    server: LoopbackHTTPServer
+
     protocol_version = "HTTP/1.1"  # keep-alive, as a real image host
 
     def log_message(self, *args):
         pass
 
     def do_GET(self):
-        body = self.server.files.get(urlsplit(self.path).path)  # the query string only makes URLs unique
+        # the query string only makes URLs unique; .files is set in _serve (LoopbackHTTPServer has no such attribute)
+        body = self.server.files.get(urlsplit(self.path).path)  # type: ignore[attr-defined]
         self.send_response(200 if body is not None else 404)
         self.send_header("Content-Type", "application/octet-stream")
         self.send_header("Content-Length", str(len(body or b"")))
@@ -84,6 +87,8 @@ class ImageServer:
 
 
 class _WebhookHandler(BaseHTTPRequestHandler):
+    server: LoopbackHTTPServer
+
     def log_message(self, *args):
         pass
 

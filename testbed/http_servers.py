@@ -7,6 +7,7 @@ import time
 from collections import Counter
 from dataclasses import dataclass
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+from typing import Any, cast
 
 
 class LoopbackHTTPServer(ThreadingHTTPServer):
@@ -14,6 +15,7 @@ class LoopbackHTTPServer(ThreadingHTTPServer):
     long backlog (many images in flight connect at once; the default of 5 drops connections), and quiet
     about clients that hang up early, which is what many tests provoke."""
 
+    owner: Any  # set by whoever serves with it (LoopbackServer and others); handlers reach it as self.server.owner
     daemon_threads = True
     request_queue_size = 1024
 
@@ -36,7 +38,7 @@ class LoopbackServer:
     @property
     def base_url(self) -> str:
         host, port = self._httpd.server_address[:2]
-        return f"http://{host}:{port}"
+        return f"http://{cast(str, host)}:{port}"  # an AF_INET server: the host is a str, never bytes
 
     def __enter__(self):
         self._thread.start()
@@ -48,6 +50,8 @@ class LoopbackServer:
 
 
 class _ImageHandler(BaseHTTPRequestHandler):
+    server: LoopbackHTTPServer
+
     def log_message(self, *args):
         pass
 
@@ -104,6 +108,8 @@ class Received:
 
 
 class _WebhookHandler(BaseHTTPRequestHandler):
+    server: LoopbackHTTPServer
+
     def log_message(self, *args):
         pass
 

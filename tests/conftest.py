@@ -66,7 +66,7 @@ class Infrastructure:
 def infra(tmp_path_factory):
     kafka_servers = os.environ.get("KAFKA_BOOTSTRAP_SERVERS")
     server_url = os.environ.get("DATABASE_URL")
-    started = []
+    started: list[KafkaBroker | LocalPostgres] = []
 
     def start_kafka():
         broker = KafkaBroker(tmp_path_factory.mktemp("kafka"), port=free_port(), controller_port=free_port())
@@ -90,6 +90,8 @@ def infra(tmp_path_factory):
     except BaseException:  # one of them failed: do not leave the other running
         _shut_down(started)
         raise
+    # each came from the environment or was just started
+    assert kafka_servers is not None and server_url is not None
 
     # Databases of this session's own, also on a server named by DATABASE_URL, so that other
     # sessions' jobs and webhook deliveries on the same server never meet this one's.

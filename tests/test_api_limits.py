@@ -51,7 +51,8 @@ def server(infra, module_database, tmp_path_factory):
     )
     counter = BodyBytesRead(create_app(settings))
     with ApiServer(counter) as api:
-        api.body_bytes_read = counter
+        # the body_bytes_read fixture reads the counter off the server
+        api.body_bytes_read = counter  # type: ignore[attr-defined]
         yield api
 
 

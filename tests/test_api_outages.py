@@ -70,6 +70,7 @@ def test_kafka_down_while_images_wait_loses_nothing_and_the_release_resumes(
         assert time.monotonic() < deadline, "the dispatcher did not try to release the images"
         time.sleep(0.1)
     job = job_row(settings.database_url, request_id)
+    assert job is not None  # the job was stored when accepted
     assert (job["released_images"], job["published_at"]) == (0, None)
     status = stack.api.get(f"/status/{request_id}").json()
     assert (status["status"], status["events"]) == ("pending", "queued")
@@ -79,6 +80,7 @@ def test_kafka_down_while_images_wait_loses_nothing_and_the_release_resumes(
     assert webhook.json()["request_id"] == request_id
     assert [image["status"] for image in webhook.json()["images"]] == ["processed"] * len(urls)
     job = job_row(settings.database_url, request_id)
+    assert job is not None  # the job was stored when accepted
     assert job["published_at"] is not None
     assert (job["status"], job["processed_images"], job["failed_images"]) == ("completed", len(urls), 0)
     assert stack.api.get(f"/status/{request_id}").json()["events"] == "published"
@@ -144,8 +146,10 @@ def test_postgres_down_at_upload_answers_503_and_stores_nothing(infra, own_postg
 
         own_postgres.start()
         with psycopg.connect(database_url) as conn:
-            assert conn.execute("SELECT count(*) FROM processing_jobs").fetchone()[0] == 0
-            assert conn.execute("SELECT count(*) FROM images").fetchone()[0] == 0
+            jobs = conn.execute("SELECT count(*) FROM processing_jobs").fetchone()
+            assert jobs is not None and jobs[0] == 0  # count(*) always answers one row
+            images = conn.execute("SELECT count(*) FROM images").fetchone()
+            assert images is not None and images[0] == 0
         deadline = time.monotonic() + 60
         while (response := api.post("/upload", files=body)).status_code == 503:  # the pool reconnects
             assert time.monotonic() < deadline, response.text

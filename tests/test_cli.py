@@ -16,7 +16,7 @@ from pathlib import Path
 import pytest
 
 from deploy.local.probe import free_port
-from testbed.http_servers import LoopbackServer
+from testbed.http_servers import LoopbackHTTPServer, LoopbackServer
 from testbed.images import jpeg_bytes
 from tests.support.stack import JOB_TIMEOUT, url_csv, wait_for_status
 
@@ -223,6 +223,8 @@ def test_watch_without_ids_follows_every_job_in_progress_and_no_other(start_stac
 class _BusyThenAccepting(BaseHTTPRequestHandler):
     """Answers the first `busy` uploads 429 too_many_uploads with Retry-After: 1, then 202."""
 
+    server: LoopbackHTTPServer
+
     def log_message(self, *args):
         pass
 
@@ -232,7 +234,9 @@ class _BusyThenAccepting(BaseHTTPRequestHandler):
         owner.uploads.append((time.monotonic(), body))
         if len(owner.uploads) <= owner.busy:
             status, headers = 429, {"Retry-After": "1"}
-            answer = {"error": {"code": "too_many_uploads", "message": "2 uploads are being accepted", "limit": 2}}
+            answer: dict[str, object] = {
+                "error": {"code": "too_many_uploads", "message": "2 uploads are being accepted", "limit": 2}
+            }
         else:
             status, headers = 202, {}
             answer = {

@@ -2,9 +2,10 @@
 
 import io
 from dataclasses import replace
+from typing import cast
 
 import pytest
-from PIL import Image, ImageCms
+from PIL import GifImagePlugin, Image, ImageCms
 
 from services.processor.compress import CompressOptions, compress
 from services.processor.failures import ImageFailure
@@ -130,11 +131,11 @@ def test_animated_gif_stays_animated(options):
     durations = [100, 200, 100, 200, 300]
     plain = encode(frames[0], "GIF", save_all=True, append_images=frames[1:], duration=durations, loop=0)
     source = with_xmp_extension(plain, 20_000)
-    assert decode(source).n_frames == 5
+    assert cast(GifImagePlugin.GifImageFile, decode(source)).n_frames == 5
     result = compress(source, options)
     assert (result.format, result.extension, result.content_type) == ("GIF", ".gif", "image/gif")
     assert len(result.data) < len(source)  # really re-encoded, not handed back
-    output = Image.open(io.BytesIO(result.data))
+    output = cast(GifImagePlugin.GifImageFile, Image.open(io.BytesIO(result.data)))  # checked: GIF
     assert output.is_animated and output.n_frames == 5 and output.info["loop"] == 0
     timings = []
     for index in range(output.n_frames):

@@ -1,9 +1,10 @@
 """compress() with a job's options: quality, max_width / max_height (aspect kept, never enlarged), format."""
 
 import io
+from typing import cast
 
 import pytest
-from PIL import Image
+from PIL import GifImagePlugin, Image, WebPImagePlugin
 
 from services.processor.compress import CompressOptions, compress, fitted_size
 from shared.events import JobOptions
@@ -113,8 +114,9 @@ def test_png_with_alpha_to_jpeg_is_flattened_on_white(defaults):
     assert (result.format, result.extension, result.content_type) == ("JPEG", ".jpg", "image/jpeg")
     output = decode(result.data)
     assert output.mode == "RGB"
-    assert all(channel > 245 for channel in output.getpixel((50, 50)))  # white, not red or black
-    blue = output.getpixel((150, 50))
+    white = cast(tuple[int, ...], output.getpixel((50, 50)))  # an RGB image: a pixel is a tuple
+    assert all(channel > 245 for channel in white)  # white, not red or black
+    blue = cast(tuple[int, ...], output.getpixel((150, 50)))
     assert blue[2] > 230 and blue[0] < 20
 
 
@@ -128,14 +130,16 @@ def test_animated_gif_to_webp_stays_animated_and_is_resized(defaults):
     frames = [Image.new("RGB", (200, 150), (i * 50, 255 - i * 50, 100)) for i in range(4)]
     source = encode(frames[0], "GIF", save_all=True, append_images=frames[1:], duration=80, loop=0)
     result = compress(source, job(defaults, format="webp", max_width=100))
-    output = Image.open(io.BytesIO(result.data))
+    output = cast(WebPImagePlugin.WebPImageFile, Image.open(io.BytesIO(result.data)))  # checked: WEBP
     assert output.format == "WEBP" and output.n_frames == 4 and output.size == (100, 75)
 
 
 def test_animated_gif_resized_stays_gif(defaults):
     frames = [Image.new("RGB", (200, 150), (i * 50, 255 - i * 50, 100)) for i in range(4)]
     source = encode(frames[0], "GIF", save_all=True, append_images=frames[1:], duration=80, loop=0)
-    output = Image.open(io.BytesIO(compress(source, job(defaults, max_height=30)).data))
+    output = cast(
+        GifImagePlugin.GifImageFile, Image.open(io.BytesIO(compress(source, job(defaults, max_height=30)).data))
+    )
     assert output.format == "GIF" and output.n_frames == 4 and output.size == (40, 30)
 
 

@@ -83,7 +83,7 @@ def test_whatever_the_parser_accepts_round_trips_through_the_output_csv(table, d
     records = read_csv(output)
     assert records[0] == [*parsed.header, OUTPUT_COLUMN]
     assert [record[:-1] for record in records[1:]] == [row.cells for row in parsed.rows]
-    slots_by_row = {}
+    slots_by_row: dict[int, list[str]] = {}
     for image in sorted(images, key=lambda image: (image["row_number"], image["position"])):
         slots_by_row.setdefault(image["row_number"], []).append(expected_slot(image))
     for row, record in zip(parsed.rows, records[1:], strict=True):

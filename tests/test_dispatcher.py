@@ -12,6 +12,7 @@ import threading
 import time
 import uuid
 from collections import Counter, deque
+from typing import cast
 
 import psycopg
 import pytest
@@ -39,7 +40,8 @@ class StandInProcessors:
             for lane, topic in (("priority", settings.topic_requested), ("bulk", settings.topic_requested_bulk))
         }
         self.read = {lane: 0 for lane in self.readers}
-        self.queued = {lane: deque() for lane in self.readers}  # events released and not finished, per lane
+        # events released and not finished, per lane
+        self.queued: dict[str, deque[dict]] = {lane: deque() for lane in self.readers}
         self.lane_of_job: dict[str, Counter] = {}
         self.finished: list[str] = []  # job ids, one per finished image, in order
 
@@ -55,7 +57,7 @@ class StandInProcessors:
                     reader.messages.append(message)
         for lane, reader in self.readers.items():
             for message in reader.messages[self.read[lane] :]:
-                event = json.loads(message.value())
+                event = json.loads(cast(bytes, message.value()))  # an event message, not an error: has a value
                 self.queued[lane].append(event)
                 self.lane_of_job.setdefault(event["request_id"], Counter())[lane] += 1
             self.read[lane] = len(reader.messages)
@@ -106,7 +108,7 @@ def stand_in(make_settings, own_database):
         made.append(processors)
         return processors
 
-    made = []
+    made: list[StandInProcessors] = []
     yield make
     for processors in made:
         processors.close()

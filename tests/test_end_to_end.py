@@ -7,6 +7,7 @@ import json
 import time
 from collections import Counter
 from pathlib import Path
+from typing import Any
 
 import httpx
 import psycopg
@@ -218,7 +219,7 @@ def test_a_notifier_killed_after_completing_a_job_and_before_storing_offsets_sen
     assert (status["webhook"]["status"], status["webhook"]["attempts"]) == ("pending", 0)  # ... not yet sent
     # The result that completed the job is the last image's first result; the offsets of its batch
     # were not stored, so the group's committed offset on that partition is not past it.
-    first_results: dict[str, object] = {}
+    first_results: dict[str, Any] = {}  # confluent_kafka Messages (untyped)
     for message in read_to_end(settings.kafka_bootstrap_servers, settings.topic_processed):
         first_results.setdefault(json.loads(message.value())["image_id"], message)
     completing = max(first_results.values(), key=lambda m: m.offset())

@@ -7,6 +7,7 @@ import subprocess
 import sys
 import tempfile
 from dataclasses import replace
+from typing import cast
 
 import numpy as np
 import pytest
@@ -52,8 +53,9 @@ def test_the_fast_path_keeps_quality_50s_tables_the_size_exif_icc_density_and_co
     )
     result = compress(source, options)
     assert result.codec == FAST_JPEG and result.format == "JPEG"
-    output = decode(result.data)
-    assert output.quantization == decode(pillow_at_quality_50(source)).quantization
+    output = cast(JpegImagePlugin.JpegImageFile, decode(result.data))  # result.format is JPEG
+    reference = cast(JpegImagePlugin.JpegImageFile, decode(pillow_at_quality_50(source)))
+    assert output.quantization == reference.quantization
     assert output.size == (801, 601) and output.mode == "RGB"
     assert output.getexif()[ORIENTATION] == 6 and output.info["icc_profile"] == icc
     assert output.info["dpi"] == (300, 300) and output.info["comment"] == b"shot in the studio"

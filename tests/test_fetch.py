@@ -136,7 +136,7 @@ def test_ok(fetch, server):
 
 @pytest.mark.parametrize("path, announced", [("/ok", len(BODY)), ("/exactly-max-undeclared", None)])
 def test_the_body_size_is_announced_before_the_body_is_read(settings, server, path, announced):
-    sizes = []
+    sizes: list[int | None] = []
     with make_http_client(settings) as client:
         body = fetch_image(client, f"{server}{path}", settings.max_download_bytes, before_body=sizes.append)
     assert sizes == [announced]

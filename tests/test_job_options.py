@@ -61,6 +61,7 @@ def test_options_are_stored_shown_and_sent_with_every_image(client, settings):
     assert client.get(f"/status/{request_id}").json()["options"] == expected
     with psycopg.connect(settings.database_url, row_factory=dict_row) as conn:
         stored = conn.execute("SELECT options FROM processing_jobs WHERE job_id = %s", (request_id,)).fetchone()
+    assert stored is not None  # the job was stored when accepted
     assert stored["options"] == expected
     assert requested_options(settings, request_id) == [expected, expected]
 
@@ -99,6 +100,7 @@ def test_invalid_options_are_refused_naming_the_field_and_store_nothing(client, 
     assert error["message"].startswith(f"{field}: ")
     with psycopg.connect(settings.database_url, row_factory=dict_row) as conn:
         stored = conn.execute("SELECT count(*) AS n FROM images WHERE input_url LIKE %s", (f"%{token}%",)).fetchone()
+    assert stored is not None  # count(*) always answers one row
     assert stored["n"] == 0
 
 

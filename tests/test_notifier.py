@@ -294,6 +294,7 @@ def test_a_result_the_database_refuses_goes_to_the_dead_letter_topic_and_the_oth
     receiver = receivers()
     job_id, images = jobs.create(2, webhook_url=receiver.url)
     poison = result(job_id, images[0], failed=True)
+    assert poison.error is not None  # a failed result
     poison.error.message = "NUL \x00 is no character PostgreSQL can store"
     notifiers(notifier_settings)
 

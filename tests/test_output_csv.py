@@ -1,5 +1,6 @@
 import csv
 import io
+from typing import Any
 
 from services.api.output_csv import render_output_csv
 
@@ -16,7 +17,7 @@ def image(row_number, position, status, output_url=None, error_code=None):
 
 def test_rows_urls_and_extra_columns_are_kept_in_order_with_failed_slots():
     header = ["S. No.", "Product Name", "Input Image Urls", "Note"]
-    rows = [
+    rows: list[dict[str, Any]] = [
         {"row_number": 1, "cells": ["1", "SKU1", "https://i/a.jpg,https://i/b.jpg,https://i/c.jpg", 'say "hi", ok']},
         {"row_number": 2, "cells": ["2", "SKU2", "https://i/d.jpg", "line1\nline2"]},
     ]

@@ -8,6 +8,7 @@ import sys
 import threading
 import time
 import uuid
+from typing import cast
 
 import cloudinary.exceptions
 import pytest
@@ -18,7 +19,7 @@ from PIL import Image
 from services.processor.failures import ImageFailure, StorageUnavailable
 from services.processor.storage import CloudinaryStorage, LocalStorage, make_storage
 from services.processor.worker import run
-from shared.events import ImageProcessed, ImageRequested
+from shared.events import ImageError, ImageProcessed, ImageRequested
 from shared.kafka import make_producer, produce_and_wait
 from shared.settings import REPO_ROOT, Settings
 from testbed.http_servers import ImageHost
@@ -115,6 +116,7 @@ def test_images_get_results_and_garbage_goes_to_the_dead_letter_topic(settings, 
 
     photo = results[events[0].image_id]
     assert photo.status == "processed" and photo.error is None
+    assert photo.bytes_out is not None and photo.bytes_in is not None  # set on every processed result
     assert photo.format == "JPEG" and photo.bytes_in == len(jpeg) and photo.bytes_out < 0.7 * len(jpeg)
     key = f"{request_id}/{events[0].image_id}.jpg"
     assert photo.output_url == f"http://files.test/files/{key}"
@@ -123,11 +125,13 @@ def test_images_get_results_and_garbage_goes_to_the_dead_letter_topic(settings, 
     assert (settings.storage_dir / key).stat().st_size == photo.bytes_out
 
     logo = results[events[1].image_id]
+    assert logo.bytes_out is not None and logo.bytes_in is not None  # set on every processed result
     assert logo.status == "processed" and logo.format == "PNG" and logo.bytes_out <= logo.bytes_in
     with Image.open(settings.storage_dir / f"{request_id}/{events[1].image_id}.png") as stored:
         assert (stored.format, stored.mode, stored.size) == ("PNG", "RGBA", (320, 240))
 
     missing = results[events[2].image_id]
+    assert missing.error is not None  # set on every failed result
     assert missing.status == "failed" and missing.error.code == "http_404" and missing.output_url is None
 
     assert sorted((m.key(), m.value()) for m in dead) == sorted((k.encode(), v) for k, v in garbage)
@@ -148,6 +152,7 @@ def test_the_format_comes_from_the_bytes_not_the_url(settings, image_host, read_
     [result] = results_for(processed.wait_for(lambda got: len(results_for(got, request_id)) == 1), request_id)
 
     assert result.status == "processed" and result.format == "JPEG"
+    assert result.output_url is not None  # set on every processed result
     assert result.output_url.endswith(f"/{event.image_id}.jpg")
     with Image.open(settings.storage_dir / f"{request_id}/{event.image_id}.jpg") as stored:
         assert stored.format == "JPEG"
@@ -238,8 +243,10 @@ def test_an_unexpected_error_fails_its_image_after_bounded_tries_and_the_partiti
     }
 
     assert results[bad.image_id].status == "failed"
-    assert results[bad.image_id].error.code == "internal_error"
-    assert "KeyError" in results[bad.image_id].error.message
+    error = results[bad.image_id].error
+    assert error is not None  # set on every failed result
+    assert error.code == "internal_error"
+    assert "KeyError" in error.message
     assert storage.broken_saves == settings.image_max_attempts == 3
     assert [results[e.image_id].status for e in good] == ["processed"] * 3
 
@@ -303,6 +310,7 @@ def test_images_stored_on_cloudinary_through_the_running_worker(make_settings, i
     for result in results:
         stored = server.uploads[f"imgpipe-test/{request_id}/{result.image_id}"]
         assert result.status == "processed" and result.bytes_out == len(stored) < len(jpeg)
+        assert result.output_url is not None  # set on every processed result
         assert result.output_url.startswith(f"{server.base_url}/demo-cloud/image/upload/v")
         assert result.output_url.endswith(f"/imgpipe-test/{request_id}/{result.image_id}.jpg")
 
@@ -516,7 +524,7 @@ def test_the_circuit_breaker_fails_a_dead_hosts_images_fast_and_tries_it_again_l
     try:
         workers(settings)
         results = results_for(processed.wait_for(lambda got: len(results_for(got, request_id)) == 8), request_id)
-        codes = sorted(r.error.code for r in results)
+        codes = sorted(cast(ImageError, r.error).code for r in results)  # all failed: each has an error
         assert codes == ["connect_error"] * 3 + ["host_unavailable"] * 5
         assert dead.accepted == 3
 
@@ -528,6 +536,7 @@ def test_the_circuit_breaker_fails_a_dead_hosts_images_fast_and_tries_it_again_l
             for r in results_for(processed.wait_for(lambda got: len(results_for(got, request_id)) == 9), request_id)
             if r.image_id == again.image_id
         ]
+        assert result.error is not None  # a failed result
         assert result.error.code == "connect_error" and dead.accepted == 4
     finally:
         dead.close()

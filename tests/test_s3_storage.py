@@ -24,7 +24,7 @@ from PIL import Image
 from deploy.local.probe import free_port, port_open
 from services.processor.failures import ImageFailure, StorageUnavailable
 from services.processor.storage import S3Storage, make_storage
-from testbed.http_servers import LoopbackServer
+from testbed.http_servers import LoopbackHTTPServer, LoopbackServer
 from testbed.images import encode, jpeg_bytes, photo_like, png_bytes
 from tests.support.settings import make_test_settings
 from tests.support.stack import upload, url_csv, wait_for_status
@@ -220,11 +220,14 @@ def test_a_stopped_s3_makes_the_storage_unavailable_until_it_is_back(tmp_path):
         storage.save("job-5/image-2.jpg", jpeg, "image/jpeg")  # the same storage, and its one client, again
         assert server.keys(bucket) == [f"{PREFIX}job-5/image-2.jpg"]
     finally:
+        assert server.process is not None  # started before the try
         if server.process.poll() is None:
             server.stop()
 
 
 class _S3ErrorHandler(BaseHTTPRequestHandler):
+    server: LoopbackHTTPServer
+
     protocol_version = "HTTP/1.1"  # answers botocore's "Expect: 100-continue" at once instead of letting it wait 1 s
 
     def log_message(self, *args):

@@ -14,7 +14,7 @@ from http.server import BaseHTTPRequestHandler
 
 from PIL import Image
 
-from testbed.http_servers import LoopbackServer
+from testbed.http_servers import LoopbackHTTPServer, LoopbackServer
 
 UNSIGNED_PARAMETERS = {"file", "cloud_name", "resource_type", "api_key", "signature"}
 SIGNATURE_LIFETIME_SECONDS = 3600
@@ -44,6 +44,8 @@ def parse_multipart(content_type: str, body: bytes) -> dict[str, bytes]:
 
 
 class _UploadHandler(BaseHTTPRequestHandler):
+    server: LoopbackHTTPServer
+
     def log_message(self, *args):
         pass
 
@@ -74,6 +76,7 @@ class _UploadHandler(BaseHTTPRequestHandler):
         try:
             with Image.open(io.BytesIO(raw["file"])) as image:
                 image_format, (width, height) = image.format, image.size
+                assert image_format is not None  # Image.open always names the format of what it opened
         except OSError:
             return self.answer(400, {"error": {"message": "Invalid image file"}})
         public_id = fields.get("public_id") or hashlib.sha1(raw["file"]).hexdigest()[:20]

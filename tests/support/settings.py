@@ -4,6 +4,8 @@ whoever runs the tests (a DATABASE_URL or IMGPIPE_STORAGE there must not change 
 import os
 import uuid
 
+from pydantic_settings import BaseSettings, PydanticBaseSettingsSource
+
 from shared.settings import Settings
 
 # Inherited variables that would otherwise reach a service process started by a test.
@@ -12,7 +14,14 @@ _SETTINGS_VARIABLES = ("DATABASE_URL", "KAFKA_BOOTSTRAP_SERVERS")
 
 class _ExplicitSettings(Settings):
     @classmethod
-    def settings_customise_sources(cls, settings_cls, init_settings, **_other_sources):
+    def settings_customise_sources(
+        cls,
+        settings_cls: type[BaseSettings],
+        init_settings: PydanticBaseSettingsSource,
+        env_settings: PydanticBaseSettingsSource,
+        dotenv_settings: PydanticBaseSettingsSource,
+        file_secret_settings: PydanticBaseSettingsSource,
+    ) -> tuple[PydanticBaseSettingsSource, ...]:
         return (init_settings,)
 
 
