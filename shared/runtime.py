@@ -3,15 +3,18 @@ it cannot start."""
 
 import json
 import logging
+import os
 import signal
 import sys
 import threading
+import time
 from collections.abc import Iterator, Mapping
 from contextlib import contextmanager
 from contextvars import ContextVar
 from datetime import UTC, datetime
 from types import MappingProxyType
 
+PARENT_CHECK_SECONDS = 1.0
 TEXT_FORMAT = "%(asctime)s %(levelname)s %(name)s: %(message)s"
 CONTEXT_FIELDS = ("request_id", "image_id")  # put on every line logged inside log_context()
 
@@ -106,3 +109,16 @@ def exit_on_startup_error() -> Iterator[None]:
     except StartupError as exc:
         logging.getLogger("imgpipe").error("cannot start: %s", exc)
         sys.exit(1)
+
+
+def exit_with_parent(parent_pid: int) -> None:
+    """In a worker process (a ProcessPoolExecutor's initializer): end when its parent does. A worker holds
+    both ends of the pool's pipes, so a parent killed outright (SIGKILL, OOM) would otherwise leave it
+    waiting forever."""
+
+    def watch() -> None:
+        while os.getppid() == parent_pid:
+            time.sleep(PARENT_CHECK_SECONDS)
+        os._exit(1)
+
+    threading.Thread(target=watch, name="parent-watch", daemon=True).start()

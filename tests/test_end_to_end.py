@@ -250,9 +250,11 @@ def test_a_dispatcher_killed_after_producing_and_before_moving_its_cursors_loses
     )
     settings, receiver = stack.settings, receivers()
     urls = [image_host.add(f"/d{n}.jpg", jpeg_bytes(300, 200, n)) for n in range(12)]
+    upload_workers = wait_for_children(stack.services.processes["api"].pid, count=settings.max_concurrent_uploads)
 
     request_id = upload(stack.api, url_csv(urls), receiver.url)
     assert stack.services.wait_exit("api", JOB_TIMEOUT) == KILLED
+    wait_for_exit(upload_workers)  # the killed API's upload workers do not linger
     with psycopg.connect(settings.database_url) as conn:
         [(released,)] = conn.execute("SELECT released_images FROM processing_jobs").fetchall()
     assert released == 5  # the first round's (the window and the job's first image beyond it); not the second's

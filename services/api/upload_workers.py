@@ -24,6 +24,7 @@ from services.api.csv_input import read_csv
 from services.api.jobs import insert_job
 from shared.db import DictPool
 from shared.events import JobOptions
+from shared.runtime import exit_with_parent
 
 log = logging.getLogger(__name__)
 
@@ -45,7 +46,7 @@ class UploadWorkers:
             self.workers,
             mp_context=multiprocessing.get_context("spawn"),
             initializer=_set_database,
-            initargs=self.database,
+            initargs=(os.getpid(), *self.database),
         )
         for _ in range(self.workers):  # started now, not on the first uploads
             executor.submit(_ready)
@@ -74,9 +75,10 @@ _database: tuple[str, float] | None = None  # its URL, and how long to wait for 
 _pool: DictPool | None = None
 
 
-def _set_database(database_url: str, connection_wait_seconds: float) -> None:
+def _set_database(parent_pid: int, database_url: str, connection_wait_seconds: float) -> None:
     global _database
     _database = (database_url, connection_wait_seconds)
+    exit_with_parent(parent_pid)
 
 
 def _ready() -> None:

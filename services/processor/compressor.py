@@ -11,8 +11,7 @@ from concurrent.futures.process import BrokenProcessPool
 
 from services.processor.compress import Compressed, CompressOptions, compress
 from services.processor.priority import PriorityGate
-
-PARENT_CHECK_SECONDS = 1.0
+from shared.runtime import exit_with_parent
 
 
 class Compressor:
@@ -66,16 +65,4 @@ def _start_worker(parent_pid: int, turbojpeg_library: str | None) -> None:
     from services.processor import fast_jpeg  # in the worker only: the processor process itself needs no numpy
 
     fast_jpeg.load(turbojpeg_library)
-    _exit_with_parent(parent_pid)
-
-
-def _exit_with_parent(parent_pid: int) -> None:
-    """In each worker: end when the processor does. A worker holds both ends of the pool's pipes, so a
-    processor killed outright (SIGKILL, OOM) would otherwise leave it waiting forever."""
-
-    def watch() -> None:
-        while os.getppid() == parent_pid:
-            time.sleep(PARENT_CHECK_SECONDS)
-        os._exit(1)
-
-    threading.Thread(target=watch, name="parent-watch", daemon=True).start()
+    exit_with_parent(parent_pid)
