@@ -55,11 +55,13 @@ def check_database(database_url: str, timeout: float = 30) -> None:
             with psycopg.connect(database_url, connect_timeout=5):
                 return
         except psycopg.Error as exc:
-            refused = exc.sqlstate is not None and (exc.sqlstate.startswith("28") or exc.sqlstate == "3D000")
+            why = " ".join(str(exc).split())
+            # A refusal at connect carries no SQLSTATE (libpq's message only): the server's own "FATAL:" says it
+            # answered, e.g. with bad credentials or no such database, which waiting will not change.
+            refused = (exc.sqlstate or "").startswith("28") or exc.sqlstate == "3D000" or " FATAL: " in why
             if refused or time.monotonic() >= deadline:
                 raise DatabaseUnavailable(
-                    f"{where} {'refused the connection' if refused else f'did not answer within {timeout:g}s'}: "
-                    f"{' '.join(str(exc).split())}"
+                    f"{where} {'refused the connection' if refused else f'did not answer within {timeout:g}s'}: {why}"
                 ) from None
         time.sleep(1)
 

@@ -12,7 +12,7 @@ import psycopg
 import pytest
 
 from deploy.local.kafka import KafkaBroker
-from deploy.local.postgres import LocalPostgres
+from deploy.local.postgres import LocalPostgres, database_url
 from deploy.local.probe import free_port
 from services.api.app import create_app
 from shared.events import ImageRequested
@@ -21,6 +21,7 @@ from testbed.images import jpeg_bytes
 from tests.support.api_server import ApiServer
 from tests.support.kafka import wait_until_consumed
 from tests.support.settings import make_test_settings, own_names
+from tests.support.stack import exits_at_start, service_logs
 
 JOB_TIMEOUT = 120
 
@@ -154,3 +155,16 @@ def test_postgres_down_at_upload_answers_503_and_stores_nothing(infra, own_postg
         while (response := api.post("/upload", files=body)).status_code == 503:  # the pool reconnects
             assert time.monotonic() < deadline, response.text
         assert response.status_code == 202, response.text
+
+
+def test_postgresql_refusing_at_start_stops_the_api_and_the_notifier_with_one_line(make_settings, infra, tmp_path):
+    missing = database_url(infra.server_url, "imgpipe_no_such_database")  # refused at once (3D000), not waited for
+    settings = make_settings(database_url=missing, api_port=free_port())
+
+    exits = exits_at_start(settings, tmp_path / "logs", processors=0)  # the processor has no database
+
+    assert exits == {"api": 1, "notifier": 1}
+    logs = service_logs(tmp_path / "logs")
+    for name in ("api", "notifier"):
+        assert "cannot start: PostgreSQL at " in logs[name] and "refused the connection" in logs[name], logs[name]
+        assert "Traceback" not in logs[name], logs[name]

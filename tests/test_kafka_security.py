@@ -3,24 +3,21 @@ password or an untrusted broker certificate stopping each service at start with 
 password in no log."""
 
 import uuid
-from pathlib import Path
 
 import pytest
 from pydantic import SecretStr, ValidationError
 
 from deploy.local.kafka import KafkaBroker, ScramListener, TlsListener
 from deploy.local.probe import free_port
-from deploy.local.services import ServiceGroup
 from shared.kafka import KafkaUnavailable, check_kafka
 from testbed.images import jpeg_bytes
 from tests.support.kafka import wait_until_consumed
-from tests.support.settings import make_test_settings, service_env
-from tests.support.stack import upload, url_csv, wait_for_status
+from tests.support.settings import make_test_settings
+from tests.support.stack import exits_at_start, service_logs, upload, url_csv, wait_for_status
 
 USER = "imgpipe"
 PASSWORD = f"scram-{uuid.uuid4().hex}"  # unique, so that finding it in a log can only mean a leak
 MECHANISM = "SCRAM-SHA-256"
-START_EXIT_TIMEOUT = 60
 
 
 @pytest.fixture(scope="module")
@@ -74,10 +71,6 @@ def sasl(scram_broker):
     )
 
 
-def service_logs(log_dir: Path) -> dict[str, str]:
-    return {path.stem: path.read_text(errors="replace") for path in log_dir.glob("*.log")}
-
-
 def assert_a_job_completes(stack, image_host, receivers, name: str) -> None:
     """A three-image job through the stack's services, then the notifier's committed offsets read by a
     client of the tests' own with the same (secured) settings."""
@@ -92,16 +85,6 @@ def assert_a_job_completes(stack, image_host, receivers, name: str) -> None:
     assert status["counts"]["processed"] == 3
     settings = stack.settings
     wait_until_consumed(settings, settings.notifier_group, [settings.topic_processed])
-
-
-def exits_at_start(settings, log_dir: Path) -> dict[str, int]:
-    """Start the three services (one processor) with these settings; each one's exit status."""
-    services = ServiceGroup(service_env(settings), log_dir, processors=1)
-    services.start()
-    try:
-        return {name: services.wait_exit(name, START_EXIT_TIMEOUT) for name in services.names}
-    finally:
-        services.stop()
 
 
 def test_a_job_goes_through_the_three_services_over_sasl_scram(start_stack, sasl, image_host, receivers, tmp_path):

@@ -5,6 +5,7 @@ import logging
 import uvicorn
 
 from services.api.app import create_app
+from shared.db import check_database
 from shared.kafka import check_kafka
 from shared.runtime import exit_on_startup_error, setup_logging
 from shared.settings import get_settings
@@ -15,6 +16,7 @@ def main() -> None:
     setup_logging(settings.log_level, settings.log_format)
     with exit_on_startup_error():
         check_kafka(settings)
+        check_database(settings.database_url)
     logging.getLogger(__name__).info("imgpipe API listening on http://%s:%d", settings.api_host, settings.api_port)
     uvicorn.run(  # log_config=None: uvicorn's lines (access log included) go through setup_logging's format
         create_app(settings),

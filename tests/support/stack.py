@@ -3,6 +3,7 @@
 import signal
 import time
 from dataclasses import dataclass
+from pathlib import Path
 
 import httpx
 
@@ -10,6 +11,7 @@ from deploy.local.services import ServiceGroup
 from shared.settings import Settings
 from testbed.http_servers import WebhookReceiver
 from tests.support.kafka import wait_until_consumed
+from tests.support.settings import service_env
 
 
 @dataclass
@@ -20,6 +22,7 @@ class Stack:
 
 
 JOB_TIMEOUT = 120
+START_EXIT_TIMEOUT = 60  # a service that cannot start says so and exits within this
 KILLED = -signal.SIGKILL
 CRASH_TEST_SETTINGS = dict(kafka_auto_commit_interval_ms=100, kafka_session_timeout_ms=2000)
 
@@ -65,3 +68,18 @@ def assert_settled_with_one_webhook(stack: Stack, request_id: str, receiver: Web
     webhook = wait_for_status(stack.api, request_id, lambda s: s["webhook"]["status"] != "pending")["webhook"]
     assert (webhook["status"], webhook["attempts"]) == ("delivered", 1)
     assert len(receiver.posts_to()) == 1
+
+
+def service_logs(log_dir: Path) -> dict[str, str]:
+    return {path.stem: path.read_text(errors="replace") for path in log_dir.glob("*.log")}
+
+
+def exits_at_start(settings: Settings, log_dir: Path, processors: int = 1) -> dict[str, int]:
+    """Start the services with these settings; each one's exit status (one still running after
+    START_EXIT_TIMEOUT raises subprocess.TimeoutExpired)."""
+    services = ServiceGroup(service_env(settings), log_dir, processors=processors)
+    services.start()
+    try:
+        return {name: services.wait_exit(name, START_EXIT_TIMEOUT) for name in services.names}
+    finally:
+        services.stop()
