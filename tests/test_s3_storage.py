@@ -252,20 +252,24 @@ class S3ErrorServer(LoopbackServer):
         self.answer = (status, code)
 
 
+def storage_at(server: S3ErrorServer) -> S3Storage:
+    return S3Storage(
+        make_test_settings(
+            storage="s3",
+            s3_bucket="imgpipe-test",
+            s3_region=REGION,
+            s3_endpoint_url=server.base_url,
+            **DUMMY_CREDENTIALS,
+        )
+    )
+
+
 @pytest.mark.parametrize(
     "status, code", [(503, "SlowDown"), (500, "InternalError"), (429, "TooManyRequests"), (400, "RequestTimeout")]
 )
 def test_throttling_and_server_errors_make_the_storage_unavailable(status, code):
     with S3ErrorServer(status, code) as server:
-        storage = S3Storage(
-            make_test_settings(
-                storage="s3",
-                s3_bucket="imgpipe-test",
-                s3_region=REGION,
-                s3_endpoint_url=server.base_url,
-                **DUMMY_CREDENTIALS,
-            )
-        )
+        storage = storage_at(server)
         with pytest.raises(StorageUnavailable, match=code):
             storage.save("job-6/image-1.jpg", b"jpeg", "image/jpeg")
 
@@ -275,15 +279,7 @@ def test_throttling_and_server_errors_make_the_storage_unavailable(status, code)
 )
 def test_refusals_fail_the_image_as_storage_error(status, code):
     with S3ErrorServer(status, code) as server:
-        storage = S3Storage(
-            make_test_settings(
-                storage="s3",
-                s3_bucket="imgpipe-test",
-                s3_region=REGION,
-                s3_endpoint_url=server.base_url,
-                **DUMMY_CREDENTIALS,
-            )
-        )
+        storage = storage_at(server)
         with pytest.raises(ImageFailure) as caught:
             storage.save("job-6/image-1.jpg", b"jpeg", "image/jpeg")
     assert caught.value.code == "storage_error" and code in caught.value.message
